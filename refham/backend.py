@@ -1,0 +1,154 @@
+"""The array-module switch: every numeric line in refham is written against `xp`.
+
+    from refham.backend import xp, erf
+    y = xp.tanh(x)            # numpy.tanh on the CPU, cupy.tanh on the GPU
+
+`xp` is a thin proxy that forwards each attribute to the active module, so a switch made with
+`set_backend` (or the REFHAM_BACKEND environment variable at import time) reaches code that
+imported `xp` earlier. Tests swap in `autograd.numpy` with `use_module` to differentiate the very
+same forward code that the hand-written gradients are checked against.
+
+Also here: the default float dtype, a seeded random generator that gives the same numbers on every
+backend (drawn with NumPy, then moved), `asarray`/`to_numpy`, and the few special functions that
+numeric code needs (erf, the normal cdf/pdf, GELU and its derivative).
+"""
+import contextlib
+import math
+import os
+
+import numpy
+import scipy.special
+
+_BACKENDS = ("numpy", "cupy")
+
+
+class BackendError(RuntimeError):
+    """The requested array backend cannot be used here."""
+
+
+class _State:
+    name = "numpy"
+    module = numpy
+    erf = staticmethod(scipy.special.erf)
+    dtype = numpy.float64
+
+
+class _ModuleProxy:
+    """Forwards attribute access to the active array module (numpy, cupy or autograd.numpy)."""
+
+    def __getattr__(self, attr):
+        return getattr(_State.module, attr)
+
+    def __repr__(self):
+        return f"<refham xp -> {_State.module.__name__}>"
+
+
+xp = _ModuleProxy()
+
+
+def erf(x):
+    """The error function erf(x) = (2/√π) ∫₀ˣ e^{−t²} dt on the active backend."""
+    return _State.erf(x)
+
+
+def backend_name():
+    """'numpy' or 'cupy' (or the name of a module installed with `use_module`)."""
+    return _State.name
+
+
+def _load_cupy():
+    try:
+        import cupy
+        import cupyx.scipy.special as cupy_special
+    except ImportError as exc:
+        raise BackendError(
+            "backend 'cupy' needs CuPy: install it with `pip install refham[cuda12]` "
+            "(or [cuda13] to match your CUDA toolkit)") from exc
+    try:
+        n_gpus = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CUDA driver missing or broken: cupy raises its own error types
+        raise BackendError(f"backend 'cupy' found no usable GPU: {exc}") from exc
+    if n_gpus < 1:
+        raise BackendError("backend 'cupy' found no GPU (getDeviceCount() == 0); use 'numpy'")
+    return cupy, cupy_special.erf
+
+
+def set_backend(name):
+    """Make `name` ('numpy' or 'cupy') the array module behind `xp` and `erf`."""
+    if name not in _BACKENDS:
+        raise BackendError(f"unknown backend {name!r}: choose one of {', '.join(_BACKENDS)}")
+    if name == "cupy":
+        module, erf_fn = _load_cupy()
+    else:
+        module, erf_fn = numpy, scipy.special.erf
+    _State.name, _State.module, _State.erf = name, module, erf_fn
+
+
+@contextlib.contextmanager
+def use_module(module, erf_fn, name=None):
+    """Temporarily run all refham code on another NumPy-like module (tests: autograd.numpy)."""
+    saved = (_State.name, _State.module, _State.erf)
+    _State.name, _State.module, _State.erf = name or module.__name__, module, erf_fn
+    try:
+        yield
+    finally:
+        _State.name, _State.module, _State.erf = saved
+
+
+def set_dtype(dtype):
+    """Default float dtype for parameters and data: float64 (reference) or float32 (speed)."""
+    dtype = numpy.dtype(dtype)
+    if dtype not in (numpy.float32, numpy.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    _State.dtype = dtype.type
+
+
+def get_dtype():
+    return _State.dtype
+
+
+def asarray(a, dtype=None):
+    """`a` as an array of the active backend, in `dtype` (default: the default float dtype)."""
+    return xp.asarray(a, dtype=dtype or _State.dtype)
+
+
+def to_numpy(a):
+    """A host NumPy copy of any backend array (a no-op view for NumPy arrays)."""
+    if hasattr(a, "get"):  # cupy.ndarray
+        return a.get()
+    return numpy.asarray(a)
+
+
+def rng(seed):
+    """A seeded NumPy Generator; draw with it and move with `asarray` so that every backend
+    sees the same numbers for the same seed."""
+    return numpy.random.default_rng(seed)
+
+
+SQRT_2 = math.sqrt(2.0)
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def normal_cdf(x):
+    """Φ_N(x) = ½(1 + erf(x/√2))."""
+    return 0.5 * (1.0 + erf(x / SQRT_2))
+
+
+def normal_pdf(x):
+    """φ(x) = e^{−x²/2}/√(2π)."""
+    return INV_SQRT_2PI * xp.exp(-0.5 * x * x)
+
+
+def gelu(x):
+    """GELU(x) = x·Φ_N(x), the exact erf form (not the tanh approximation)."""
+    return x * normal_cdf(x)
+
+
+def gelu_deriv(x):
+    """GELU′(x) = Φ_N(x) + x·φ(x)."""
+    return normal_cdf(x) + x * normal_pdf(x)
+
+
+_env_backend = os.environ.get("REFHAM_BACKEND")
+if _env_backend:
+    set_backend(_env_backend)
