@@ -1,0 +1,310 @@
+"""Layer primitives of the Mixer family as forward/backward pairs (DESIGN §5–6).
+
+Every op is a pair written side by side:
+
+    y, cache = <op>_forward(x, *params)
+    dx, *param_grads = <op>_backward(cache, dy)      # param-free ops return dx alone
+
+The forward functions are pure `xp` code without in-place updates, so the tests run them under
+autograd.numpy and compare the hand-written backward functions with autograd's gradients.
+
+Axis convention for a Mixer state x (B, S, C): the channel axis is −1 and the token axis is −2.
+`linear_forward(..., axis=−2)` maps every column x[b, :, c] (S → out) with a left matmul W @ x, so
+the token MLP needs no transposes.
+"""
+from refham.backend import normal_cdf, normal_pdf, xp
+
+CHANNEL_AXIS = -1
+TOKEN_AXIS = -2
+MLP_KINDS = ("vanilla", "sym", "asym")
+
+
+class InputError(ValueError):
+    """An array handed to a layer has the wrong shape, dtype or values."""
+
+
+def _other_axes(ndim, axis):
+    """All axes of an ndim-array except `axis` (the ones a weight gradient sums over)."""
+    return tuple(a for a in range(ndim) if a != ndim + axis)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear map along an axis
+# ---------------------------------------------------------------------------------------------
+def linear_forward(x, weight, bias=None, axis=CHANNEL_AXIS):
+    """y = W x + b applied to every vector along `axis` of x; W: (out, in), b: (out,) or None.
+
+    axis −1: y = x Wᵀ + b, x (…, in) → (…, out)  (torch's Linear).
+    axis −2: y = W x + b[:, None], x (…, in, C) → (…, out, C)  (each column mapped).
+    """
+    if axis not in (CHANNEL_AXIS, TOKEN_AXIS):
+        raise InputError(f"linear axis must be -1 (rows) or -2 (columns), got {axis}")
+    if weight.ndim != 2 or x.ndim < -axis or x.shape[axis] != weight.shape[1]:
+        raise InputError(f"linear: weight {tuple(weight.shape)} (out, in) does not fit input "
+                         f"{tuple(x.shape)} along axis {axis}")
+    if axis == CHANNEL_AXIS:
+        y = x @ weight.T
+        if bias is not None:
+            y = y + bias
+    else:
+        y = weight @ x
+        if bias is not None:
+            y = y + bias[:, None]
+    return y, (x, weight, bias is not None, axis)
+
+
+def linear_backward(cache, dy, need_dx=True):
+    """dx = Wᵀ dy, dW = Σ dy xᵀ, db = Σ dy (sums over every axis but the mapped one).
+
+    Returns (dx, dW, db); dx is None when need_dx is False (the stem: no image gradient), db is
+    None without a bias.
+    """
+    x, weight, has_bias, axis = cache
+    n_out, n_in = weight.shape
+    if axis == CHANNEL_AXIS:  # one GEMM over all rows: (out, N) @ (N, in)
+        dweight = dy.reshape(-1, n_out).T @ x.reshape(-1, n_in)
+    else:  # a GEMM per leading index, then summed: small (…, out, in) intermediates
+        dweight = (dy @ xp.swapaxes(x, -1, -2)).reshape(-1, n_out, n_in).sum(axis=0)
+    dbias = dy.sum(axis=_other_axes(dy.ndim, axis)) if has_bias else None
+    if not need_dx:
+        return None, dweight, dbias
+    dx = dy @ weight if axis == CHANNEL_AXIS else weight.T @ dy
+    return dx, dweight, dbias
+
+
+# ---------------------------------------------------------------------------------------------
+# GELU (exact erf form)
+# ---------------------------------------------------------------------------------------------
+def gelu_forward(x):
+    """y = GELU(x) = x·Φ_N(x). The cache is GELU′(x) = Φ_N(x) + x·φ(x), formed here from the same
+    Φ_N (erf is the costly part), so backward needs neither erf nor x."""
+    cdf = normal_cdf(x)
+    return x * cdf, cdf + x * normal_pdf(x)
+
+
+def gelu_backward(cache, dy):
+    """dx = GELU′(x)·dy."""
+    return dy * cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer norm over trailing axes, per-element or scalar affine
+# ---------------------------------------------------------------------------------------------
+def _affine_shape_ok(param, normalized_shape):
+    return param.ndim == 0 or tuple(param.shape) == normalized_shape
+
+
+def layernorm_forward(x, weight, bias, eps=1e-6, n_axes=None):
+    """y = γ ⊙ x̂ + δ, x̂ = (x − x̄)/σ, σ = sqrt(var + ε), mean and (biased) variance over the last
+    n_axes axes (D elements): the g of the layernorm Lagrangian (DESIGN §2).
+
+    γ (weight) and δ (bias) each have the normalised shape x.shape[−n_axes:] (per-element affine,
+    the paper's models) or are 0-d arrays (scalar affine, the energy-exact form). n_axes defaults
+    to weight.ndim; a scalar weight needs it given.
+    """
+    if n_axes is None:
+        n_axes = weight.ndim
+    if not 1 <= n_axes <= x.ndim:
+        raise InputError(f"layernorm: n_axes must be in 1..{x.ndim} for input {tuple(x.shape)}, "
+                         f"got {n_axes} (pass n_axes= with a scalar weight)")
+    normalized_shape = tuple(x.shape[x.ndim - n_axes:])
+    for name, param in (("weight", weight), ("bias", bias)):
+        if not _affine_shape_ok(param, normalized_shape):
+            raise InputError(f"layernorm {name} has shape {tuple(param.shape)}; expected "
+                             f"{normalized_shape} (per-element) or () (scalar)")
+    axes = tuple(range(x.ndim - n_axes, x.ndim))
+    centred = x - x.mean(axis=axes, keepdims=True)
+    inv_sigma = 1.0 / xp.sqrt((centred * centred).mean(axis=axes, keepdims=True) + eps)
+    x_hat = centred * inv_sigma
+    return weight * x_hat + bias, (x_hat, inv_sigma, weight, bias.ndim, axes)
+
+
+def _sum_to(t, ndim, axes):
+    """Σ of t down to a parameter of `ndim` dims: all of it for a scalar, else over the leading
+    (non-normalised) axes."""
+    return t.sum() if ndim == 0 else t.sum(axis=tuple(range(axes[0])))
+
+
+def layernorm_backward(cache, dy):
+    """dx = (1/σ)(d̂ − mean(d̂) − x̂·mean(d̂ ⊙ x̂)) with d̂ = γ ⊙ dy; dγ = Σ dy ⊙ x̂; dδ = Σ dy.
+
+    Returns (dx, dweight, dbias), each parameter gradient in its parameter's shape.
+    """
+    x_hat, inv_sigma, weight, bias_ndim, axes = cache
+    d_hat = dy * weight
+    dx = inv_sigma * (d_hat - d_hat.mean(axis=axes, keepdims=True)
+                      - x_hat * (d_hat * x_hat).mean(axis=axes, keepdims=True))
+    return dx, _sum_to(dy * x_hat, weight.ndim, axes), _sum_to(dy, bias_ndim, axes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Patch embedding: a stride-p p×p convolution with bias, as a matmul
+# ---------------------------------------------------------------------------------------------
+def patchify(images, patch):
+    """(B, C_in, H, W) → (B, S, C_in·p·p): token i·(W/p) + j is patch (i, j) of the grid
+    (row-major), its vector in (channel, row, column) order — a flattened conv kernel's order."""
+    batch, chans, height, width = images.shape
+    grid_h, grid_w = height // patch, width // patch
+    x = images.reshape(batch, chans, grid_h, patch, grid_w, patch)
+    x = xp.transpose(x, (0, 2, 4, 1, 3, 5))  # (B, grid_h, grid_w, C_in, p, p)
+    return x.reshape(batch, grid_h * grid_w, chans * patch * patch)
+
+
+def unpatchify(patches, image_shape, patch):
+    """The inverse (and adjoint: a permutation) of `patchify`: (B, S, C_in·p·p) → image_shape."""
+    batch, chans, height, width = image_shape
+    x = patches.reshape(batch, height // patch, width // patch, chans, patch, patch)
+    return xp.transpose(x, (0, 3, 1, 4, 2, 5)).reshape(image_shape)
+
+
+def patch_embed_forward(images, weight, bias):
+    """tokens[b, s] = K · patch_s(images[b]) + bias: conv weight K (C, C_in, p, p) seen as a
+    (C, C_in·p·p) matrix; images (B, C_in, H, W) → tokens (B, S, C)."""
+    chans_out, chans_in, patch, patch_w = weight.shape
+    if images.ndim != 4 or images.shape[1] != chans_in or patch != patch_w \
+            or images.shape[2] % patch or images.shape[3] % patch:
+        raise InputError(f"patch embedding: kernel {tuple(weight.shape)} does not tile images "
+                         f"{tuple(images.shape)} (need (B, {chans_in}, H, W), H and W multiples "
+                         f"of {patch})")
+    patches = patchify(images, patch)
+    tokens, linear_cache = linear_forward(patches, weight.reshape(chans_out, -1), bias)
+    return tokens, (linear_cache, tuple(images.shape), tuple(weight.shape))
+
+
+def patch_embed_backward(cache, dtokens, need_dimages=False):
+    """(dimages or None, dK (C, C_in, p, p), dbias): the linear backward, folded back to images
+    and kernel shape. The image gradient costs a matmul, so it is computed only on request."""
+    linear_cache, image_shape, weight_shape = cache
+    dpatches, dweight, dbias = linear_backward(linear_cache, dtokens, need_dx=need_dimages)
+    dimages = unpatchify(dpatches, image_shape, weight_shape[-1]) if need_dimages else None
+    return dimages, dweight.reshape(weight_shape), dbias
+
+
+# ---------------------------------------------------------------------------------------------
+# Mean over tokens
+# ---------------------------------------------------------------------------------------------
+def token_mean_forward(x):
+    """y[b, c] = (1/S) Σ_s x[b, s, c]."""
+    return x.mean(axis=TOKEN_AXIS), tuple(x.shape)
+
+
+def token_mean_backward(cache, dy):
+    """dx[b, s, c] = dy[b, c]/S (a broadcast view, not a copy)."""
+    shape = cache
+    return xp.broadcast_to(dy[..., None, :] / shape[TOKEN_AXIS], shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Softmax cross-entropy with label smoothing
+# ---------------------------------------------------------------------------------------------
+def _check_labels(logits, labels):
+    if logits.ndim != 2:
+        raise InputError(f"logits must be (B, K), got shape {tuple(logits.shape)}")
+    batch, classes = logits.shape
+    if tuple(labels.shape) != (batch,):
+        raise InputError(f"labels must have shape ({batch},) to match logits "
+                         f"{tuple(logits.shape)}, got {tuple(labels.shape)}")
+    if labels.dtype.kind not in "iu":
+        raise InputError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    if batch and not 0 <= int(labels.min()) <= int(labels.max()) < classes:
+        raise InputError(f"labels must lie in [0, {classes}), got range "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+
+
+def cross_entropy_forward(logits, labels, smoothing=0.0):
+    """J = −(1/B) Σ_b Σ_k q_bk log p_bk, p = softmax(z), q = (1 − s)·onehot(y) + s/K.
+
+    That is timm's LabelSmoothingCrossEntropy: (1 − s)·NLL + s·mean_k(−log p_k), batch mean.
+    logits (B, K), labels (B,) integers in [0, K). Returns the 0-d loss and the cache.
+    """
+    labels = xp.asarray(labels)
+    _check_labels(logits, labels)
+    if not 0.0 <= smoothing < 1.0:
+        raise InputError(f"label smoothing must be in [0, 1), got {smoothing}")
+    batch, classes = logits.shape
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_p = shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
+    onehot = (labels[:, None] == xp.arange(classes)).astype(log_p.dtype)
+    target = (1.0 - smoothing) * onehot + smoothing / classes
+    return -(target * log_p).sum() / batch, (log_p, target)
+
+
+def cross_entropy_backward(cache, dloss=1.0):
+    """dz = (p − q)·dJ/B."""
+    log_p, target = cache
+    return (xp.exp(log_p) - target) * (dloss / log_p.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The three MLP kinds (DESIGN §5.1), along an axis
+# ---------------------------------------------------------------------------------------------
+def mlp_param_shapes(kind, n_in, n_hidden, bias=False):
+    """The parameters of one MLP, by their timm names within the MLP, with torch's shapes."""
+    if kind not in MLP_KINDS:
+        raise InputError(f"unknown MLP kind {kind!r}: choose one of {', '.join(MLP_KINDS)}")
+    if bias and kind != "vanilla":
+        raise InputError(f"MLP biases exist for the vanilla MLP only, not {kind!r}")
+    if kind == "sym":
+        return {"fc2.weight": (n_hidden, n_in)}
+    shapes = {"fc1.weight": (n_hidden, n_in)}
+    if bias:
+        shapes["fc1.bias"] = (n_hidden,)
+    shapes["fc2.weight"] = (n_in, n_hidden)
+    if bias:
+        shapes["fc2.bias"] = (n_in,)
+    return shapes
+
+
+def _check_mlp_weights(kind, weights, n_in):
+    weight_in = weights.get("fc2.weight" if kind == "sym" else "fc1.weight")
+    n_hidden = weight_in.shape[0] if weight_in is not None and weight_in.ndim == 2 else -1
+    expected = mlp_param_shapes(kind, n_in, n_hidden, bias="fc1.bias" in weights)
+    got = {name: tuple(w.shape) for name, w in weights.items()}
+    if got != expected:
+        raise InputError(f"{kind} MLP acting on {n_in} inputs needs parameters {expected}, "
+                         f"got {got}")
+
+
+def mlp_forward(kind, weights, z, axis=CHANNEL_AXIS):
+    """out = MLP(z) applied to every vector along `axis` of z (h: hidden units):
+
+        vanilla: out = W₂ GELU(W₁ z + b₁) + b₂      W₁ = fc1 (h, in), W₂ = fc2 (in, h), b optional
+        sym:     out = Wᵀ GELU(W z)                 W = fc2 (h, in), used twice (tied)
+        asym:    out = W₁ᵀ GELU(W₁ z) + W₂ GELU(W₁ z) = (W₁ᵀ + W₂) GELU(W₁ z)
+
+    The asym output is computed as the single matmul with M = W₁ᵀ + W₂: equal by linearity and
+    cheaper than two; sym is the same path with M = Wᵀ. `weights` maps the names within the MLP
+    ('fc1.weight', …) to arrays. Returns (out, cache).
+    """
+    if kind not in MLP_KINDS:
+        raise InputError(f"unknown MLP kind {kind!r}: choose one of {', '.join(MLP_KINDS)}")
+    _check_mlp_weights(kind, weights, z.shape[axis])
+    if kind == "vanilla":
+        weight_in, weight_out = weights["fc1.weight"], weights["fc2.weight"]
+    elif kind == "sym":
+        weight_in = weights["fc2.weight"]
+        weight_out = weight_in.T
+    else:
+        weight_in = weights["fc1.weight"]
+        weight_out = weight_in.T + weights["fc2.weight"]
+    hidden, in_cache = linear_forward(z, weight_in, weights.get("fc1.bias"), axis)
+    activation, gelu_cache = gelu_forward(hidden)
+    out, out_cache = linear_forward(activation, weight_out, weights.get("fc2.bias"), axis)
+    return out, (kind, in_cache, gelu_cache, out_cache)
+
+
+def mlp_backward(cache, dout):
+    """(dz, grads): grads keyed like the MLP's weights. The output matrix M gets dM = Σ dout aᵀ;
+    tied weights add the gradients of both uses: sym dW = dW_in + dMᵀ, asym dW₁ = dW_in + dMᵀ and
+    dW₂ = dM."""
+    kind, in_cache, gelu_cache, out_cache = cache
+    dactivation, dweight_out, dbias_out = linear_backward(out_cache, dout)
+    dhidden = gelu_backward(gelu_cache, dactivation)
+    dz, dweight_in, dbias_in = linear_backward(in_cache, dhidden)
+    if kind == "sym":
+        return dz, {"fc2.weight": dweight_in + dweight_out.T}
+    if kind == "asym":
+        return dz, {"fc1.weight": dweight_in + dweight_out.T, "fc2.weight": dweight_out}
+    grads = {"fc1.weight": dweight_in, "fc1.bias": dbias_in,
+             "fc2.weight": dweight_out, "fc2.bias": dbias_out}
+    return dz, {name: grad for name, grad in grads.items() if grad is not None}

@@ -1,0 +1,439 @@
+"""The MLP-Mixer family of DESIGN §5 with hand-written backprop: vanilla (serial blocks),
+ParaMixer (parallel blocks), SymMixer (parallel, tied MLPs) and AsymMixer(λ) (parallel, tied plus
+a symmetry-breaking W₂, trained with λ Σ ‖W₂‖²).
+
+    config = make_config("symmixer", "digits")           # or MixerConfig(...)
+    model = Mixer(config)
+    params = model.init(seed=0)                          # flat dict, timm names and shapes
+    loss, logits, grads = model.loss_and_grads(params, images, labels)   # images (B, C_in, H, W)
+
+A Mixer state is x (B, S, C): S tokens (patches, row-major over the patch grid) × C channels.
+Block updates (LN: the joint (S, C) norm by default, or the per-token norm over C):
+
+    serial (vanilla):  x ← x + T(LN₁(x));  x ← x + Ch(LN₂(x))
+    parallel:          g = LN(x);  x ← x + T(g) + Ch(g)
+
+repeated n_iter times per block with the same weights. T mixes the S tokens of each channel
+(S → N_s → S), Ch the C channels of each token (C → N_c → C). Around the blocks: patch embedding
+(stem), final LN over C, mean over tokens, linear head. Weight interop with the paper's PyTorch
+models: `to_timm_state` / `from_timm_state`.
+"""
+import dataclasses
+import math
+import numbers
+
+import numpy
+import scipy.stats
+
+from refham.backend import asarray, rng, to_numpy, xp
+from refham.layers import (
+    CHANNEL_AXIS, TOKEN_AXIS, InputError, cross_entropy_backward, cross_entropy_forward,
+    layernorm_backward, layernorm_forward, linear_backward, linear_forward, mlp_backward,
+    mlp_forward, mlp_param_shapes, patch_embed_backward, patch_embed_forward,
+    token_mean_backward, token_mean_forward)
+
+MODELS = ("vanilla", "paramixer", "symmixer", "asymmixer")
+_MLP_KIND = {"vanilla": "vanilla", "paramixer": "vanilla", "symmixer": "sym", "asymmixer": "asym"}
+NORMS = ("joint", "channel")
+_224 = dict(image_size=224, in_chans=3)
+SIZES = {
+    "s16": dict(_224, patch=16, dim=512, depth=8), "s32": dict(_224, patch=32, dim=512, depth=8),
+    "b16": dict(_224, patch=16, dim=768, depth=12), "b32": dict(_224, patch=32, dim=768, depth=12),
+    "l16": dict(_224, patch=16, dim=1024, depth=24),
+    "l32": dict(_224, patch=32, dim=1024, depth=24),
+    "tiny": dict(image_size=32, in_chans=3, patch=4, dim=128, depth=4),
+    "small": dict(image_size=32, in_chans=3, patch=4, dim=256, depth=8),
+    "digits": dict(image_size=8, in_chans=1, patch=2, dim=64, depth=4),
+}
+BRANCH_AXIS = {"mlp_tokens": TOKEN_AXIS, "mlp_channels": CHANNEL_AXIS}
+TRUNC_NORMAL_STD = 0.87962566103423978  # std of a standard normal truncated to (−2, 2)
+
+
+class ConfigError(ValueError):
+    """A Mixer configuration that cannot be built."""
+
+
+class ParamError(ValueError):
+    """A parameter dict whose names or shapes do not match the model's configuration."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class MixerConfig:
+    """Everything that fixes a Mixer's parameters and computation (validated on creation)."""
+    model: str
+    image_size: int
+    in_chans: int
+    patch: int
+    dim: int                      # C, channels per token
+    depth: int                    # number of blocks
+    num_classes: int = 10
+    hidden_ratio: float = 1.0     # r in N_s = int(int(0.5·C)·r), N_c = int(int(4·C)·r)
+    n_iter: int = 1               # applications of each block's update, same weights
+    norm: str = "joint"           # "joint": LN over (S, C); "channel": per-token LN over C
+    bias: bool = False            # MLP biases (vanilla MLPs only)
+    ln_eps: float = 1e-6          # ε of every layer norm, the final one included
+    drop_path: float = 0.0        # stochastic-depth rate of the last block
+
+    def __post_init__(self):
+        _validate(self)
+
+    @property
+    def num_tokens(self):
+        """S = (image_size / patch)²."""
+        return (self.image_size // self.patch) ** 2
+
+    @property
+    def token_hidden(self):
+        """N_s = int(int(0.5·C)·r): the token width follows C, not S, as in the paper's code."""
+        return int(int(0.5 * self.dim) * self.hidden_ratio)
+
+    @property
+    def channel_hidden(self):
+        """N_c = int(int(4·C)·r)."""
+        return int(int(4 * self.dim) * self.hidden_ratio)
+
+    @property
+    def serial(self):
+        """True for the vanilla Mixer's serial block, False for the parallel block."""
+        return self.model == "vanilla"
+
+    @property
+    def mlp_kind(self):
+        """'vanilla' (vanilla, paramixer), 'sym' (symmixer) or 'asym' (asymmixer)."""
+        return _MLP_KIND[self.model]
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _validate(cfg):
+    if cfg.model not in MODELS:
+        raise ConfigError(f"unknown model {cfg.model!r}: choose one of {', '.join(MODELS)}")
+    if cfg.norm not in NORMS:
+        raise ConfigError(f"unknown norm {cfg.norm!r}: choose one of {', '.join(NORMS)}")
+    for name in ("image_size", "in_chans", "patch", "dim", "depth", "num_classes", "n_iter"):
+        value = getattr(cfg, name)
+        if not _is_int(value) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if cfg.image_size % cfg.patch:
+        raise ConfigError(f"patch {cfg.patch} does not divide image_size {cfg.image_size}: "
+                          "pick a patch size that tiles the image")
+    if not _is_real(cfg.hidden_ratio) or cfg.hidden_ratio <= 0:
+        raise ConfigError(f"hidden_ratio must be a positive number, got {cfg.hidden_ratio!r}")
+    if cfg.token_hidden < 1:
+        raise ConfigError(f"hidden_ratio {cfg.hidden_ratio} with dim {cfg.dim} leaves the token "
+                          f"MLP no hidden units (N_s = {cfg.token_hidden}): raise either")
+    if not isinstance(cfg.bias, bool):
+        raise ConfigError(f"bias must be True or False, got {cfg.bias!r}")
+    if cfg.bias and cfg.mlp_kind != "vanilla":
+        raise ConfigError(f"bias=True is for the vanilla MLPs (models vanilla, paramixer); "
+                          f"{cfg.model} has tied {cfg.mlp_kind} MLPs without biases")
+    if not _is_real(cfg.ln_eps) or cfg.ln_eps <= 0:
+        raise ConfigError(f"ln_eps must be a positive number, got {cfg.ln_eps!r}")
+    if not _is_real(cfg.drop_path) or not 0.0 <= cfg.drop_path < 1.0:
+        raise ConfigError(f"drop_path must be in [0, 1), got {cfg.drop_path!r}")
+
+
+def make_config(model, size="digits", **overrides):
+    """A validated MixerConfig for a model name and a size from SIZES, with field overrides."""
+    if size not in SIZES:
+        raise ConfigError(f"unknown size {size!r}: choose one of {', '.join(SIZES)}")
+    fields = [f.name for f in dataclasses.fields(MixerConfig) if f.name != "model"]
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config field(s) {', '.join(unknown)}: valid are "
+                          f"{', '.join(fields)}")
+    return MixerConfig(model=model, **{**SIZES[size], **overrides})
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters: names, shapes, initialisation (DESIGN §5.4)
+# ---------------------------------------------------------------------------------------------
+def block_steps(config):
+    """The residual steps of one block iteration as (norm name, MLP names reading that norm)."""
+    if config.serial:
+        return (("norm1", ("mlp_tokens",)), ("norm2", ("mlp_channels",)))
+    return (("norm", ("mlp_tokens", "mlp_channels")),)
+
+
+def param_shapes(config):
+    """{timm name: shape} in the order of the paper's models' state_dict()."""
+    S, C = config.num_tokens, config.dim
+    norm_shape = (S, C) if config.norm == "joint" else (C,)
+    mlp_sizes = {"mlp_tokens": (S, config.token_hidden),
+                 "mlp_channels": (C, config.channel_hidden)}
+    shapes = {"stem.proj.weight": (C, config.in_chans, config.patch, config.patch),
+              "stem.proj.bias": (C,)}
+    for i in range(config.depth):
+        for norm, mlps in block_steps(config):
+            shapes.update({f"blocks.{i}.{norm}.weight": norm_shape,
+                           f"blocks.{i}.{norm}.bias": norm_shape})
+            for mlp in mlps:
+                local = mlp_param_shapes(config.mlp_kind, *mlp_sizes[mlp], bias=config.bias)
+                shapes.update({f"blocks.{i}.{mlp}.{name}": s for name, s in local.items()})
+    shapes.update({"norm.weight": (C,), "norm.bias": (C,),
+                   "head.weight": (config.num_classes, C), "head.bias": (config.num_classes,)})
+    return shapes
+
+
+def _initial_value(name, shape, generator):
+    """DESIGN §5.4: biases 0, LN weights 1, head weight 0, stem lecun-normal (timm's
+    lecun_normal_: normal truncated at ±2 standard deviations, scaled to std √(1/fan_in)),
+    every other (Linear) weight xavier-uniform with torch's fan_in = in, fan_out = out."""
+    layer = name.split(".")[-2]
+    if name.endswith(".bias") or name == "head.weight":
+        return numpy.zeros(shape)
+    if layer.startswith("norm"):
+        return numpy.ones(shape)
+    if name == "stem.proj.weight":
+        std = math.sqrt(1.0 / math.prod(shape[1:])) / TRUNC_NORMAL_STD
+        return std * scipy.stats.truncnorm.rvs(-2.0, 2.0, size=shape, random_state=generator)
+    bound = math.sqrt(6.0 / (shape[0] + shape[1]))
+    return generator.uniform(-bound, bound, size=shape)
+
+
+def check_params(shapes, params):
+    """Raise ParamError naming every missing, unexpected and wrongly shaped parameter."""
+    missing = [name for name in shapes if name not in params]
+    unexpected = sorted(name for name in params if name not in shapes)
+    wrong = [f"{name}: {tuple(params[name].shape)}, expected {shapes[name]}"
+             for name in shapes if name in params and tuple(params[name].shape) != shapes[name]]
+    problems = [f"{title}: {', '.join(items)}" for title, items in
+                (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
+    if problems:
+        raise ParamError("parameters do not match the config; " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# Stochastic depth and the residual step
+# ---------------------------------------------------------------------------------------------
+def drop_path_rates(config):
+    """Per-block drop-path rates: config.drop_path for every block, as in the paper's code and
+    timm's MlpMixer (not the linearly rising rule of other timm models)."""
+    return [float(config.drop_path)] * config.depth
+
+
+def drop_path_mask(rate, batch, drop_rng, dtype):
+    """m_b = Bernoulli(1 − p)/(1 − p) per sample, shape (B, 1, 1) (timm's DropPath); None when
+    nothing is dropped (no drop_rng: evaluation, or rate 0)."""
+    if drop_rng is None or rate == 0.0:
+        return None
+    keep = 1.0 - rate
+    return asarray((drop_rng.random(batch) < keep) / keep, dtype).reshape(batch, 1, 1)
+
+
+def residual_step_forward(x, norm, branches, eps, n_axes):
+    """x ← x + Σ_k m_k ⊙ MLP_k(g), g = LN(x): one step of a block (serial blocks take two, one
+    branch each; parallel blocks one with the token and channel branches).
+
+    norm = (weight, bias); branches = [(kind, weights, axis, mask or None), …].
+    """
+    g, norm_cache = layernorm_forward(x, *norm, eps=eps, n_axes=n_axes)
+    branch_caches = []
+    for kind, weights, axis, mask in branches:
+        update, mlp_cache = mlp_forward(kind, weights, g, axis)
+        x = x + (update if mask is None else update * mask)
+        branch_caches.append((mlp_cache, mask))
+    return x, (norm_cache, branch_caches)
+
+
+def residual_step_backward(cache, dout):
+    """dx = dout + LN′ᵀ(Σ_k MLP_kᵀ(m_k ⊙ dout)). Returns (dx, (dweight, dbias) of the norm,
+    [grads of each branch's MLP])."""
+    norm_cache, branch_caches = cache
+    dg, branch_grads = 0.0, []
+    for mlp_cache, mask in branch_caches:
+        dz, grads = mlp_backward(mlp_cache, dout if mask is None else dout * mask)
+        dg = dg + dz
+        branch_grads.append(grads)
+    dx_norm, dweight, dbias = layernorm_backward(norm_cache, dg)
+    return dout + dx_norm, (dweight, dbias), branch_grads
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+class Mixer:
+    """A Mixer of the family fixed by `config`: init, forward, hand-written backward and loss."""
+
+    def __init__(self, config):
+        if not isinstance(config, MixerConfig):
+            raise TypeError(f"Mixer needs a MixerConfig (see make_config), got {type(config)}")
+        self.config = config
+        self.param_shapes = param_shapes(config)
+        self._norm_axes = 2 if config.norm == "joint" else 1
+        self._penalized = [name for name in self.param_shapes if config.mlp_kind == "asym"
+                           and name.endswith(".fc2.weight")]
+        self._mlp_names = {}  # (block, MLP name) → {name within the MLP: full name}
+        for name in self.param_shapes:
+            parts = name.split(".")
+            if parts[0] == "blocks" and parts[2] in BRANCH_AXIS:
+                local = self._mlp_names.setdefault((int(parts[1]), parts[2]), {})
+                local[".".join(parts[3:])] = name
+
+    def init(self, seed):
+        """Fresh parameters (DESIGN §5.4), drawn on the host in state_dict order with
+        `rng(seed)`, so every backend gets the same numbers; default dtype."""
+        generator = rng(seed)
+        return {name: asarray(_initial_value(name, shape, generator))
+                for name, shape in self.param_shapes.items()}
+
+    def mlp_weights(self, params, block, mlp):
+        """The weights of MLP `mlp` ('mlp_tokens' | 'mlp_channels') of block `block`, keyed by
+        their names within the MLP ('fc1.weight', …), as `layers.mlp_forward` takes them."""
+        return {local: params[name] for local, name in self._mlp_names[block, mlp].items()}
+
+    def block_update(self, params, block, g):
+        """u(g) = T(g) + Ch(g): what a parallel block adds to x, at g = LN(x) (B, S, C). For the
+        SymMixer u = ∇_g F(g) (DESIGN §5.2, M1)."""
+        if self.config.serial:
+            raise ConfigError("block_update is defined for the parallel models; the vanilla "
+                              "Mixer's serial block has two norms between its MLPs")
+        return sum(mlp_forward(self.config.mlp_kind, self.mlp_weights(params, block, mlp), g,
+                               BRANCH_AXIS[mlp])[0] for mlp in BRANCH_AXIS)
+
+    def _check_images(self, images, dtype):
+        cfg = self.config
+        images = xp.asarray(images, dtype=dtype)
+        expected = (cfg.in_chans, cfg.image_size, cfg.image_size)
+        shape = tuple(images.shape)
+        channels_last = expected[1:] + expected[:1]  # (H, W, C_in)
+        if images.ndim == 4 and shape[1:] == channels_last and channels_last != expected:
+            raise InputError(f"images of shape {shape}: looks like NHWC; transpose to "
+                             f"(B, C_in, H, W), e.g. images.transpose(0, 3, 1, 2)")
+        if images.ndim != 4 or shape[1:] != expected:
+            raise InputError(f"images must be (B, C_in, H, W) = (B, {', '.join(map(str, expected))}"
+                             f") for this config, got shape {shape}")
+        if not bool(xp.all(xp.isfinite(images))):
+            raise InputError("images contain NaN or inf")
+        return images
+
+    def forward(self, params, images, drop_rng=None):
+        """logits = head(mean_tokens(LN(blocks(stem(images))))), images (B, C_in, H, W) →
+        logits (B, K). With `drop_rng` (a numpy Generator) and drop_path > 0, each residual
+        branch is dropped per sample (training), with a fresh mask per branch and per iteration
+        as the paper's code draws them; without it, none is (evaluation).
+        Returns (logits, cache)."""
+        check_params(self.param_shapes, params)
+        cfg = self.config
+        images = self._check_images(images, params["stem.proj.weight"].dtype)
+        batch = images.shape[0]
+        x, stem_cache = patch_embed_forward(images, params["stem.proj.weight"],
+                                            params["stem.proj.bias"])
+        step_caches = []  # (block, norm name, MLP names, cache) in execution order
+        for block, rate in enumerate(drop_path_rates(cfg)):
+            for _ in range(cfg.n_iter):
+                for norm, mlps in block_steps(cfg):
+                    norm_params = (params[f"blocks.{block}.{norm}.weight"],
+                                   params[f"blocks.{block}.{norm}.bias"])
+                    branches = [(cfg.mlp_kind, self.mlp_weights(params, block, mlp),
+                                 BRANCH_AXIS[mlp], drop_path_mask(rate, batch, drop_rng, x.dtype))
+                                for mlp in mlps]
+                    x, cache = residual_step_forward(x, norm_params, branches, cfg.ln_eps,
+                                                     self._norm_axes)
+                    step_caches.append((block, norm, mlps, cache))
+        y, norm_cache = layernorm_forward(x, params["norm.weight"], params["norm.bias"],
+                                          eps=cfg.ln_eps)
+        pooled, mean_cache = token_mean_forward(y)
+        logits, head_cache = linear_forward(pooled, params["head.weight"], params["head.bias"])
+        return logits, (stem_cache, step_caches, norm_cache, mean_cache, head_cache)
+
+    def backward(self, params, cache, dlogits):
+        """∂(⟨dlogits, logits⟩)/∂θ for every parameter θ, by reverse traversal of the forward;
+        n_iter and tied weights accumulate. The weights are read from `cache` (references
+        saved by forward); `params` fixes the names and order of the returned dict."""
+        stem_cache, step_caches, norm_cache, mean_cache, head_cache = cache
+        expected = head_cache[0].shape[:1] + (self.config.num_classes,)
+        if tuple(dlogits.shape) != expected:
+            raise InputError(f"dlogits must have the logits' shape {expected}, "
+                             f"got {tuple(dlogits.shape)}")
+        grads = {}
+
+        def accumulate(name, grad):
+            grads[name] = grads[name] + grad if name in grads else grad
+
+        dpooled, grads["head.weight"], grads["head.bias"] = linear_backward(head_cache, dlogits)
+        dx, grads["norm.weight"], grads["norm.bias"] = layernorm_backward(
+            norm_cache, token_mean_backward(mean_cache, dpooled))
+        for block, norm, mlps, step_cache in reversed(step_caches):
+            dx, norm_grads, mlp_grads = residual_step_backward(step_cache, dx)
+            for suffix, grad in zip(("weight", "bias"), norm_grads):
+                accumulate(f"blocks.{block}.{norm}.{suffix}", grad)
+            for mlp, local_grads in zip(mlps, mlp_grads):
+                for name, grad in local_grads.items():
+                    accumulate(f"blocks.{block}.{mlp}.{name}", grad)
+        _, grads["stem.proj.weight"], grads["stem.proj.bias"] = patch_embed_backward(stem_cache,
+                                                                                      dx)
+        return {name: grads[name] for name in params}
+
+    def _penalty_term(self, params, lam):
+        """λ Σ_blocks (‖W₂ᵗᵒᵏ‖² + ‖W₂ᶜʰ‖²) as xp code (no ½; DESIGN §5.1), asym only."""
+        if not _is_real(lam) or lam < 0:
+            raise InputError(f"lam must be a finite number ≥ 0, got {lam!r}")
+        if lam and not self._penalized:
+            raise InputError(f"lam = {lam} penalises the asym W₂ matrices; model "
+                             f"{self.config.model!r} has none (use lam=0 or asymmixer)")
+        if not lam:
+            return 0.0
+        return lam * sum((params[name] ** 2).sum() for name in self._penalized)
+
+    def penalty(self, params, lam):
+        """λ Σ_blocks (‖W₂ᵗᵒᵏ‖² + ‖W₂ᶜʰ‖²) for the AsymMixer; 0 for lam = 0."""
+        return float(to_numpy(self._penalty_term(params, lam)))
+
+    def objective(self, params, images, labels, lam=0.0, label_smoothing=0.0, drop_rng=None):
+        """J(θ) = CE_s(logits(θ), labels) + λ Σ ‖W₂‖², as forward-only xp code: the scalar that
+        `loss_and_grads` differentiates by hand (and the tests with autograd)."""
+        logits, _ = self.forward(params, images, drop_rng)
+        return cross_entropy_forward(logits, labels, label_smoothing)[0] + \
+            self._penalty_term(params, lam)
+
+    def loss_and_grads(self, params, images, labels, lam=0.0, label_smoothing=0.0,
+                       drop_rng=None):
+        """(J as a float, logits (B, K), ∂J/∂θ for every θ): J of `objective`, gradient by
+        forward, cross-entropy backward, model backward, plus 2λW₂ for the penalised W₂."""
+        penalty = self.penalty(params, lam)
+        logits, cache = self.forward(params, images, drop_rng)
+        loss, loss_cache = cross_entropy_forward(logits, labels, label_smoothing)
+        grads = self.backward(params, cache, cross_entropy_backward(loss_cache))
+        for name in self._penalized if lam else ():
+            grads[name] = grads[name] + (2.0 * lam) * params[name]
+        return float(to_numpy(loss)) + penalty, logits, grads
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight interop with the paper's PyTorch models (timm names)
+# ---------------------------------------------------------------------------------------------
+def to_timm_state(config, params):
+    """{timm name: host numpy array} with exactly the names, order and shapes of the paper's
+    models' state_dict(): load with `torch_model.load_state_dict({k: torch.from_numpy(v) …},
+    strict=True)`."""
+    shapes = param_shapes(config)
+    check_params(shapes, params)
+    return {name: numpy.array(to_numpy(params[name])) for name in shapes}
+
+
+def _host_array(value):
+    if hasattr(value, "detach"):  # a torch tensor (possibly on a GPU, possibly requiring grad)
+        value = value.detach().cpu().numpy()
+    return numpy.asarray(to_numpy(value))
+
+
+def from_timm_state(config, state):
+    """Parameters (default dtype, active backend) from a state dict of the paper's models;
+    raises ParamError on missing, unexpected or wrongly shaped names, or non-finite values."""
+    arrays = {name: _host_array(value) for name, value in state.items()}
+    shapes = param_shapes(config)
+    check_params(shapes, arrays)
+    bad = [name for name in shapes if not numpy.all(numpy.isfinite(arrays[name]))]
+    if bad:
+        raise ParamError(f"state holds NaN or inf in {', '.join(bad)}")
+    return {name: asarray(arrays[name]) for name in shapes}
