@@ -8,7 +8,7 @@ matrix serves both directions of each synapse, the energy E goes down step after
 
 In the library's terms (this is what `refham descend` runs, see refham/cli.py):
 
-    from refham.ham import three_layer_ham
+    from refham.metaformer import three_layer_ham
     ham = three_layer_ham(784, 900)                        # layers "s", "v", "c"
     weights = ham.init_weights(seed=0, scale=0.02)         # {"sv": (900, 784), "vc": (784, 900)}
     states = ham.init_states(batch=1, seed=1, scale=10.0)  # {"s": (1, 900), "v": (1, 784), …}

@@ -28,7 +28,7 @@ import types
 
 from refham.backend import asarray, get_dtype, rng, xp
 from refham.dynamics import euler_step, integrate, is_tree, iterate
-from refham.lagrangians import Lagrangian, LagrangianError, LayerNorm, ReLU
+from refham.lagrangians import Lagrangian, LagrangianError
 
 
 class HAMError(ValueError):
@@ -449,16 +449,3 @@ def _check_finite(what, arrays):
     bad = [name for name, a in arrays.items() if not bool(xp.all(xp.isfinite(a)))]
     if bad:
         raise HAMError(f"{what} {bad} contain NaN or inf")
-
-
-# ---------------------------------------------------------------- the paper's three-layer HAM
-
-def three_layer_ham(visible_shape, n_hidden, eps=1e-5):
-    """The Energy MetaFormer's HAM s — v — c (DESIGN §4): v has the layernorm Lagrangian
-    (γ = 1, δ = 0, ε) over all its D elements, s and c are relu layers of n_hidden units, joined
-    by dense synapses "sv" (W_sv ∈ R^{N_h×D}) and "vc" (W_vc ∈ R^{D×N_h}); all τ = 1."""
-    shape = tuple(visible_shape) if isinstance(visible_shape, (tuple, list)) else (visible_shape,)
-    visible = Layer(shape, LayerNorm(eps=eps, axes=tuple(range(-len(shape), 0))))
-    hidden = Layer((n_hidden,), ReLU())
-    return HAM({"s": hidden, "v": visible, "c": hidden},
-               {"sv": Dense("s", "v"), "vc": Dense("v", "c")})

@@ -18,7 +18,7 @@ from oracle import TOL, autograd_numpy, rel_err
 from refham import cli
 from refham.backend import asarray, rng, to_numpy
 from refham.dynamics import DynamicsError, euler_step, integrate, rk4_step
-from refham.ham import HAM, ChannelMixing, Dense, HAMError, Layer, TokenMixing, three_layer_ham
+from refham.ham import HAM, ChannelMixing, Dense, HAMError, Layer, TokenMixing
 from refham.lagrangians import LayerNorm, ReLU, Softmax, Tanh, get_lagrangian
 
 CONVEX = ("identity", "relu", "repu", "tanh", "sigmoid", "softmax", "layernorm", "spherical")
@@ -419,16 +419,6 @@ def test_energy_tree_adds_up_and_states_initialise():
     # layernorm's neuron energy is −γDε/σ (DESIGN §5.2), over the D = 6 elements of v
     sigma = np.sqrt(to_numpy(xs["v"]).reshape(3, -1).var(axis=1) + 1e-5)
     assert rel_err(tree["layers"]["v"], -6 * 1e-5 / sigma) <= 1e-10
-
-
-def test_three_layer_ham_is_the_paper_graph():
-    ham = three_layer_ham(12, 7)
-    assert ham.weight_shapes() == {"sv": (7, 12), "vc": (12, 7)}
-    assert isinstance(ham.layers["v"].lagrangian, LayerNorm)
-    assert [type(ham.layers[n].lagrangian) for n in "sc"] == [ReLU, ReLU]
-    image = three_layer_ham((1, 4, 3), 5)
-    assert image.layers["v"].lagrangian.axes == (-3, -2, -1)
-    assert image.weight_shapes()["vc"] == (12, 5)
 
 
 # ---------------------------------------------------------------- bad graphs, bad calls
