@@ -316,11 +316,13 @@ class Mixer:
             raise InputError("images contain NaN or inf")
         return images
 
-    def forward(self, params, images, drop_rng=None):
+    def forward(self, params, images, drop_rng=None, observe=None):
         """logits = head(mean_tokens(LN(blocks(stem(images))))), images (B, C_in, H, W) →
         logits (B, K). With `drop_rng` (a numpy Generator) and drop_path > 0, each residual
         branch is dropped per sample (training), with a fresh mask per branch and per iteration
         as the paper's code draws them; without it, none is (evaluation).
+        `observe(block, t, x)`, if given, sees each block's states x⁽ᵗ⁾ (B, S, C), t = 0..n_iter
+        (x⁽⁰⁾ the block's input, x⁽ⁿ_iter⁾ its output): the golden files' per-block outputs.
         Returns (logits, cache)."""
         check_params(self.param_shapes, params)
         cfg = self.config
@@ -330,7 +332,9 @@ class Mixer:
                                             params["stem.proj.bias"])
         step_caches = []  # (block, norm name, MLP names, cache) in execution order
         for block, rate in enumerate(drop_path_rates(cfg)):
-            for _ in range(cfg.n_iter):
+            for iteration in range(cfg.n_iter):
+                if observe is not None:
+                    observe(block, iteration, x)
                 for norm, mlps in block_steps(cfg):
                     norm_params = (params[f"blocks.{block}.{norm}.weight"],
                                    params[f"blocks.{block}.{norm}.bias"])
@@ -340,6 +344,8 @@ class Mixer:
                     x, cache = residual_step_forward(x, norm_params, branches, cfg.ln_eps,
                                                      self._norm_axes)
                     step_caches.append((block, norm, mlps, cache))
+            if observe is not None:
+                observe(block, cfg.n_iter, x)
         y, norm_cache = layernorm_forward(x, params["norm.weight"], params["norm.bias"],
                                           eps=cfg.ln_eps)
         pooled, mean_cache = token_mean_forward(y)

@@ -1,6 +1,9 @@
 """refham.mixer: whole-model gradients against autograd, an independent named-axis reference
 forward (S ≠ C ≠ N_s, so swapped token/channel axes fail), the SymMixer block as ∇F, AsymMixer
 symmetry breaking, drop path, config and input validation, and the timm state interop."""
+import pathlib
+import sys
+
 import autograd
 import autograd.numpy as anp
 import autograd.scipy.special as asp
@@ -434,68 +437,16 @@ def test_timm_state_names_shapes_and_round_trip(model, bias, norm):
 
 
 # --------------------------------------------------------------------------------------------
-# PyTorch cross-check (skipped without torch): the paper's models, written here from DESIGN §5
+# PyTorch cross-check (skipped without torch): the paper's models in examples/torch_mixer.py,
 # with timm's module names, load our state with strict=True and agree in float64
 # --------------------------------------------------------------------------------------------
 def torch_mixer(config):
     torch = pytest.importorskip("torch")
-    nn, F = torch.nn, torch.nn.functional
-    S, C, kind = config.num_tokens, config.dim, config.mlp_kind
-
-    class Mlp(nn.Module):
-        def __init__(self, n_in, n_hidden):
-            super().__init__()
-            if kind == "sym":
-                self.fc2 = nn.Linear(n_in, n_hidden, bias=False)
-            else:
-                self.fc1 = nn.Linear(n_in, n_hidden, bias=config.bias)
-                self.fc2 = nn.Linear(n_hidden, n_in, bias=config.bias)
-
-        def forward(self, z):
-            if kind == "sym":
-                return F.linear(F.gelu(F.linear(z, self.fc2.weight)), self.fc2.weight.T)
-            a = F.gelu(self.fc1(z))
-            return self.fc2(a) + (F.linear(a, self.fc1.weight.T) if kind == "asym" else 0)
-
-    def norm():
-        return nn.LayerNorm((S, C) if config.norm == "joint" else C, eps=config.ln_eps)
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            if config.serial:
-                self.norm1, self.mlp_tokens = norm(), Mlp(S, config.token_hidden)
-                self.norm2, self.mlp_channels = norm(), Mlp(C, config.channel_hidden)
-            else:
-                self.norm, self.mlp_tokens = norm(), Mlp(S, config.token_hidden)
-                self.mlp_channels = Mlp(C, config.channel_hidden)
-
-        def forward(self, x):
-            def tokens(g):
-                return self.mlp_tokens(g.transpose(1, 2)).transpose(1, 2)
-            for _ in range(config.n_iter):
-                if config.serial:
-                    x = x + tokens(self.norm1(x))
-                    x = x + self.mlp_channels(self.norm2(x))
-                else:
-                    g = self.norm(x)
-                    x = x + tokens(g) + self.mlp_channels(g)
-            return x
-
-    class Mixer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem = nn.Module()
-            self.stem.proj = nn.Conv2d(config.in_chans, C, config.patch, stride=config.patch)
-            self.blocks = nn.Sequential(*[Block() for _ in range(config.depth)])
-            self.norm = nn.LayerNorm(C, eps=config.ln_eps)
-            self.head = nn.Linear(C, config.num_classes)
-
-        def forward(self, images):
-            x = self.stem.proj(images).flatten(2).transpose(1, 2)  # (B, S, C), row-major
-            return self.head(self.norm(self.blocks(x)).mean(dim=1))
-
-    return torch, Mixer().double()
+    examples = str(pathlib.Path(__file__).resolve().parents[1] / "examples")
+    if examples not in sys.path:
+        sys.path.insert(0, examples)
+    import torch_mixer as peer
+    return torch, peer.TorchMixer(config).double()
 
 
 @pytest.mark.parametrize("norm", M.NORMS)

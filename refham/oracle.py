@@ -1,0 +1,260 @@
+"""Golden files: refham as a test oracle for faster implementations (DESIGN §7; llm.c-style).
+
+A golden file is a plain .npz (no pickle, written atomically) of float64 tensors keyed by name.
+Parameters use timm's names and PyTorch's layouts — refham stores exactly those layouts (Linear
+weights (out, in), the stem a Conv2d kernel (C, C_in, p, p)), so there is no conversion either way.
+
+Mixer golden (`mixer_golden`; the keys in this order):
+
+    meta/config            0-d str: JSON of every setting, the MixerConfig, refham and format
+                           versions
+    input/images           (B, C_in, H, W)    standard normal
+    input/labels           (B,) int64         in [0, K)
+    param/<timm name>      as in the paper's state_dict(): init(seed) + perturb·N(0,1), so no
+                           gradient is structurally zero (the init's zero head would zero them all)
+    output/logits          (B, K)
+    output/loss            ()                 J = CE_s(logits, labels) + λ Σ_blocks ‖W₂‖²
+    grad/<timm name>       ∂J/∂θ, shaped like the parameter
+    block/<i>/out          (B, S, C)          block i's output (after its n_iter iterations)
+    block/<i>/energy       (B, n_iter + 1)    SymMixer only: E₀(x⁽ᵗ⁾) = −F(g(x⁽ᵗ⁾)) (M4),
+                           t = 0..n_iter, x⁽⁰⁾ the block's input; g the block's own LN with its
+                           per-element affine
+    train/losses           (K_steps,)         with steps > 0: J before each of the AdamW steps
+    train/param/<name>     the parameters after them (same batch every step, constant lr,
+                           timm's weight-decay grouping: ndim ≥ 2 and not a bias)
+
+HAM golden (`ham_golden`, the Energy MetaFormer's s — v — c HAM of DESIGN §4):
+
+    input/state/<A>              (B, n_A)  x_A for A in s, v, c: state_scale·N(0,1)
+    param/sv, param/vc           (N_h, D), (D, N_h):
+                                 E_sv = −⟨g_s, W_sv g_v⟩, E_vc = −⟨g_v, W_vc g_c⟩
+    output/activation/<A>        g_A(x_A)  (relu, layernorm over D, relu)
+    output/energy/layers/<A>     (B,)  ⟨x_A, g_A⟩ − L_A(x_A)
+    output/energy/synapses/<s>   (B,)  E_s
+    output/energy/total          (B,)  E (H1)
+    output/dEdg/<A>              ∂E/∂g_A (H2)
+    output/dEdt                  (B,)  (H4)
+    output/step/<A>              x_A − α ∂E/∂g_A, one descent step (H5)
+
+`write_golden` / `read_golden` store and load them; refham.oracle_check compares a candidate.
+"""
+import contextlib
+import dataclasses
+import inspect
+import json
+import math
+import numbers
+import os
+
+import numpy
+
+from refham import __version__
+from refham.backend import asarray, get_dtype, rng, set_dtype, to_numpy
+from refham.checkpoint import atomic_write, read_npz
+from refham.mixer import Mixer, make_config
+from refham.optim import AdamW
+
+FORMAT = "refham-golden"
+FORMAT_VERSION = 1
+META_KEY = "meta/config"
+HAMS = ("metaformer",)
+
+
+class GoldenError(ValueError):
+    """Bad golden-file settings, or a file that is not a readable golden (or candidate) file."""
+
+
+def setting_defaults(writer):
+    """{setting: default} of a golden writer (mixer_golden or ham_golden): its keyword-only
+    parameters, which the CLI exposes as options."""
+    return {name: p.default for name, p in inspect.signature(writer).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+@contextlib.contextmanager
+def _float64():
+    """Golden values are always computed in float64, whatever the session's default dtype."""
+    saved = get_dtype()
+    set_dtype("float64")
+    try:
+        yield
+    finally:
+        set_dtype(saved)
+
+
+def _require_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise GoldenError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _require_real(name, value, positive=False):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or value < 0 or (positive and value == 0):
+        raise GoldenError(f"{name} must be a finite number {'>' if positive else '>='} 0, "
+                          f"got {value!r}")
+    return float(value)
+
+
+def _meta(kind, settings, **extra):
+    """The meta/config entry: a 0-d unicode array holding JSON (loads without pickle)."""
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "refham_version": __version__,
+            "kind": kind, "dtype": "float64", "settings": settings, **extra}
+    return numpy.array(json.dumps(meta, sort_keys=True))
+
+
+def _host(tensors):
+    """{name: host float64 (or integer) NumPy array}."""
+    return {name: numpy.asarray(to_numpy(value)) for name, value in tensors.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixer golden files
+# ---------------------------------------------------------------------------------------------
+def mixer_golden(model, *, size="digits", n_iter=1, norm="joint", lam=0.0, label_smoothing=0.0,
+                 batch=2, seed=0, steps=0, lr=1e-3, weight_decay=0.05, perturb=0.02,
+                 **overrides):
+    """The golden tensors of one Mixer (see the module docstring for the keys) as a dict of host
+    float64 arrays. Parameters: Mixer(config).init(seed) + perturb·N(0,1); the perturbation,
+    then the images, then the labels are drawn from rng(seed + 1). `overrides` are further
+    MixerConfig fields (dim=, depth=, num_classes=, bias=, hidden_ratio=, …)."""
+    settings = dict(model=model, size=size, n_iter=n_iter, norm=norm, lam=lam,
+                    label_smoothing=label_smoothing, batch=batch, seed=seed, steps=steps, lr=lr,
+                    weight_decay=weight_decay, perturb=perturb, overrides=overrides)
+    batch, seed = _require_int("batch", batch, 1), _require_int("seed", seed, 0)
+    steps = _require_int("steps", steps, 0)
+    lr, perturb = _require_real("lr", lr, positive=True), _require_real("perturb", perturb)
+    optimizer = AdamW(weight_decay=_require_real("weight_decay", weight_decay))
+    with _float64():
+        config = make_config(model, size, n_iter=n_iter, norm=norm, **overrides)
+        if config.drop_path:
+            raise GoldenError(f"golden files are deterministic: drop_path must be 0, got "
+                              f"{config.drop_path}")
+        mixer = Mixer(config)
+        generator = rng(seed + 1)
+        params = {name: asarray(to_numpy(value) + perturb * generator.standard_normal(value.shape))
+                  for name, value in mixer.init(seed).items()}
+        images = generator.standard_normal(
+            (batch, config.in_chans, config.image_size, config.image_size))
+        labels = generator.integers(0, config.num_classes, batch)
+        loss, logits, grads = mixer.loss_and_grads(params, asarray(images), labels, lam,
+                                                   label_smoothing)
+        states = {}  # (block, t) → x⁽ᵗ⁾
+        mixer.forward(params, asarray(images), observe=lambda block, t, x:
+                      states.__setitem__((block, t), x))
+        tensors = {META_KEY: _meta("mixer", settings, model=dataclasses.asdict(config),
+                                   optimizer=dataclasses.asdict(optimizer)),
+                   "input/images": images, "input/labels": labels.astype(numpy.int64),
+                   **{f"param/{name}": value for name, value in params.items()},
+                   "output/logits": logits, "output/loss": numpy.float64(loss),
+                   **{f"grad/{name}": value for name, value in grads.items()}}
+        for block in range(config.depth):
+            tensors[f"block/{block}/out"] = states[block, config.n_iter]
+            if config.mlp_kind == "sym":
+                tensors[f"block/{block}/energy"] = _block_energies(config, params, block, states)
+        if steps:
+            losses, trained = _adamw_steps(mixer, optimizer, params, asarray(images), labels,
+                                           steps, lr, lam, label_smoothing)
+            tensors["train/losses"] = numpy.array(losses)
+            tensors.update({f"train/param/{name}": value for name, value in trained.items()})
+        return _host(tensors)
+
+
+def _block_energies(config, params, block, states):
+    """(B, n_iter + 1): E₀(x⁽ᵗ⁾) = −F(g(x⁽ᵗ⁾)) of block `block` with the model's own affine."""
+    from refham.mixer_energy import MixerBlock
+    energy_block = MixerBlock(config, params, block, affine="per_element")
+    return numpy.stack([to_numpy(energy_block.energy0(states[block, t]))
+                        for t in range(config.n_iter + 1)], axis=1)
+
+
+def _adamw_steps(mixer, optimizer, params, images, labels, steps, lr, lam, label_smoothing):
+    """`steps` AdamW steps on one batch at a constant lr → ([J before each step], params after)."""
+    state, losses = optimizer.init(params), []
+    for _ in range(steps):
+        loss, _, grads = mixer.loss_and_grads(params, images, labels, lam, label_smoothing)
+        losses.append(loss)
+        params, state = optimizer.update(params, grads, state, lr)
+    return losses, params
+
+
+# ---------------------------------------------------------------------------------------------
+# HAM golden files
+# ---------------------------------------------------------------------------------------------
+def ham_golden(ham="metaformer", *, visible=64, hidden=100, batch=2, seed=0, alpha=0.1,
+               state_scale=1.0, weight_scale=0.02):
+    """The golden tensors of the Energy MetaFormer's HAM s — v — c (DESIGN §4; see the module
+    docstring for the keys): weights weight_scale·N(0,1) from rng(seed), states
+    state_scale·N(0,1) from rng(seed + 1), one (H5) step of size alpha."""
+    if ham not in HAMS:
+        raise GoldenError(f"unknown HAM {ham!r}: choose one of {', '.join(HAMS)}")
+    settings = dict(ham=ham, visible=visible, hidden=hidden, batch=batch, seed=seed, alpha=alpha,
+                    state_scale=state_scale, weight_scale=weight_scale)
+    from refham.metaformer import three_layer_ham
+    visible, hidden = _require_int("visible", visible, 2), _require_int("hidden", hidden, 1)
+    batch, seed = _require_int("batch", batch, 1), _require_int("seed", seed, 0)
+    alpha = _require_real("alpha", alpha, positive=True)
+    with _float64():
+        net = three_layer_ham(visible, hidden)
+        weights = net.init_weights(seed, scale=_require_real("weight_scale", weight_scale))
+        states = net.init_states(batch, seed=seed + 1,
+                                 scale=_require_real("state_scale", state_scale, positive=True))
+        tree = net.energy_tree(states, weights)
+        graph = {"layers": {name: {"shape": layer.shape, "lagrangian": repr(layer.lagrangian),
+                                   "tau": layer.tau} for name, layer in net.layers.items()},
+                 "synapses": {name: repr(s) for name, s in net.synapses.items()}}
+        tensors = {META_KEY: _meta("ham", settings, graph=graph),
+                   **{f"input/state/{name}": x for name, x in states.items()},
+                   **{f"param/{name}": w for name, w in weights.items()},
+                   **{f"output/activation/{name}": g
+                      for name, g in net.activations(states).items()},
+                   **{f"output/energy/layers/{name}": e for name, e in tree["layers"].items()},
+                   **{f"output/energy/synapses/{name}": e
+                      for name, e in tree["synapses"].items()},
+                   "output/energy/total": tree["total"],
+                   **{f"output/dEdg/{name}": d for name, d in net.dEdg(states, weights).items()},
+                   "output/dEdt": net.dEdt(states, weights),
+                   **{f"output/step/{name}": x
+                      for name, x in net.step(states, weights, alpha).items()}}
+        return _host(tensors)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+def write_golden(path, tensors):
+    """Write {name: array} to `path` as a plain .npz, atomically (temp file + rename)."""
+    for name, value in tensors.items():
+        kind = numpy.asarray(value).dtype.kind
+        if kind not in "iuf" and not (name == META_KEY and kind == "U"):
+            raise GoldenError(f"{name}: golden tensors must be numeric arrays, got dtype "
+                              f"{numpy.asarray(value).dtype}")
+    atomic_write(path, lambda f: numpy.savez(f, **tensors))
+
+
+def load_npz(path):
+    """{name: array} of the .npz at `path`, read without pickle; GoldenError when it is missing,
+    truncated, corrupted or holds objects."""
+    return read_npz(os.fspath(path), error=GoldenError)
+
+
+def read_meta(tensors, path="golden file"):
+    """The parsed meta/config of a golden file, after checking its format tag and version."""
+    if META_KEY not in tensors:
+        raise GoldenError(f"{path} has no {META_KEY} entry: not a refham golden file")
+    try:
+        meta = json.loads(str(tensors[META_KEY]))
+    except json.JSONDecodeError as exc:
+        raise GoldenError(f"{path}: {META_KEY} is not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise GoldenError(f"{path}: {META_KEY} lacks the format tag {FORMAT!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise GoldenError(f"{path} has golden format version {meta.get('format_version')!r}; "
+                          f"this refham reads version {FORMAT_VERSION}")
+    return meta
+
+
+def read_golden(path):
+    """(meta dict, {name: array}) of the golden file at `path`, format checked."""
+    tensors = load_npz(path)
+    return read_meta(tensors, path), tensors
