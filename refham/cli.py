@@ -5,8 +5,415 @@ import argparse
 import sys
 
 
+def _add_descend(p):
+    p.add_argument("--visible", type=int, default=784, help="D, the visible layer's size (784)")
+    p.add_argument("--hidden", type=int, default=900, help="N_h, units per hidden layer (900)")
+    p.add_argument("--batch", type=int, default=1, help="independent states descended (1)")
+    p.add_argument("--steps", type=int, default=28, help="steps of (H5) (28)")
+    p.add_argument("--alpha", type=float, default=0.5, help="step size α (0.5)")
+    p.add_argument("--state-scale", type=float, default=10.0, help="states start at s·N(0,1) (10)")
+    p.add_argument("--weight-scale", type=float, default=0.02, help="W = s·N(0,1) (0.02)")
+    p.add_argument("--seed", type=int, default=0, help="weights use seed, states seed + 1 (0)")
+    p.add_argument("--out", default="energy_descent.png", help="PNG of E per step, if "
+                   "matplotlib is installed (energy_descent.png); '' for none")
+
+
+def _run_descend(args):
+    """DESIGN §4 energy descent: the HAM s — v — c (relu — layernorm — relu, dense synapses)
+    with random weights, all states from 10·N(0,1), 28 steps of α = 0.5; prints E per step."""
+    import os
+    from refham.backend import to_numpy
+    from refham.ham import HAMError
+    from refham.metaformer import three_layer_ham
+
+    try:
+        ham = three_layer_ham(args.visible, args.hidden)
+        weights = ham.init_weights(args.seed, scale=args.weight_scale)
+        states = ham.init_states(args.batch, seed=args.seed + 1, scale=args.state_scale)
+        trajectory = ham.descend(states, weights, args.alpha, max_steps=args.steps)
+    except HAMError as exc:
+        print(f"refham descend: {exc}", file=sys.stderr)
+        return 2
+    energies = to_numpy(trajectory.energies)  # (steps + 1, batch)
+    print(f"HAM s—v—c, D={args.visible}, N_h={args.hidden}, alpha={args.alpha}, "
+          f"batch={args.batch}: energy per step (mean over the batch; ΔE: largest over it)")
+    print(f"{'step':>4} {'E':>14} {'ΔE':>12}")
+    for step, e in enumerate(energies):
+        rise = f"{(e - energies[step - 1]).max():12.4g}" if step else ""
+        print(f"{step:>4} {e.mean():14.6g} {rise}")
+    if not args.out:
+        return 0
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print(f"matplotlib is not installed: no plot written to {args.out} "
+              f"(pip install matplotlib, or refham[plot], to get it)")
+        return 0
+    fig = Figure(figsize=(5, 3.5), layout="tight")
+    ax = fig.add_subplot()
+    ax.plot(energies, marker="o", markersize=3)
+    ax.set(xlabel="step", ylabel="energy E", title=f"HAM energy descent (α = {args.alpha})")
+    temporary = f"{args.out}.tmp"
+    fig.savefig(temporary, format="png", dpi=120)
+    os.replace(temporary, args.out)  # atomic: a reader never sees half a PNG
+    print(f"plot written to {args.out}")
+    return 0
+
+
+def _add_train(p):
+    from refham.train_config import add_config_options
+
+    add_config_options(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out exactly where its last.npz left it; its "
+                        "settings are read from the checkpoint (options given must match)")
+
+
+def _run_train(args):
+    """Train a Mixer (default: ParaMixer on the built-in digits) with checkpoints and a log."""
+    from refham.train import USER_ERRORS, TrainingDiverged, resume_settings, train
+    from refham.train_config import TrainConfig, given_settings
+
+    try:
+        settings = given_settings(args)
+        if args.resume:
+            settings = {**resume_settings(settings.get("out", TrainConfig.out)), **settings}
+        cfg = TrainConfig.from_dict(settings)
+        print(f"{'resuming' if args.resume else 'training'} {cfg.model} on {cfg.data} "
+              f"in {cfg.out}:\n{cfg}", flush=True)
+        summary = train(cfg, resume=args.resume, echo=True)
+    except TrainingDiverged as exc:
+        print(f"refham train: {exc}", file=sys.stderr)
+        return 1
+    except USER_ERRORS as exc:
+        print(f"refham train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
+        print("refham train: aborted; the last checkpoint written stays valid", file=sys.stderr)
+        return 130
+    if summary["status"] == "interrupted":
+        print(f"stopped by {summary['signal']} at step {summary['step']} (epoch "
+              f"{summary['epochs_done'] + 1}); saved {cfg.out}/last.npz — continue with: "
+              f"refham train --resume --out {cfg.out}")
+        return 0
+    print(f"finished {summary['epochs']} epochs in {summary['wall_time']:.1f} s: test top-1 "
+          f"{100 * summary['test_acc']:.2f}% (loss {summary['test_loss']:.4f}), best "
+          f"{100 * summary['best_test_acc']:.2f}% at epoch {summary['best_epoch']}; "
+          f"checkpoints and metrics in {cfg.out}")
+    return 0
+
+
+def _add_eval(p):
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a last.npz or best.npz written by refham train")
+    p.add_argument("--data-path", default=None,
+                   help="where the CIFAR archive lives now (default: the path used in training)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (256)")
+    p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
+                   help="array backend (numpy)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="BLAS threads on the CPU, 0: the BLAS default (1)")
+
+
+def _run_eval(args):
+    """Test loss and top-1 accuracy of a checkpoint, on the split it was trained against."""
+    from refham.train import USER_ERRORS, evaluate_checkpoint
+
+    try:
+        result = evaluate_checkpoint(args.checkpoint, args.data_path, args.batch_size,
+                                     args.backend, args.threads)
+    except USER_ERRORS as exc:
+        print(f"refham eval: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.checkpoint}: {result['model']} on {result['data']}, epoch {result['epoch']} "
+          f"(step {result['step']})\ntest loss {result['loss']:.4f}  top-1 "
+          f"{100 * result['acc']:.2f}% ({result['n']} images)")
+    return 0
+
+
+def _add_sweep(p):
+    from refham.mixer import MODELS
+    from refham.sweep import PER_RUN, SWEEP_LAMS, SWEEP_SEEDS, SWEEP_SETTINGS
+    from refham.train_config import add_config_options
+
+    p.add_argument("--out", default="runs/sweep",
+                   help="folder of the sweep: runs/, results.jsonl, results.md, the plot "
+                        "(runs/sweep)")
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
+                   help=f"models to train (all: {' '.join(MODELS)})")
+    p.add_argument("--lams", nargs="+", type=float, default=list(SWEEP_LAMS),
+                   help=f"AsymMixer λ values ({' '.join(f'{lam:g}' for lam in SWEEP_LAMS)})")
+    p.add_argument("--seeds", nargs="+", type=int, default=list(SWEEP_SEEDS),
+                   help=f"seeds per model and λ ({' '.join(map(str, SWEEP_SEEDS))})")
+    add_config_options(p, SWEEP_SETTINGS, exclude=PER_RUN)
+
+
+def _run_sweep(args):
+    """DESIGN §9: vanilla, ParaMixer, SymMixer and AsymMixer(λ) over seeds; table and plot."""
+    from refham.sweep import PER_RUN, SweepError, run_sweep
+    from refham.train import USER_ERRORS
+    from refham.train_config import given_settings
+
+    try:
+        run_sweep(args.out, given_settings(args, exclude=PER_RUN), args.models, args.lams,
+                  args.seeds, log=lambda line: print(line, flush=True))
+    except (SweepError,) + USER_ERRORS as exc:
+        print(f"refham sweep: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("refham sweep: aborted; finished runs are kept, a re-run continues",
+              file=sys.stderr)
+        return 130
+    return 0  # also when a signal stopped it: the finished runs are saved, a re-run continues
+
+
+def _add_metaformer(p):
+    from refham.metaformer import DATASETS, TARGETS, TrainSettings
+
+    sub = p.add_subparsers(dest="action", metavar="ACTION")
+    sub.required = True
+    default = TrainSettings()
+    t = sub.add_parser("train", help="train the denoiser (default: digits, ~1 minute on a CPU)",
+                       description="Train the Energy MetaFormer (DESIGN §4) as a denoiser by "
+                                   "hand-written backprop through T steps of its dynamics.")
+    t.add_argument("--paper", action="store_true",
+                   help="the paper's MNIST settings: D = 784, N_h = 900, T = 10, lr 1e-4, batch "
+                        "512, 100 epochs (needs --data-path); flags given too override them")
+    t.add_argument("--data", choices=DATASETS, help=f"dataset ({default.data}; mnist needs "
+                   f"--data-path)")
+    t.add_argument("--data-path", metavar="DIR", help="folder with train-images-idx3-ubyte[.gz] "
+                   "(and t10k-images-idx3-ubyte[.gz] for the test split)")
+    for flag, kind, what in (("--hidden", int, "N_h, units per hidden layer"),
+                             ("--steps", int, "T, unrolled steps of (H5)"),
+                             ("--alpha", float, "step size α"), ("--lr", float, "Adam lr"),
+                             ("--batch-size", int, "images per batch"),
+                             ("--epochs", int, "passes over the training images"),
+                             ("--seed", int, "weights, batch order and noise")):
+        name = flag[2:].replace("-", "_")
+        t.add_argument(flag, type=kind, help=f"{what} ({getattr(default, name)})")
+    t.add_argument("--target", choices=TARGETS, help="denoise towards the clean image (the "
+                   "paper's loss) or towards LN(clean) (standardised) (clean)")
+    t.add_argument("--out", metavar="DIR", help=f"run folder: metrics.jsonl, last.npz "
+                   f"({default.out})")
+    t.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bar")
+    f = sub.add_parser("figures", help="receptive fields and energy descent of a checkpoint",
+                       description="Write receptive_fields.png and energy_descent.png (+ .json "
+                                   "with E per step, and the start states) for a checkpoint.")
+    f.add_argument("--checkpoint", required=True, metavar="PATH", help="a last.npz of `train`")
+    f.add_argument("--out", metavar="DIR", help="where to write (the checkpoint's folder)")
+    f.add_argument("--samples", type=int, default=8, help="descents drawn (8)")
+    f.add_argument("--steps", type=int, default=28, help="steps of (H5) (28)")
+    f.add_argument("--alpha", type=float, default=0.5, help="step size α (0.5)")
+    f.add_argument("--state-scale", type=float, default=10.0, help="x⁰ = s·N(0,1) (10)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the start states (0)")
+
+
+def _run_metaformer(args):
+    """DESIGN §4: `train` the Energy MetaFormer denoiser; `figures` from its checkpoint."""
+    import dataclasses
+    import os
+    from refham import metaformer as mf
+    from refham.checkpoint import CheckpointError
+    from refham.data import DataError
+    from refham.dynamics import DynamicsError
+    from refham.ham import HAMError
+
+    try:
+        if args.action == "train":
+            names = [f.name for f in dataclasses.fields(mf.TrainSettings)]
+            given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+            settings = mf.TrainSettings(**{**(mf.PAPER_SETTINGS if args.paper else {}), **given})
+            print(f"Energy MetaFormer on {settings.data} in {settings.out}: {settings}",
+                  flush=True)
+            summary = mf.train(settings, echo=True)
+            first, last = summary["history"][0], summary["history"][-1]
+            print(f"finished {last['epoch']} epochs in {last['seconds']:.1f} s; test loss on "
+                  f"{summary['test_split']}:\n  paper's (y = clean)        "
+                  f"{first['test_loss_clean']:.5f} → {last['test_loss_clean']:.5f}  (bound "
+                  f"(1 − 1/√D)² = {summary['loss_floor']:.5f} for D = {summary['visible']})\n"
+                  f"  standardised (y = LN(clean)) {first['test_loss_standardised']:.5f} → "
+                  f"{last['test_loss_standardised']:.5f}\nnext: refham metaformer figures "
+                  f"--checkpoint {summary['checkpoint']}")
+            return 0
+        out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+        paths, energies = mf.write_figures(args.checkpoint, out, args.samples, args.seed,
+                                           args.steps, args.alpha, args.state_scale)
+    except mf.PlottingUnavailable as exc:
+        print(f"refham metaformer {args.action}: {exc}", file=sys.stderr)
+        return 1
+    except (mf.MetaFormerError, DataError, CheckpointError, HAMError, DynamicsError) as exc:
+        print(f"refham metaformer {args.action}: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"energy E (H1) per step of α = {args.alpha:g} from {args.state_scale:g}·N(0,1), one "
+          f"column per sample (ΔE: the largest change over the samples)")
+    print(f"{'step':>4} " + " ".join(f"{'E' + str(i):>12}" for i in range(energies.shape[1]))
+          + f" {'ΔE':>11}")
+    for step, row in enumerate(energies):
+        rise = f"{(row - energies[step - 1]).max():11.4g}" if step else ""
+        print(f"{step:>4} " + " ".join(f"{e:12.6g}" for e in row) + f" {rise}")
+    print("wrote " + ", ".join(paths.values()))
+    return 0
+
+
+def _add_oracle(p):
+    from refham.mixer import MODELS, NORMS, SIZES
+    from refham.oracle import HAMS, ham_golden, mixer_golden, setting_defaults
+
+    sub = p.add_subparsers(dest="oracle_command", metavar="SUBCOMMAND")
+    sub.required = True
+    w = sub.add_parser("write", help="write a float64 golden file (.npz, keys by tensor name)",
+                       description="Write a float64 golden file of a Mixer (--model) or of the "
+                                   "Energy MetaFormer's HAM (--ham); see refham/oracle.py.")
+    which = w.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", choices=MODELS, help="a Mixer golden file")
+    which.add_argument("--ham", choices=HAMS, help="a HAM golden file")
+    mixer, ham = setting_defaults(mixer_golden), setting_defaults(ham_golden)
+    options = [  # (flag, type, choices, help); defaults None: given ones are checked and passed
+        ("--size", str, tuple(SIZES), f"Mixer size ({mixer['size']})"),
+        ("--n-iter", int, None, f"iterations per block ({mixer['n_iter']})"),
+        ("--norm", str, NORMS, f"block norm ({mixer['norm']})"),
+        ("--lam", float, None, f"AsymMixer penalty λ ({mixer['lam']})"),
+        ("--label-smoothing", float, None, f"label smoothing ({mixer['label_smoothing']})"),
+        ("--steps", int, None, f"AdamW steps on the batch for train/… ({mixer['steps']})"),
+        ("--lr", float, None, f"AdamW learning rate, constant ({mixer['lr']})"),
+        ("--weight-decay", float, None, f"AdamW weight decay ({mixer['weight_decay']})"),
+        ("--perturb", float, None, f"params = init + s·N(0,1) ({mixer['perturb']})"),
+        ("--visible", int, None, f"HAM: D, the visible layer's size ({ham['visible']})"),
+        ("--hidden", int, None, f"HAM: N_h, units per hidden layer ({ham['hidden']})"),
+        ("--alpha", float, None, f"HAM: step size of the descent step ({ham['alpha']})"),
+        ("--state-scale", float, None, f"HAM: states s·N(0,1) ({ham['state_scale']})"),
+        ("--weight-scale", float, None, f"HAM: weights s·N(0,1) ({ham['weight_scale']})"),
+        ("--batch", int, None, f"batch size ({mixer['batch']})"),
+        ("--seed", int, None, f"seed ({mixer['seed']})"),
+    ]
+    for flag, kind, choices, help_text in options:
+        w.add_argument(flag, type=kind, choices=choices, default=None, help=help_text)
+    w.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                   help="further Mixer config fields, e.g. depth=2 dim=6 bias=true")
+    w.add_argument("--out", required=True, help="the golden .npz to write")
+    c = sub.add_parser("check", help="compare a candidate .npz with a golden file, by name",
+                       description="Compare CANDIDATE with GOLDEN tensor by tensor (see "
+                                   "refham/oracle_check.py); exit 0 only if all pass.")
+    c.add_argument("golden")
+    c.add_argument("candidate")
+    c.add_argument("--rtol", type=float, default=None, help="rtol for every tensor")
+    c.add_argument("--atol", type=float, default=None, help="atol for every tensor")
+    c.add_argument("--tol", action="append", default=[], metavar="PATTERN=RTOL,ATOL",
+                   help="tolerance for the names matching PATTERN (e.g. 'grad/*=1e-6,1e-9'); "
+                        "repeatable, the last match wins")
+
+
+def _run_oracle(args):
+    """`oracle write`: a golden file; `oracle check`: a candidate against one."""
+    from refham.interop import USER_ERRORS, config_overrides
+    from refham.oracle import (
+        GoldenError, ham_golden, mixer_golden, read_meta, setting_defaults, write_golden)
+    from refham.oracle_check import check
+
+    try:
+        if args.oracle_command == "check":
+            report = check(args.golden, args.candidate, args.rtol, args.atol, args.tol)
+            print(report)
+            return 0 if report.ok else 1
+        settings = setting_defaults(mixer_golden if args.model else ham_golden)
+        given = {k: v for k, v in vars(args).items() if v is not None and k in
+                 {**setting_defaults(mixer_golden), **setting_defaults(ham_golden)}}
+        wrong = sorted(k for k in given if k not in settings)
+        wrong += ["set"] if args.set and args.ham else []
+        overrides = config_overrides(args.set)
+        wrong += sorted(set(overrides) & set(given))
+        if wrong:
+            raise GoldenError(f"option(s) {', '.join('--' + k.replace('_', '-') for k in wrong)}"
+                              f" do not apply to a {'Mixer' if args.model else 'HAM'} golden "
+                              f"file, or are given twice")
+        if args.model:
+            tensors = mixer_golden(args.model, **given, **overrides)
+        else:
+            tensors = ham_golden(args.ham, **given)
+        write_golden(args.out, tensors)
+    except USER_ERRORS as exc:
+        print(f"refham oracle: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {len(tensors) - 1} float64 tensors of {args.model or args.ham}, "
+          f"settings {read_meta(tensors)['settings']}")
+    return 0
+
+
+def _add_export(p):
+    from refham.interop import FORMATS
+
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a refham checkpoint, params .npz or Mixer golden file")
+    p.add_argument("--format", choices=FORMATS, default="safetensors",
+                   help="safetensors (needs the `safetensors` extra) or npz (safetensors)")
+    p.add_argument("--out", required=True, help="the file to write")
+
+
+def _run_export(args):
+    """Mixer weights → a timm state dict (timm names, PyTorch layouts)."""
+    from refham.interop import USER_ERRORS, export_weights
+
+    try:
+        config = export_weights(args.checkpoint, args.out, args.format)
+    except USER_ERRORS as exc:
+        print(f"refham export: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: the {config.model} weights as a timm state dict ({args.format}); "
+          f"load with model.load_state_dict(..., strict=True)")
+    return 0
+
+
+def _add_import(p):
+    from refham.interop import IMPORT_AS
+    from refham.mixer import MODELS, SIZES
+
+    p.add_argument("file", help="a timm state dict: .npz or .safetensors")
+    p.add_argument("--out", required=True, help="the refham file to write")
+    p.add_argument("--as", dest="as_", choices=IMPORT_AS, default="params",
+                   help="a params .npz or a refham checkpoint (params)")
+    p.add_argument("--model", choices=MODELS,
+                   help="the model, unless the file carries refham's metadata")
+    p.add_argument("--size", choices=tuple(SIZES), default="digits",
+                   help="with --model: its size (digits)")
+    p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                   help="with --model: further config fields, e.g. num_classes=100 n_iter=2")
+
+
+def _run_import(args):
+    """A timm state dict → refham params (names, shapes and finiteness checked)."""
+    from refham.interop import USER_ERRORS, InteropError, config_overrides, import_weights
+
+    try:
+        if args.set and not args.model:
+            raise InteropError("--set needs --model (it modifies that model's config)")
+        config = (args.model, args.size, config_overrides(args.set)) if args.model else None
+        config = import_weights(args.file, args.out, config, args.as_)
+    except USER_ERRORS as exc:
+        print(f"refham import: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {config.model} weights as a refham {args.as_} file")
+    return 0
+
+
 COMMANDS = {
     # name: (help, add_arguments, run)
+    "descend": ("energy descent of the paper's three-layer HAM (DESIGN §4): prints E per "
+                "step, plots it", _add_descend, _run_descend),
+    "train": ("train a Mixer (default: ParaMixer on the built-in digits), with checkpoints, "
+              "a metrics log and --resume", _add_train, _run_train),
+    "eval": ("test loss and accuracy of a checkpoint", _add_eval, _run_eval),
+    "metaformer": ("the Energy MetaFormer (DESIGN §4): `train` a three-layer HAM denoiser by "
+                   "backprop through its dynamics; `figures` of a checkpoint", _add_metaformer,
+                   _run_metaformer),
+    "sweep": ("the symmetry-breaking experiment (DESIGN §9): all four models, AsymMixer over "
+              "λ, several seeds; a markdown table and a plot", _add_sweep, _run_sweep),
+    "oracle": ("golden files for testing other implementations: `write` one (float64, "
+               "tensors by name), `check` a candidate against it", _add_oracle, _run_oracle),
+    "export": ("Mixer weights → a timm state dict (safetensors or npz) for the paper's PyTorch "
+               "models", _add_export, _run_export),
+    "import": ("a timm state dict (safetensors or npz) → refham params or checkpoint",
+               _add_import, _run_import),
 }
 
 

@@ -1,0 +1,395 @@
+"""The training loop: mini-batch AdamW/SGD on a Mixer with hand-written gradients, checkpoints
+that resume exactly, and a metrics log.
+
+    summary = train(TrainConfig(model="paramixer", data="digits", epochs=20, out="runs/para"))
+
+Each optimiser step t (0-based) of epoch e:
+    batch   ← the next slice of the epoch's permutation, drawn from rng((seed, 1, e))
+    x       ← [crop, flip] → normalise → + σ·N(0, 1)         (augmentation: DESIGN §9)
+    J, ∇J   ← Mixer.loss_and_grads(x, y, λ, label smoothing, drop path)
+    ∇J      ← clip by global norm (optional)
+    θ       ← optimiser step at lr(t) = warm-up + cosine (optim.cosine_lr)
+Every random draw of step t (noise, crop, flip, drop-path masks) comes from rng((seed, 2, t)), so
+the RNG state of a run IS its step counter: restoring the step restores the exact random stream
+and a resumed run reproduces an uninterrupted one bit for bit (on NumPy).
+
+The output folder holds `config.json` (written at start), `metrics.jsonl` (one line per epoch),
+`last.npz` (end of every epoch, every `checkpoint_every` steps, and on SIGINT/SIGTERM) and
+`best.npz` (best test accuracy so far), all written atomically. A NaN/inf loss or gradient stops
+the run before the bad update, so no checkpoint ever holds a diverged state.
+"""
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import threading
+import time
+
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
+
+from refham.backend import (
+    BackendError, asarray, backend_name, get_dtype, rng, set_backend, set_dtype, to_numpy)
+from refham.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from refham.data import (
+    DataError, add_gaussian_noise, batches, horizontal_flip, load_dataset, normalise, random_crop)
+from refham.layers import InputError, cross_entropy_forward
+from refham.mixer import ConfigError, Mixer, MixerConfig, ParamError
+from refham.optim import OptimizerError, clip_by_global_norm, cosine_lr, make_optimizer
+from refham.train_config import (
+    CROP_PAD, RESUMABLE_CHANGES, TrainConfig, TrainConfigError, model_config)
+
+ORDER_STREAM, STEP_STREAM = 1, 2      # rng((seed, stream, epoch or step)): see the module docstring
+RNG_SCHEME = "counter-v1"
+
+
+class ResumeError(ValueError):
+    """A run that cannot be started or resumed in this output folder."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient became NaN/inf; the last good checkpoint is kept."""
+
+
+# what bad settings, data or files raise: the CLI reports these as errors, not as crashes
+USER_ERRORS = (TrainConfigError, ResumeError, CheckpointError, DataError, ConfigError,
+               OptimizerError, BackendError, InputError, ParamError)
+
+
+def last_checkpoint(out):
+    """`out`/last.npz, the checkpoint a resume starts from; ResumeError if there is none."""
+    path = os.path.join(out, "last.npz")
+    if not os.path.exists(path):
+        raise ResumeError(f"nothing to resume in {out}: no last.npz (start without --resume, "
+                          f"or point --out at the run's folder)")
+    return path
+
+
+def prepare_batch(images, dataset, cfg, gen):
+    """Training inputs: [random crop, flip] → (x − mean_c)/std_c → + σ·N(0, 1), drawn from `gen`.
+    With gen=None only the normalisation is applied (evaluation)."""
+    if gen is not None and cfg.augment:
+        images = horizontal_flip(random_crop(images, CROP_PAD, gen), gen)
+    images = normalise(images, dataset.mean, dataset.std)
+    if gen is not None and cfg.input_noise:
+        images = add_gaussian_noise(images, cfg.input_noise, gen)
+    return images
+
+
+def evaluate(model, params, dataset, batch_size=256):
+    """Plain cross-entropy (no smoothing, no penalty) and top-1 accuracy over `dataset`, whose
+    images are normalised with its own per-channel mean/std. → {"loss", "acc", "n"}."""
+    total_loss, correct = 0.0, 0
+    for images, labels in batches(dataset, batch_size):
+        logits, _ = model.forward(params, normalise(images, dataset.mean, dataset.std))
+        loss, _ = cross_entropy_forward(logits, labels)
+        total_loss += float(to_numpy(loss)) * len(labels)
+        correct += int(to_numpy((logits.argmax(axis=-1) == labels).sum()))
+    return {"loss": total_loss / len(dataset), "acc": correct / len(dataset), "n": len(dataset)}
+
+
+def symmetry_log(config, params):
+    """Per-block symmetry measures for the metrics log (DESIGN §5.3): cos(W₂, W₁ᵀ), ‖W₂‖/‖W₁‖."""
+    from refham.mixer_energy import symmetry_measures
+    return _json_floats(symmetry_measures(config, params))
+
+
+def _json_floats(value):
+    """Nested dicts/lists of (backend) scalars → plain Python floats for JSON."""
+    if isinstance(value, dict):
+        return {str(k): _json_floats(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_floats(v) for v in value]
+    return value if isinstance(value, (str, bool, int, type(None))) else float(to_numpy(value))
+
+
+@contextlib.contextmanager
+def _active_backend(name, dtype, threads=0):
+    """Run with backend `name`, default dtype `dtype` and at most `threads` BLAS threads (0: as
+    the BLAS library likes; threadpoolctl, a scikit-learn dependency, sets it); restore after."""
+    saved = backend_name(), get_dtype()
+    set_backend(name)
+    set_dtype(dtype)
+    try:
+        with threadpool_limits(limits=threads or None, user_api="blas"):
+            yield
+    finally:
+        set_backend(saved[0])
+        set_dtype(saved[1])
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    """A dict whose 'signal' entry is set by SIGINT/SIGTERM (checked between steps). A second
+    signal while one is pending raises KeyboardInterrupt (checkpoints are atomic: nothing tears).
+    Outside the main thread no handlers can be installed and the dict never changes."""
+    stop = {"signal": None}
+
+    def request_stop(signum, frame):
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt
+        stop["signal"] = signal.Signals(signum).name
+
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@dataclasses.dataclass
+class _Progress:
+    """What a checkpoint restores besides parameters and optimiser state (its `metrics`)."""
+    best_test_acc: float = -1.0
+    best_epoch: int = 0
+    wall_time: float = 0.0          # seconds of training and evaluation, over all sessions
+    epoch_loss_sum: float = 0.0     # running sums of the current epoch, for mid-epoch resumes
+    epoch_correct: int = 0
+    epoch_seen: int = 0
+    epoch_train_time: float = 0.0
+
+
+class _Run:
+    """One training run in its output folder: data, model, optimiser and the loop."""
+
+    def __init__(self, cfg, resume):
+        """Load the data, build model and optimiser, then start fresh or resume in cfg.out."""
+        self.cfg = cfg
+        self.paths = {name: os.path.join(cfg.out, name)
+                      for name in ("config.json", "metrics.jsonl", "last.npz", "best.npz")}
+        self.train_set, self.test_set = load_dataset(
+            cfg.data, cfg.data_path, train_fraction=cfg.train_fraction, seed=cfg.data_seed)
+        self.model = Mixer(model_config(cfg, self.train_set))
+        self.optimizer = make_optimizer(cfg.optimizer, cfg.weight_decay, momentum=cfg.momentum,
+                                        nesterov=cfg.nesterov, decay_norms=cfg.decay_norms)
+        self.steps_per_epoch = math.ceil(len(self.train_set) / cfg.batch_size)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.warmup_steps = round(cfg.warmup * self.total_steps)
+        if self.warmup_steps >= self.total_steps:
+            raise TrainConfigError(f"warm-up of {self.warmup_steps} steps leaves no training in "
+                                   f"{self.total_steps} steps: lower warmup or add epochs")
+        os.makedirs(cfg.out, exist_ok=True)
+        if resume:
+            self._resume()
+        else:
+            self._start_fresh()
+
+    # ------------------------------------------------------------------ start, resume, save
+    def _start_fresh(self):
+        """Initial parameters and optimiser state; config.json and an empty metrics log."""
+        if os.path.exists(self.paths["last.npz"]):
+            raise ResumeError(f"{self.cfg.out} already holds a run (last.npz): pass --resume to "
+                              f"continue it, or choose another --out")
+        self.params = self.model.init(self.cfg.seed)
+        self.opt_state = self.optimizer.init(self.params)
+        self.step, self.progress, self.last_record = 0, _Progress(), None
+        config = {"train": self.cfg.to_dict(), "model": dataclasses.asdict(self.model.config)}
+        atomic_write(self.paths["config.json"],
+                     lambda f: f.write(json.dumps(config, indent=2).encode()))
+        atomic_write(self.paths["metrics.jsonl"], lambda f: None)
+
+    def _resume(self):
+        """Parameters, optimiser state, step and progress from last.npz, after checking that
+        it was written with the same settings and RNG scheme."""
+        ck = load_checkpoint(last_checkpoint(self.cfg.out))
+        saved = TrainConfig.from_dict(ck.config["train"]).to_dict()
+        wanted = self.cfg.to_dict()
+        changed = [f"{k}: {saved[k]!r} → {wanted[k]!r}" for k in saved
+                   if saved[k] != wanted[k] and k not in RESUMABLE_CHANGES]
+        if changed:
+            raise ResumeError(f"cannot resume {self.cfg.out} with different settings "
+                              f"({'; '.join(changed)}); resume with the saved ones")
+        if ck.rng_state != self._rng_state(ck.step):
+            raise ResumeError(f"{self.paths['last.npz']} uses RNG scheme {ck.rng_state!r}, not "
+                              f"{RNG_SCHEME}: it cannot be resumed exactly by this version")
+        self.params = {k: asarray(v, dtype=v.dtype) for k, v in ck.params.items()}
+        self.opt_state = {k: asarray(v, dtype=v.dtype) if hasattr(v, "shape") else v
+                          for k, v in ck.optim_state.items()}
+        self.step, self.progress = ck.step, _Progress(**ck.metrics)
+        self._truncate_metrics(ck.epoch)
+
+    def _truncate_metrics(self, epochs_done):
+        """Keep the complete metrics lines of the epochs the checkpoint has finished (a crash
+        between a line and its checkpoint must not leave that epoch twice in the log); the last
+        of them is the run's latest record."""
+        records = []
+        if os.path.exists(self.paths["metrics.jsonl"]):
+            with open(self.paths["metrics.jsonl"], encoding="utf-8") as f:
+                for line in f:
+                    with contextlib.suppress(json.JSONDecodeError):
+                        records.append(json.loads(line))
+        records = [r for r in records if r["epoch"] <= epochs_done]
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        atomic_write(self.paths["metrics.jsonl"], lambda f: f.write(text.encode()))
+        self.last_record = records[-1] if records else None
+
+    def _rng_state(self, step):
+        """What a checkpoint records of the RNG: the counter scheme's inputs (seed, step)."""
+        return {"scheme": RNG_SCHEME, "seed": self.cfg.seed, "step": step}
+
+    def _save(self, name):
+        """Write checkpoint `name` (last.npz or best.npz) of the current state, atomically."""
+        self._tick()
+        save_checkpoint(self.paths[name], self.params, self.opt_state, step=self.step,
+                        epoch=self.step // self.steps_per_epoch,
+                        rng_state=self._rng_state(self.step),
+                        config={"train": self.cfg.to_dict(),
+                                "model": dataclasses.asdict(self.model.config)},
+                        metrics=dataclasses.asdict(self.progress))
+
+    # ------------------------------------------------------------------------------ the loop
+    def _train_step(self, images, labels):
+        """One optimiser step on a raw batch → (loss, number correct). Raises TrainingDiverged
+        before touching the parameters if the loss or the gradient is not finite."""
+        cfg, gen = self.cfg, rng((self.cfg.seed, STEP_STREAM, self.step))
+        x = prepare_batch(images, self.train_set, cfg, gen)
+        loss, logits, grads = self.model.loss_and_grads(
+            self.params, x, labels, lam=cfg.lam, label_smoothing=cfg.label_smoothing,
+            drop_rng=gen)
+        grads, grad_norm = clip_by_global_norm(grads, cfg.clip_grad)
+        lr = cosine_lr(self.step, self.total_steps, cfg.lr, self.warmup_steps, cfg.min_lr)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            last = (f"the last good checkpoint, {self.paths['last.npz']}, is kept"
+                    if os.path.exists(self.paths["last.npz"]) else "no checkpoint was written yet")
+            raise TrainingDiverged(
+                f"training diverged at step {self.step} (epoch "
+                f"{self.step // self.steps_per_epoch + 1}, lr {lr:.3g}): loss {loss}, gradient "
+                f"norm {grad_norm}; {last}. Lower --lr, set --clip-grad, or use --dtype float64")
+        self.params, self.opt_state = self.optimizer.update(self.params, grads, self.opt_state, lr)
+        self.step += 1
+        correct = int(to_numpy((logits.argmax(axis=-1) == labels).sum()))
+        return loss, correct
+
+    def run(self, stop, echo):
+        """Train from the current step to the last epoch → summary. `stop` is _stop_requests'
+        dict: when a signal sets it, save last.npz at the next step boundary and return."""
+        self._clock = time.perf_counter()
+        for epoch in range(self.step // self.steps_per_epoch, self.cfg.epochs):
+            if not self._train_epoch(epoch, stop):
+                self._save("last.npz")
+                return self._summary("interrupted", stop["signal"])
+            record = self._end_epoch(epoch)
+            with open(self.paths["metrics.jsonl"], "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")   # before the checkpoint: see _truncate_metrics
+            self._save("last.npz")
+            if echo:
+                tqdm.write(_epoch_line(record, self.cfg.epochs))
+        return self._summary("finished", None)
+
+    def _tick(self):
+        """Add the time since the last tick to the run's wall time."""
+        now = time.perf_counter()
+        self.progress.wall_time += now - self._clock
+        self._clock = now
+
+    def _train_epoch(self, epoch, stop):
+        """The remaining steps of `epoch` (all, or those after a mid-epoch checkpoint), with a
+        progress bar and the running sums. False if a stop was requested, True when done."""
+        cfg, p = self.cfg, self.progress
+        skip = self.step - epoch * self.steps_per_epoch
+        order = batches(self.train_set, cfg.batch_size, rng((cfg.seed, ORDER_STREAM, epoch)))
+        with tqdm(total=self.steps_per_epoch, initial=skip, disable=not cfg.progress, leave=False,
+                  desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True) as bar:
+            for index, (images, labels) in enumerate(order):
+                if index < skip:
+                    continue
+                if stop["signal"]:
+                    return False
+                started = time.perf_counter()
+                loss, correct = self._train_step(images, labels)
+                p.epoch_train_time += time.perf_counter() - started
+                p.epoch_loss_sum += loss * len(labels)
+                p.epoch_correct += correct
+                p.epoch_seen += len(labels)
+                bar.update(1)
+                bar.set_postfix(loss=f"{p.epoch_loss_sum / p.epoch_seen:.4f}",
+                                acc=f"{p.epoch_correct / p.epoch_seen:.3f}",
+                                img_s=f"{p.epoch_seen / max(p.epoch_train_time, 1e-9):.0f}")
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 \
+                        and self.step % self.steps_per_epoch:   # epoch ends save after evaluating
+                    self._save("last.npz")
+        return True
+
+    def _end_epoch(self, epoch):
+        """Evaluate (when due), update best.npz, reset the running sums → the metrics record."""
+        cfg, p = self.cfg, self.progress
+        lr = cosine_lr(self.step - 1, self.total_steps, cfg.lr, self.warmup_steps, cfg.min_lr)
+        record = {"epoch": epoch + 1, "step": self.step, "lr": lr,
+                  "train_loss": p.epoch_loss_sum / max(p.epoch_seen, 1),
+                  "train_acc": p.epoch_correct / max(p.epoch_seen, 1),
+                  "img_per_s": p.epoch_seen / max(p.epoch_train_time, 1e-9),
+                  "test_loss": None, "test_acc": None}
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            result = evaluate(self.model, self.params, self.test_set, cfg.batch_size)
+            record.update(test_loss=result["loss"], test_acc=result["acc"])
+            if result["acc"] > p.best_test_acc:
+                p.best_test_acc, p.best_epoch = result["acc"], epoch + 1
+                self._save("best.npz")
+        record["symmetry"] = symmetry_log(self.model.config, self.params)
+        p.epoch_loss_sum, p.epoch_correct, p.epoch_seen, p.epoch_train_time = 0.0, 0, 0, 0.0
+        self._tick()
+        record["wall_time"] = p.wall_time
+        self.last_record = record
+        return record
+
+    def _summary(self, status, signal_name):
+        """The dict `train` returns (see there)."""
+        last = self.last_record or {}
+        return {"status": status, "signal": signal_name, "out": self.cfg.out, "step": self.step,
+                "epochs_done": self.step // self.steps_per_epoch, "epochs": self.cfg.epochs,
+                **{k: last.get(k) for k in ("train_loss", "train_acc", "test_loss", "test_acc",
+                                             "img_per_s", "symmetry")},
+                "best_test_acc": self.progress.best_test_acc if self.progress.best_epoch else None,
+                "best_epoch": self.progress.best_epoch or None,
+                "wall_time": self.progress.wall_time}
+
+
+def _epoch_line(record, epochs):
+    """The one-line report of an epoch's metrics record."""
+    test = ("" if record["test_acc"] is None else
+            f"  test loss {record['test_loss']:.4f} acc {100 * record['test_acc']:.2f}%")
+    return (f"epoch {record['epoch']:>3}/{epochs}  train loss {record['train_loss']:.4f} "
+            f"acc {100 * record['train_acc']:.2f}%{test}  lr {record['lr']:.2e}  "
+            f"{record['img_per_s']:.0f} img/s  {record['wall_time']:.1f} s")
+
+
+def train(cfg, resume=False, echo=False):
+    """Train (or with resume=True continue, exactly) the run described by `cfg` in `cfg.out`;
+    `echo` prints one line per epoch (through tqdm, so that progress bars stay intact).
+
+    Returns a summary dict: status ('finished' | 'interrupted'), step, epochs_done, the last
+    epoch's train/test loss and accuracy, best_test_acc/best_epoch, wall_time, symmetry.
+    Raises TrainConfigError / ResumeError for unusable settings and TrainingDiverged on NaN/inf."""
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"train needs a TrainConfig, got {type(cfg).__name__}")
+    with _active_backend(cfg.backend, cfg.dtype, cfg.threads), _stop_requests() as stop:
+        return _Run(cfg, resume).run(stop, echo)
+
+
+def evaluate_checkpoint(path, data_path=None, batch_size=256, backend="numpy", threads=1):
+    """Test loss and accuracy of the checkpoint at `path`, rebuilding its model and test split
+    from the settings stored in it (`data_path` overrides where the CIFAR archive now lives)."""
+    ck = load_checkpoint(path)
+    try:
+        cfg = TrainConfig.from_dict(ck.config["train"])
+        config = MixerConfig(**ck.config["model"])
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: no usable training/model settings ({exc})") from exc
+    dtype = next(iter(ck.params.values())).dtype
+    with _active_backend(backend, dtype, threads):
+        _, test = load_dataset(cfg.data, data_path or cfg.data_path,
+                               train_fraction=cfg.train_fraction, seed=cfg.data_seed)
+        params = {k: asarray(v, dtype=v.dtype) for k, v in ck.params.items()}
+        result = evaluate(Mixer(config), params, test, batch_size)
+    return {**result, "step": ck.step, "epoch": ck.epoch, "data": cfg.data, "model": cfg.model}
+
+
+def resume_settings(out):
+    """The settings a run in folder `out` was started with (from its verified last.npz)."""
+    return load_checkpoint(last_checkpoint(out)).config["train"]

@@ -1,0 +1,183 @@
+"""The settings of a training run: `TrainConfig` (one validated field per setting, each with the
+help text of its `refham train` option), the model it implies, and the command-line options made
+from it.
+
+    cfg = TrainConfig(model="symmixer", epochs=40, input_noise=0.6, out="runs/sym")
+    print(cfg)                      # one aligned line per setting
+    TrainConfig.from_dict(json.load(open("runs/sym/config.json"))["train"]) == cfg
+"""
+import argparse
+import dataclasses
+import math
+import numbers
+
+from refham.data import DATASETS
+from refham.mixer import MODELS, NORMS, SIZES, ConfigError, make_config
+from refham.optim import OPTIMIZERS
+
+CROP_PAD = 4                          # random-crop padding for `augment` (the CIFAR recipe)
+
+# settings that may differ on resume: they do not change the numbers a run computes
+RESUMABLE_CHANGES = ("out", "progress", "backend", "eval_every", "checkpoint_every")
+
+
+class TrainConfigError(ValueError):
+    """A training setting that is out of range or inconsistent with the others."""
+
+
+def _setting(default, help, **extra):
+    """A TrainConfig field; `help` (and `choices`) also make the CLI option."""
+    return dataclasses.field(default=default, metadata={"help": help, **extra})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run (the CLI's `refham train` options, one per field)."""
+    model: str = _setting("paramixer", "Mixer variant", choices=MODELS)
+    size: str = _setting("digits", "model size preset (image size and channels follow the data)",
+                         choices=tuple(SIZES))
+    data: str = _setting("digits", "dataset", choices=DATASETS)
+    data_path: str = _setting(None, "CIFAR archive or folder (cifar10 / cifar100)")
+    train_fraction: float = _setting(
+        None, "digits: share of the images used for training (default 0.8); others: share of "
+              "the training split kept")
+    data_seed: int = _setting(0, "seed of the train/test split (kept fixed across --seed)")
+    epochs: int = _setting(20, "passes over the training set")
+    batch_size: int = _setting(64, "images per optimiser step")
+    optimizer: str = _setting("adamw", "optimiser", choices=OPTIMIZERS)
+    lr: float = _setting(2e-3, "peak learning rate")
+    min_lr: float = _setting(0.0, "learning rate at the end of the cosine decay")
+    warmup: float = _setting(0.05, "linear warm-up, as a fraction of all optimiser steps")
+    weight_decay: float = _setting(0.05, "weight decay (AdamW: decoupled; SGD: L2)")
+    decay_norms: bool = _setting(True, "decay the 2-D joint-norm weights like timm does")
+    momentum: float = _setting(0.9, "SGD momentum")
+    nesterov: bool = _setting(False, "SGD with Nesterov momentum")
+    clip_grad: float = _setting(None, "clip gradients to this global norm (default: no clipping)")
+    lam: float = _setting(0.0, "λ of the AsymMixer penalty λ Σ ‖W₂‖² (asymmixer only)")
+    label_smoothing: float = _setting(0.1, "label smoothing of the training loss")
+    n_iter: int = _setting(1, "applications of each block's update (same weights)")
+    norm: str = _setting("joint", "layer norm over (S, C) jointly or per token over C",
+                         choices=NORMS)
+    dim: int = _setting(None, "override the size preset's channels C")
+    depth: int = _setting(None, "override the size preset's number of blocks")
+    patch: int = _setting(None, "override the size preset's patch size")
+    hidden_ratio: float = _setting(None, "override the MLP hidden ratio r (default 1)")
+    drop_path: float = _setting(0.0, "stochastic-depth rate of the last block")
+    input_noise: float = _setting(0.0, "σ of Gaussian noise added to every training batch")
+    augment: bool = _setting(False, f"random crop (pad {CROP_PAD}) and horizontal flip (CIFAR)")
+    seed: int = _setting(0, "seed of the initialisation, batch order and augmentation")
+    backend: str = _setting("numpy", "array backend", choices=("numpy", "cupy"))
+    threads: int = _setting(1, "BLAS threads on the CPU, 0: the BLAS default. 1 is as fast for "
+                               "models this small, and OpenBLAS threads slow down 10-40x when "
+                               "the cores are busy")
+    dtype: str = _setting("float32", "float dtype of parameters and data",
+                          choices=("float32", "float64"))
+    out: str = _setting("runs/train", "output folder (config, metrics, checkpoints)")
+    eval_every: int = _setting(1, "evaluate on the test split every N epochs (and at the end)")
+    checkpoint_every: int = _setting(0, "also write last.npz every N steps (0: per epoch only)")
+    progress: bool = _setting(True, "show progress bars")
+
+    def __post_init__(self):
+        """Validate every setting (types, choices, ranges, consistency)."""
+        for f in dataclasses.fields(self):
+            _check_type(f, getattr(self, f.name))
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise TrainConfigError(f"unknown {f.name} {getattr(self, f.name)!r}: choose one "
+                                       f"of {', '.join(choices)}")
+        positive = ["epochs", "batch_size", "lr", "eval_every", "n_iter"]
+        positive += [k for k in ("dim", "depth", "patch", "hidden_ratio", "clip_grad",
+                                 "train_fraction") if getattr(self, k) is not None]
+        for key in positive:
+            if not getattr(self, key) > 0:
+                raise TrainConfigError(f"{key} must be > 0, got {getattr(self, key)!r}")
+        for key in ("min_lr", "weight_decay", "lam", "input_noise", "checkpoint_every",
+                    "threads"):
+            if not getattr(self, key) >= 0:
+                raise TrainConfigError(f"{key} must be >= 0, got {getattr(self, key)!r}")
+        for key, upper in (("warmup", 1), ("label_smoothing", 1), ("drop_path", 1),
+                           ("momentum", 1)):
+            if not 0 <= getattr(self, key) < upper:
+                raise TrainConfigError(
+                    f"{key} must lie in [0, {upper}), got {getattr(self, key)!r}")
+        if self.lam and self.model != "asymmixer":
+            raise TrainConfigError(f"lam = {self.lam} penalises the AsymMixer's W₂; model "
+                                   f"{self.model!r} has none: use --model asymmixer or lam 0")
+        if self.min_lr > self.lr:
+            raise TrainConfigError(f"min_lr {self.min_lr} exceeds the peak lr {self.lr}")
+
+    def to_dict(self):
+        """{setting: value}, JSON-able (what config.json and checkpoints store)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values):
+        """A validated TrainConfig from a dict such as config.json's; unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TrainConfigError(f"unknown training setting(s) {unknown}; valid: {sorted(known)}")
+        return cls(**values)
+
+    def __str__(self):
+        """One aligned `name value` line per setting."""
+        return "\n".join(f"  {key:<16} {value}" for key, value in self.to_dict().items())
+
+
+def _check_type(f, value):
+    """`value` fits field `f`: its type (an int is a fine float; a bool is not a number; floats
+    finite), or None where the default is None."""
+    if value is None and f.default is None:
+        return
+    if f.type is bool:
+        ok = isinstance(value, bool)
+    elif f.type is str:
+        ok = isinstance(value, str)
+    else:
+        kind = numbers.Integral if f.type is int else numbers.Real
+        ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok:
+        raise TrainConfigError(f"{f.name} must be of type {f.type.__name__}"
+                               f"{' (finite)' if f.type is float else ''}, got {value!r}")
+
+
+def model_config(cfg, dataset):
+    """The MixerConfig for `cfg` on images shaped like `dataset`'s (image size, channels and
+    classes come from the data; the other fields from the size preset and the overrides)."""
+    overrides = {key: getattr(cfg, key) for key in ("dim", "depth", "patch", "hidden_ratio")
+                 if getattr(cfg, key) is not None}
+    in_chans, image_size, width = dataset.image_shape
+    if image_size != width:
+        raise TrainConfigError(
+            f"Mixers take square images; {dataset.name} has {image_size}×{width}")
+    try:
+        return make_config(cfg.model, cfg.size, image_size=image_size, in_chans=in_chans,
+                           num_classes=dataset.num_classes, n_iter=cfg.n_iter, norm=cfg.norm,
+                           drop_path=cfg.drop_path, **overrides)
+    except ConfigError as exc:
+        raise TrainConfigError(f"size {cfg.size!r} on {dataset.name} images "
+                               f"{dataset.image_shape}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- command line
+def add_config_options(parser, defaults=None, exclude=()):
+    """Declare one `--option` per TrainConfig field (minus `exclude`), its help from the field.
+    Every option defaults to None so that `given_settings` can tell which ones were typed; the
+    default shown is TrainConfig's, or `defaults`' where given."""
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in exclude:
+            continue
+        shown = (defaults or {}).get(f.name, f.default)
+        kwargs = dict(default=None, help=f"{f.metadata['help']} (default: {shown})")
+        if f.type is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs.update(type=f.type, choices=f.metadata.get("choices"),
+                          metavar=None if "choices" in f.metadata else f.name.upper())
+        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def given_settings(args, exclude=()):
+    """{field: value} of the TrainConfig options typed on the command line (minus `exclude`)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+            if f.name not in exclude and getattr(args, f.name, None) is not None}
