@@ -9,10 +9,13 @@ imported `xp` earlier. Tests swap in `autograd.numpy` with `use_module` to diffe
 same forward code that the hand-written gradients are checked against.
 
 Also here: the default float dtype, a seeded random generator that gives the same numbers on every
-backend (drawn with NumPy, then moved), `asarray`/`to_numpy`, and the few special functions that
-numeric code needs (erf, the normal cdf/pdf, GELU and its derivative).
+backend (drawn with NumPy, then moved), `asarray`/`to_numpy`, the few special functions that
+numeric code needs (erf, the normal cdf/pdf, GELU and its derivative), and the fused elementwise
+chains of the training step: `fused_elementwise` pairs a plain xp definition (the specification,
+run on NumPy and under autograd) with the same arithmetic as one CuPy kernel (run on the GPU).
 """
 import contextlib
+import functools
 import math
 import os
 
@@ -148,6 +151,126 @@ def gelu_deriv(x):
     """GELU′(x) = Φ_N(x) + x·φ(x)."""
     return normal_cdf(x) + x * normal_pdf(x)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused elementwise chains
+# ---------------------------------------------------------------------------------------------
+class FusedElementwise:
+    """An elementwise chain with two definitions of the same arithmetic side by side: `plain`, xp
+    code (the specification; NumPy and autograd run it), and `cuda_body`, the body of one CuPy
+    ElementwiseKernel that the cupy backend runs instead. On a GPU a chain of k xp operations costs
+    k kernel launches and k round trips through memory; the kernel costs one of each.
+    Tests check that both give the same numbers (`.plain` is the xp definition)."""
+
+    def __init__(self, plain, in_params, out_params, cuda_body):
+        functools.update_wrapper(self, plain)
+        self.plain = plain
+        self._kernel_spec = (in_params, out_params, cuda_body, f"refham_{plain.__name__}")
+        self._kernel = None
+
+    def __call__(self, *args):
+        if _State.name != "cupy":
+            return self.plain(*args)
+        if self._kernel is None:  # compiled on first use: importing refham needs no CUDA
+            self._kernel = _State.module.ElementwiseKernel(*self._kernel_spec)
+        return self._kernel(*args)
+
+
+def fused_elementwise(in_params, out_params, cuda_body):
+    """Decorator: the xp function below becomes the plain half of a `FusedElementwise` whose CuPy
+    kernel has parameters `in_params`, `out_params` (CuPy's "T x, T y" syntax) and body
+    `cuda_body`. Pass scalars as arrays' dtype scalars (`x.dtype.type(v)`) so that T binds."""
+    return lambda plain: FusedElementwise(plain, in_params, out_params, cuda_body)
+
+
+# Φ_N(−u) = e^{−u²/2}·P(u)/Q(u) for u ≥ 0: a (4, 5) rational fit of the scaled Mills ratio
+# e^{u²/2}Φ_N(−u), minimax in relative error on [0, 14] (max 1.7e-8 in exact arithmetic, below
+# float32's 6e-8; it decays like 1/(u√(2π)), so it holds beyond). Coefficients from degree 0 up;
+# Q is monic (leading 1 not stored).
+_MILLS_P = (48.18370195773098, 42.28655112103887, 17.69738509215271, 3.929817180640213,
+            0.39894697150761577)
+_MILLS_Q = (96.36740256803762, 161.4632093926152, 116.0395951188683, 45.346384306960964,
+            9.851215190243586)
+_GAUSS_CUTOFF = 16.0   # e^{−u²/2} is 0 in float32 beyond u ≈ 14.4; clipping keeps u⁵ finite
+_CHUNK = 1 << 15       # elements per chunk: the chain's ~30 temporaries of one chunk fit in L2
+
+
+def _polynomial(coefficients, u, monic=False):
+    """Σ_k c_k u^k (plus u^n for monic) by Horner's rule."""
+    result = u + coefficients[-1] if monic else coefficients[-1]
+    for c in reversed(coefficients[:-1]):
+        result = result * u + c
+    return result
+
+
+def _gelu_and_deriv_float32(x):
+    """(GELU, GELU′) in float32 arithmetic without erf, from the lower tail t = Φ_N(−|x|):
+
+        t = e^{−x²/2}·P(|x|)/Q(|x|),   GELU(x) = max(x, 0) − |x|·t,
+        Φ_N(x) = ½ + sign(x)(½ − t),    GELU′(x) = Φ_N(x) + x·φ(x),  φ(x) = e^{−x²/2}/√(2π).
+
+    GELU is formed from t directly (no 1 − t for x < 0), so it keeps relative accuracy in the
+    lower tail, where ½(1 + erf(x/√2)) in float32 cancels to nothing. Error (tests/
+    test_fast_paths.py): GELU within ~5 + x²/2 float32 ulp (the x² term: rounding of x² inside
+    the exponential), GELU′ within 2 ulp of 1 absolute."""
+    u = xp.minimum(xp.abs(x), _GAUSS_CUTOFF)
+    gauss = xp.exp(u * (u * -0.5))
+    tail = gauss * (_polynomial(_MILLS_P, u) / _polynomial(_MILLS_Q, u, monic=True))
+    cdf = xp.copysign(0.5 - tail, x) + 0.5
+    return xp.maximum(x, 0.0) - u * tail, cdf + x * (gauss * INV_SQRT_2PI)
+
+
+def _chunkwise(function, x, n_outputs):
+    """function(x) for an elementwise NumPy `function` returning `n_outputs` arrays shaped like x,
+    evaluated on consecutive chunks of x: the same numbers, but a chain of many NumPy passes then
+    works in cache instead of streaming every temporary through main memory (2× here). Writes
+    into fresh output arrays, so it is for the NumPy float32 path only (autograd never sees it)."""
+    flat = x.reshape(-1)
+    outputs = tuple(xp.empty_like(flat) for _ in range(n_outputs))
+    for start in range(0, flat.size, _CHUNK):
+        for output, piece in zip(outputs, function(flat[start:start + _CHUNK])):
+            output[start:start + _CHUNK] = piece
+    return tuple(output.reshape(x.shape) for output in outputs)
+
+
+@fused_elementwise("T x", "T gelu, T deriv", """
+    const T cdf = (T)0.5 * erfc(x * (T)-0.70710678118654752);
+    gelu = x * cdf;
+    deriv = cdf + x * (T)0.39894228040143268 * exp((T)-0.5 * x * x);
+""")
+def gelu_and_deriv(x):
+    """(GELU(x), GELU′(x)) = (x·Φ_N(x), Φ_N(x) + x·φ(x)), sharing Φ_N between the two.
+
+    float32 on NumPy: `_gelu_and_deriv_float32` (a rational tail, no erf: scipy's erf costs
+    ~20 ns per element); otherwise, and under autograd, the exact erf form below."""
+    if _State.name == "numpy" and x.dtype == numpy.float32:
+        return _chunkwise(_gelu_and_deriv_float32, x, n_outputs=2)
+    cdf = normal_cdf(x)
+    return x * cdf, cdf + x * normal_pdf(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# TF32 matmuls on the GPU
+# ---------------------------------------------------------------------------------------------
+def set_tf32(enabled):
+    """Let CuPy's float32 matmuls use TF32 tensor cores (10-bit mantissa inputs, float32
+    accumulation): faster on Ampere and later, less accurate. Off by default, as in PyTorch.
+    Needs the cupy backend active."""
+    if _State.name != "cupy":
+        raise BackendError(f"TF32 is a CuPy (GPU) matmul mode; the active backend is "
+                           f"{_State.name!r}: call set_backend('cupy') first")
+    from cupy._core import _routines_linalg as linalg  # CuPy's switch (env CUPY_TF32 at start)
+    linalg.set_compute_type(numpy.float32, linalg.COMPUTE_TYPE_TF32 if enabled
+                            else linalg.COMPUTE_TYPE_DEFAULT)
+
+
+def tf32_enabled():
+    """Whether float32 matmuls run in TF32 (always False off the GPU)."""
+    if _State.name != "cupy":
+        return False
+    from cupy._core import _routines_linalg as linalg
+    return linalg.get_compute_type(numpy.float32) == linalg.COMPUTE_TYPE_TF32
 
 _env_backend = os.environ.get("REFHAM_BACKEND")
 if _env_backend:

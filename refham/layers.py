@@ -12,7 +12,7 @@ Axis convention for a Mixer state x (B, S, C): the channel axis is −1 and the 
 `linear_forward(..., axis=−2)` maps every column x[b, :, c] (S → out) with a left matmul W @ x, so
 the token MLP needs no transposes.
 """
-from refham.backend import normal_cdf, normal_pdf, xp
+from refham.backend import fused_elementwise, gelu_and_deriv, xp
 
 CHANNEL_AXIS = -1
 TOKEN_AXIS = -2
@@ -34,16 +34,17 @@ def _other_axes(ndim, axis):
 def linear_forward(x, weight, bias=None, axis=CHANNEL_AXIS):
     """y = W x + b applied to every vector along `axis` of x; W: (out, in), b: (out,) or None.
 
-    axis −1: y = x Wᵀ + b, x (…, in) → (…, out)  (torch's Linear).
-    axis −2: y = W x + b[:, None], x (…, in, C) → (…, out, C)  (each column mapped).
+    axis −1: y = x Wᵀ + b, x (…, in) → (…, out)  (torch's Linear), one GEMM over all rows.
+    axis −2: y = W x + b[:, None], x (…, in, C) → (…, out, C)  (each column mapped); one GEMM
+    for a matrix x, one per leading index otherwise (mlp_forward hands it one matrix).
     """
     if axis not in (CHANNEL_AXIS, TOKEN_AXIS):
         raise InputError(f"linear axis must be -1 (rows) or -2 (columns), got {axis}")
     if weight.ndim != 2 or x.ndim < -axis or x.shape[axis] != weight.shape[1]:
         raise InputError(f"linear: weight {tuple(weight.shape)} (out, in) does not fit input "
                          f"{tuple(x.shape)} along axis {axis}")
-    if axis == CHANNEL_AXIS:
-        y = x @ weight.T
+    if axis == CHANNEL_AXIS:  # rows flattened first: NumPy runs x (B, S, in) @ Wᵀ as B GEMMs
+        y = (x.reshape(-1, weight.shape[1]) @ weight.T).reshape(x.shape[:-1] + weight.shape[:1])
         if bias is not None:
             y = y + bias
     else:
@@ -63,12 +64,17 @@ def linear_backward(cache, dy, need_dx=True):
     n_out, n_in = weight.shape
     if axis == CHANNEL_AXIS:  # one GEMM over all rows: (out, N) @ (N, in)
         dweight = dy.reshape(-1, n_out).T @ x.reshape(-1, n_in)
+    elif dy.ndim == 2:  # the columns of one matrix: one GEMM (out, N) @ (N, in)
+        dweight = dy @ x.T
     else:  # a GEMM per leading index, then summed: small (…, out, in) intermediates
         dweight = (dy @ xp.swapaxes(x, -1, -2)).reshape(-1, n_out, n_in).sum(axis=0)
     dbias = dy.sum(axis=_other_axes(dy.ndim, axis)) if has_bias else None
     if not need_dx:
         return None, dweight, dbias
-    dx = dy @ weight if axis == CHANNEL_AXIS else weight.T @ dy
+    if axis == CHANNEL_AXIS:
+        dx = (dy.reshape(-1, n_out) @ weight).reshape(x.shape)
+    else:
+        dx = weight.T @ dy
     return dx, dweight, dbias
 
 
@@ -76,10 +82,9 @@ def linear_backward(cache, dy, need_dx=True):
 # GELU (exact erf form)
 # ---------------------------------------------------------------------------------------------
 def gelu_forward(x):
-    """y = GELU(x) = x·Φ_N(x). The cache is GELU′(x) = Φ_N(x) + x·φ(x), formed here from the same
-    Φ_N (erf is the costly part), so backward needs neither erf nor x."""
-    cdf = normal_cdf(x)
-    return x * cdf, cdf + x * normal_pdf(x)
+    """y = GELU(x) = x·Φ_N(x). The cache is GELU′(x) = Φ_N(x) + x·φ(x), formed in the same pass
+    from the same Φ_N (backend.gelu_and_deriv), so backward needs neither erf nor x."""
+    return gelu_and_deriv(x)
 
 
 def gelu_backward(cache, dy):
@@ -115,8 +120,16 @@ def layernorm_forward(x, weight, bias, eps=1e-6, n_axes=None):
     axes = tuple(range(x.ndim - n_axes, x.ndim))
     centred = x - x.mean(axis=axes, keepdims=True)
     inv_sigma = 1.0 / xp.sqrt((centred * centred).mean(axis=axes, keepdims=True) + eps)
+    x_hat, y = _normalise_affine(centred, inv_sigma, weight, bias)
+    return y, (x_hat, inv_sigma, weight, bias.ndim, axes)
+
+
+@fused_elementwise("T centred, T inv_sigma, T weight, T bias", "T x_hat, T y",
+                   "x_hat = centred * inv_sigma; y = weight * x_hat + bias;")
+def _normalise_affine(centred, inv_sigma, weight, bias):
+    """x̂ = (x − x̄)/σ and y = γ ⊙ x̂ + δ (one fused kernel on the GPU)."""
     x_hat = centred * inv_sigma
-    return weight * x_hat + bias, (x_hat, inv_sigma, weight, bias.ndim, axes)
+    return x_hat, weight * x_hat + bias
 
 
 def _sum_to(t, ndim, axes):
@@ -132,9 +145,16 @@ def layernorm_backward(cache, dy):
     """
     x_hat, inv_sigma, weight, bias_ndim, axes = cache
     d_hat = dy * weight
-    dx = inv_sigma * (d_hat - d_hat.mean(axis=axes, keepdims=True)
-                      - x_hat * (d_hat * x_hat).mean(axis=axes, keepdims=True))
+    dx = _layernorm_dx(d_hat, x_hat, inv_sigma, d_hat.mean(axis=axes, keepdims=True),
+                       (d_hat * x_hat).mean(axis=axes, keepdims=True))
     return dx, _sum_to(dy * x_hat, weight.ndim, axes), _sum_to(dy, bias_ndim, axes)
+
+
+@fused_elementwise("T d_hat, T x_hat, T inv_sigma, T mean_d, T mean_dx", "T dx",
+                   "dx = inv_sigma * (d_hat - mean_d - x_hat * mean_dx);")
+def _layernorm_dx(d_hat, x_hat, inv_sigma, mean_d, mean_dx):
+    """dx = (1/σ)(d̂ − mean(d̂) − x̂·mean(d̂ ⊙ x̂)), the means given (one fused kernel on the GPU)."""
+    return inv_sigma * (d_hat - mean_d - x_hat * mean_dx)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,6 +285,23 @@ def _check_mlp_weights(kind, weights, n_in):
                          f"got {got}")
 
 
+def _as_matrix(z, axis):
+    """The vectors of z along `axis` as one matrix: the rows of (N, n) for the channel axis (a
+    view), the columns of (n, N) for the token axis (moved first: one copy of z, which turns the
+    B small GEMMs NumPy would run on a stack (B, n, C) into one large GEMM, ~2× faster)."""
+    if axis == CHANNEL_AXIS:
+        return z.reshape(-1, z.shape[-1])
+    return xp.moveaxis(z, TOKEN_AXIS, 0).reshape(z.shape[TOKEN_AXIS], -1)
+
+
+def _from_matrix(matrix, shape, axis):
+    """The inverse of `_as_matrix` for an array of `shape` (a view, no copy)."""
+    if axis == CHANNEL_AXIS:
+        return matrix.reshape(shape)
+    moved = matrix.reshape(shape[TOKEN_AXIS:TOKEN_AXIS + 1] + shape[:TOKEN_AXIS] + shape[-1:])
+    return xp.moveaxis(moved, 0, TOKEN_AXIS)
+
+
 def mlp_forward(kind, weights, z, axis=CHANNEL_AXIS):
     """out = MLP(z) applied to every vector along `axis` of z (h: hidden units):
 
@@ -273,8 +310,9 @@ def mlp_forward(kind, weights, z, axis=CHANNEL_AXIS):
         asym:    out = W₁ᵀ GELU(W₁ z) + W₂ GELU(W₁ z) = (W₁ᵀ + W₂) GELU(W₁ z)
 
     The asym output is computed as the single matmul with M = W₁ᵀ + W₂: equal by linearity and
-    cheaper than two; sym is the same path with M = Wᵀ. `weights` maps the names within the MLP
-    ('fc1.weight', …) to arrays. Returns (out, cache).
+    cheaper than two; sym is the same path with M = Wᵀ. The vectors are gathered into one matrix
+    first (`_as_matrix`), so each linear map is a single GEMM. `weights` maps the names within
+    the MLP ('fc1.weight', …) to arrays. Returns (out, cache).
     """
     if kind not in MLP_KINDS:
         raise InputError(f"unknown MLP kind {kind!r}: choose one of {', '.join(MLP_KINDS)}")
@@ -287,20 +325,23 @@ def mlp_forward(kind, weights, z, axis=CHANNEL_AXIS):
     else:
         weight_in = weights["fc1.weight"]
         weight_out = weight_in.T + weights["fc2.weight"]
-    hidden, in_cache = linear_forward(z, weight_in, weights.get("fc1.bias"), axis)
+    hidden, in_cache = linear_forward(_as_matrix(z, axis), weight_in, weights.get("fc1.bias"),
+                                      axis)
     activation, gelu_cache = gelu_forward(hidden)
     out, out_cache = linear_forward(activation, weight_out, weights.get("fc2.bias"), axis)
-    return out, (kind, in_cache, gelu_cache, out_cache)
+    return _from_matrix(out, z.shape, axis), (kind, in_cache, gelu_cache, out_cache, z.shape)
 
 
 def mlp_backward(cache, dout):
     """(dz, grads): grads keyed like the MLP's weights. The output matrix M gets dM = Σ dout aᵀ;
     tied weights add the gradients of both uses: sym dW = dW_in + dMᵀ, asym dW₁ = dW_in + dMᵀ and
     dW₂ = dM."""
-    kind, in_cache, gelu_cache, out_cache = cache
-    dactivation, dweight_out, dbias_out = linear_backward(out_cache, dout)
+    kind, in_cache, gelu_cache, out_cache, shape = cache
+    axis = in_cache[-1]
+    dactivation, dweight_out, dbias_out = linear_backward(out_cache, _as_matrix(dout, axis))
     dhidden = gelu_backward(gelu_cache, dactivation)
     dz, dweight_in, dbias_in = linear_backward(in_cache, dhidden)
+    dz = _from_matrix(dz, shape, axis)
     if kind == "sym":
         return dz, {"fc2.weight": dweight_in + dweight_out.T}
     if kind == "asym":
