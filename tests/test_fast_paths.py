@@ -1,0 +1,211 @@
+"""The fast paths of the training step against their plain definitions.
+
+- float32 GELU on NumPy (a rational tail instead of scipy's erf) against the float64 exact form
+  on a dense grid, at chunk boundaries and for extreme inputs;
+- the fused elementwise chains (`FusedElementwise`): on NumPy each is its plain xp definition;
+  on a GPU the CuPy kernel must give the plain definition's numbers (skipped without a GPU);
+- the single-GEMM layouts of the linear maps and MLPs against per-vector references;
+- TF32 is a GPU-only, explicit switch.
+"""
+import numpy as np
+import pytest
+import scipy.special
+from hypothesis import given, strategies as st
+
+from oracle import rel_err
+from refham import backend as B
+from refham import layers as L
+from refham.optim import AdamW, adamw_step
+
+EPS32 = 2.0 ** -23  # float32 spacing at 1
+
+
+def _exact_gelu(x):
+    """(GELU, GELU′) in float64 with scipy's normal cdf: the reference."""
+    x = np.asarray(x, dtype=np.float64)
+    cdf = scipy.special.ndtr(x)
+    return x * cdf, cdf + x * np.exp(-0.5 * x * x) / np.sqrt(2.0 * np.pi)
+
+
+def _ulps(actual, expected):
+    """|actual − expected| in units of the float32 spacing at expected."""
+    spacing = np.spacing(np.abs(expected).astype(np.float32)).astype(np.float64)
+    return np.abs(actual.astype(np.float64) - expected) / spacing
+
+
+def _fast_gelu(x):
+    """The float32 NumPy path (whatever the active backend), as host arrays."""
+    with B.use_module(np, scipy.special.erf, name="numpy"):
+        gelu, deriv = B.gelu_and_deriv(np.asarray(x, dtype=np.float32))
+    return gelu, deriv
+
+
+# ------------------------------------------------------------------------- float32 GELU on NumPy
+def test_float32_gelu_is_within_a_few_ulp_of_the_exact_form_on_a_dense_grid():
+    x = np.linspace(-20.0, 20.0, 800_001, dtype=np.float32)
+    gelu, deriv = _fast_gelu(x)
+    assert gelu.dtype == deriv.dtype == np.float32
+    expected_gelu, expected_deriv = _exact_gelu(x)
+    # Φ_N within ~1 ulp of 1 absolute, as with a correctly rounded float32 erf: GELU's error is
+    # then at most ~|x|·eps (the lower tail cancels in ½ + sign(x)(½ − t), as erf's form does)
+    assert np.all(np.abs(gelu - expected_gelu) <= 1.5 * EPS32 * np.abs(x.astype(np.float64)))
+    assert np.all(np.abs(deriv - expected_deriv) <= 1.5 * EPS32)
+    moderate = (x >= -1.0) & (expected_gelu != 0.0)  # where GELU keeps its relative accuracy
+    assert np.max(_ulps(gelu[moderate], expected_gelu[moderate])) <= 6.0
+
+
+@pytest.mark.parametrize("value", [0.0, -0.0, 1e-30, -1e-30, 7.0, -7.0, 15.0, -15.0, 1e6, -1e6,
+                                   3e38, -3e38])
+def test_float32_gelu_extreme_inputs_stay_finite_and_right(value):
+    gelu, deriv = _fast_gelu(np.array([value], dtype=np.float32))
+    expected_gelu, expected_deriv = _exact_gelu(np.array([value]))
+    assert np.isfinite(gelu).all() and np.isfinite(deriv).all()
+    assert abs(float(gelu[0]) - expected_gelu[0]) <= 1.5 * EPS32 * abs(value) + 1e-45
+    assert abs(float(deriv[0]) - expected_deriv[0]) <= 1.5 * EPS32
+
+
+def test_float32_gelu_propagates_nan():
+    gelu, deriv = _fast_gelu(np.array([np.nan, 1.0], dtype=np.float32))
+    assert np.isnan(gelu[0]) and np.isnan(deriv[0]) and np.isfinite(gelu[1])
+
+
+@given(st.lists(st.integers(1, 9), min_size=1, max_size=3), st.integers(0, 2 ** 31 - 1),
+       st.booleans())
+def test_float32_gelu_is_elementwise_across_chunks_and_layouts(dims, seed, transposed):
+    """Chunked evaluation gives each element the value it has alone, whatever the shape,
+    the size relative to the chunk and the memory layout."""
+    shape = tuple(dims) + (B._CHUNK // 7 + 3,)  # several chunks, the last one partial
+    x = (3.0 * B.rng(seed).standard_normal(shape)).astype(np.float32)
+    if transposed:
+        x = x.T
+    gelu, deriv = _fast_gelu(x)
+    assert gelu.shape == deriv.shape == x.shape
+    flat = x.reshape(-1)
+    picks = B.rng(seed + 1).integers(0, flat.size, 64)
+    alone = _fast_gelu(flat[picks])
+    np.testing.assert_array_equal(gelu.reshape(-1)[picks], alone[0])
+    np.testing.assert_array_equal(deriv.reshape(-1)[picks], alone[1])
+
+
+def test_float64_and_autograd_keep_the_exact_erf_form():
+    x = np.linspace(-9.0, 9.0, 2001)
+    gelu, deriv = B.gelu_and_deriv(B.asarray(x, dtype=np.float64))
+    expected_gelu, expected_deriv = _exact_gelu(x)
+    assert rel_err(gelu, expected_gelu) <= 1e-15
+    assert rel_err(deriv, expected_deriv) <= 1e-15
+
+
+def test_gelu_layer_uses_the_fast_path_in_float32():
+    x = B.asarray(np.linspace(-4.0, 4.0, 1001), dtype=np.float32)
+    y, cache = L.gelu_forward(x)
+    assert y.dtype == cache.dtype == np.float32
+    expected_gelu, expected_deriv = _exact_gelu(B.to_numpy(x))
+    assert np.max(np.abs(B.to_numpy(y) - expected_gelu)) <= 8 * EPS32
+    assert np.max(np.abs(B.to_numpy(cache) - expected_deriv)) <= 2 * EPS32
+
+
+# ------------------------------------------------------------ single-GEMM layouts of the layers
+@given(st.integers(1, 4), st.integers(1, 5), st.integers(2, 6), st.integers(2, 7),
+       st.integers(0, 2 ** 31 - 1))
+def test_linear_maps_every_vector_like_a_per_vector_matmul(batch, rows, n_in, n_out, seed):
+    gen = B.rng(seed)
+    x = gen.standard_normal((batch, rows, n_in))
+    weight, bias = gen.standard_normal((n_out, n_in)), gen.standard_normal(n_out)
+    y, _ = L.linear_forward(B.asarray(x), B.asarray(weight), B.asarray(bias))
+    expected = np.stack([[weight @ x[b, r] + bias for r in range(rows)] for b in range(batch)])
+    assert rel_err(y, expected) <= 1e-13
+
+
+@given(st.sampled_from(L.MLP_KINDS), st.integers(1, 3), st.integers(2, 5), st.integers(3, 6),
+       st.integers(2, 6), st.integers(0, 2 ** 31 - 1))
+def test_token_mlp_maps_every_column_like_a_per_column_mlp(kind, batch, tokens, channels,
+                                                           hidden, seed):
+    """The token MLP runs on one (S, B·C) matrix; each column must get MLP(column)."""
+    gen = B.rng(seed)
+    shapes = L.mlp_param_shapes(kind, tokens, hidden)
+    weights = {name: gen.standard_normal(shape) for name, shape in shapes.items()}
+    z = gen.standard_normal((batch, tokens, channels))
+    out, _ = L.mlp_forward(kind, {k: B.asarray(v) for k, v in weights.items()}, B.asarray(z),
+                           axis=L.TOKEN_AXIS)
+    columns = [L.mlp_forward(kind, {k: B.asarray(v) for k, v in weights.items()},
+                             B.asarray(z[b, :, c]), axis=L.CHANNEL_AXIS)[0]
+               for b in range(batch) for c in range(channels)]
+    expected = np.stack([B.to_numpy(col) for col in columns]).reshape(batch, channels, tokens)
+    assert rel_err(out, expected.transpose(0, 2, 1)) <= 1e-12
+
+
+# -------------------------------------------------------------------- fused elementwise chains
+def _fused_cases(dtype):
+    """(fused function, its arguments) for every fused chain of the training step."""
+    gen = B.rng(7)
+
+    def arr(*shape):
+        return B.asarray(gen.standard_normal(shape), dtype=dtype)
+
+    scalars = AdamW().beta1, AdamW().beta2
+    positive_v = B.asarray(np.abs(gen.standard_normal((5, 3))), dtype=dtype)
+    return [
+        (B.gelu_and_deriv, (arr(4, 3, 33),)),
+        (L._normalise_affine, (arr(4, 6, 5), B.asarray(np.abs(gen.standard_normal((4, 1, 1))),
+                                                       dtype=dtype), arr(6, 5), arr(6, 5))),
+        (L._layernorm_dx, (arr(4, 6, 5), arr(4, 6, 5), arr(4, 1, 1), arr(4, 1, 1),
+                           arr(4, 1, 1))),
+        (adamw_step, (arr(5, 3), arr(5, 3), arr(5, 3), positive_v,
+                      *(np.dtype(dtype).type(s) for s in (0.99, 1e-3, *scalars, 0.5, 1e-8)))),
+    ]
+
+
+def test_on_numpy_a_fused_chain_is_its_plain_definition():
+    for fused, args in _fused_cases(np.float64):
+        expected = fused.plain(*args)
+        got = fused(*args)
+        for g, e in zip(got if isinstance(got, tuple) else (got,),
+                        expected if isinstance(expected, tuple) else (expected,)):
+            np.testing.assert_array_equal(B.to_numpy(g), B.to_numpy(e))
+
+
+def _gpu_available():
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no CuPy, or no CUDA driver: cupy raises its own error types
+        return False
+
+
+@pytest.mark.skipif(not _gpu_available(), reason="needs CuPy and a GPU")
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-13), (np.float32, 2e-6)])
+def test_on_cupy_each_kernel_equals_its_plain_definition(dtype, tol):
+    previous = B.backend_name()
+    B.set_backend("cupy")
+    try:
+        for fused, args in _fused_cases(dtype):
+            got, expected = fused(*args), fused.plain(*args)
+            got = got if isinstance(got, tuple) else (got,)
+            expected = expected if isinstance(expected, tuple) else (expected,)
+            for g, e in zip(got, expected):
+                assert g.dtype == e.dtype == dtype, fused.__name__
+                assert rel_err(g, e) <= tol, fused.__name__
+    finally:
+        B.set_backend(previous)
+
+
+@pytest.mark.skipif(not _gpu_available(), reason="needs CuPy and a GPU")
+def test_tf32_switch_on_the_gpu():
+    previous = B.backend_name()
+    B.set_backend("cupy")
+    try:
+        assert not B.tf32_enabled()   # off by default
+        B.set_tf32(True)
+        assert B.tf32_enabled()
+        B.set_tf32(False)
+        assert not B.tf32_enabled()
+    finally:
+        B.set_backend(previous)
+
+
+def test_tf32_is_refused_off_the_gpu():
+    if B.backend_name() == "cupy":
+        pytest.skip("the cupy backend is active")
+    assert not B.tf32_enabled()
+    with pytest.raises(B.BackendError, match="set_backend\\('cupy'\\)"):
+        B.set_tf32(True)
