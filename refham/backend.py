@@ -213,7 +213,7 @@ def _gelu_and_deriv_float32(x, gelu, deriv):
     Φ_N is within ~1 float32 ulp of 1 (absolute), as good as ½(1 + erf(x/√2)) with a correctly
     rounded float32 erf; so GELU is within a few ulp, except in the lower tail where (like the
     erf form, and torch's) its error is ~|x|·6e-8 absolute. Tested in tests/test_fast_paths.py."""
-    u = xp.clip(xp.abs(x), 0.0, _GAUSS_CUTOFF)  # (clip has a SIMD loop; minimum's is scalar)
+    u = xp.clip(xp.abs(x), 0.0, _GAUSS_CUTOFF)  # clip: SIMD; minimum(u, scalar) is not
     gauss = xp.exp(u * (u * -0.5))
     tail = gauss * (_polynomial(_MILLS_P, u) / _polynomial(_MILLS_Q, u, monic=True))
     cdf = _copysign_float32(0.5 - tail, x) + 0.5

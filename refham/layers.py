@@ -153,7 +153,7 @@ def layernorm_backward(cache, dy):
 @fused_elementwise("T d_hat, T x_hat, T inv_sigma, T mean_d, T mean_dx", "T dx",
                    "dx = inv_sigma * (d_hat - mean_d - x_hat * mean_dx);")
 def _layernorm_dx(d_hat, x_hat, inv_sigma, mean_d, mean_dx):
-    """dx = (1/σ)(d̂ − mean(d̂) − x̂·mean(d̂ ⊙ x̂)), the means given (one fused kernel on the GPU)."""
+    """dx = (1/σ)(d̂ − mean(d̂) − x̂·mean(d̂ ⊙ x̂)), the means given (one fused GPU kernel)."""
     return inv_sigma * (d_hat - mean_d - x_hat * mean_dx)
 
 
