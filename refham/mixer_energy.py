@@ -158,9 +158,9 @@ class MixerBlock:
     def energy(self, x):
         """(M2) E(x) = ⟨x, g⟩ − L_v(x) − F(g), with ⟨x, g⟩ − L_v = −γDε/σ in closed form.
         AsymMixer: the pseudo-energy E + ½⟨g, W₂ᵗᵒᵏ GELU(W₁ᵗᵒᵏ g)⟩ + ½⟨g, GELU(g W₁ᶜʰᵀ)W₂ᶜʰᵀ⟩
-        (DESIGN §5.3, its sign kept for comparability with the paper's plots; not a Lyapunov
-        function: −∂/∂g of the added term points against the breaking part of u, so it only
-        tracks the dynamics to first order in W₂ up to that sign). Scalar affine only."""
+        (DESIGN §5.3's sign, kept for comparability with the paper's plots). Not a Lyapunov
+        function; note that −∂/∂g of the added terms points against the breaking part of u
+        (a −½ would point along it). Scalar affine only."""
         self._check_state(x)
         self._require_lagrangian()
         g = self.activation(x)
