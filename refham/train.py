@@ -15,8 +15,9 @@ and a resumed run reproduces an uninterrupted one bit for bit (on NumPy).
 
 The output folder holds `config.json` (written at start), `metrics.jsonl` (one line per epoch),
 `last.npz` (end of every epoch, every `checkpoint_every` steps, and on SIGINT/SIGTERM) and
-`best.npz` (best test accuracy so far), all written atomically. A NaN/inf loss or gradient stops
-the run before the bad update, so no checkpoint ever holds a diverged state.
+`best.npz` (best test accuracy so far), all written atomically. A NaN/inf loss or gradient, or an
+update that makes a parameter or an optimiser moment NaN/inf, stops the run before that step
+becomes its state, so no checkpoint ever holds a diverged state (and none could be written).
 """
 import contextlib
 import dataclasses
@@ -31,8 +32,10 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from refham.backend import (
-    BackendError, asarray, backend_name, get_dtype, rng, set_backend, set_dtype, to_numpy)
-from refham.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+    BackendError, asarray, backend_name, get_dtype, rng, set_backend, set_dtype, to_numpy, xp)
+from refham.checkpoint import (
+    CheckpointError, atomic_write, describe_names, load_checkpoint, nonfinite_entries,
+    save_checkpoint)
 from refham.data import (
     DataError, add_gaussian_noise, batches, horizontal_flip, load_dataset, normalise, random_crop)
 from refham.layers import InputError, cross_entropy_forward
@@ -50,7 +53,8 @@ class ResumeError(ValueError):
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or gradient became NaN/inf; the last good checkpoint is kept."""
+    """The loss, the gradient or the updated parameters/optimiser state of a step became NaN/inf;
+    the run's state and checkpoints stay those of the step before."""
 
 
 # what bad settings, data or files raise: the CLI reports these as errors, not as crashes
@@ -245,8 +249,9 @@ class _Run:
 
     # ------------------------------------------------------------------------------ the loop
     def _train_step(self, images, labels):
-        """One optimiser step on a raw batch → (loss, number correct). Raises TrainingDiverged
-        before touching the parameters if the loss or the gradient is not finite."""
+        """One optimiser step on a raw batch → (loss, number correct). Raises TrainingDiverged,
+        leaving parameters and optimiser state as they were, if the loss, the gradient or the
+        updated parameters/optimiser state are not finite."""
         cfg, gen = self.cfg, rng((self.cfg.seed, STEP_STREAM, self.step))
         x = prepare_batch(images, self.train_set, cfg, gen)
         loss, logits, grads = self.model.loss_and_grads(
@@ -255,16 +260,26 @@ class _Run:
         grads, grad_norm = clip_by_global_norm(grads, cfg.clip_grad)
         lr = cosine_lr(self.step, self.total_steps, cfg.lr, self.warmup_steps, cfg.min_lr)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            last = (f"the last good checkpoint, {self.paths['last.npz']}, is kept"
-                    if os.path.exists(self.paths["last.npz"]) else "no checkpoint was written yet")
-            raise TrainingDiverged(
-                f"training diverged at step {self.step} (epoch "
-                f"{self.step // self.steps_per_epoch + 1}, lr {lr:.3g}): loss {loss}, gradient "
-                f"norm {grad_norm}; {last}. Lower --lr, set --clip-grad, or use --dtype float64")
-        self.params, self.opt_state = self.optimizer.update(self.params, grads, self.opt_state, lr)
+            raise self._diverged(lr, f"loss {loss}, gradient norm {grad_norm}")
+        params, opt_state = self.optimizer.update(self.params, grads, self.opt_state, lr)
+        overflowed = nonfinite_entries({**params, **opt_state}, xp)
+        if overflowed:
+            raise self._diverged(lr, f"loss {loss} and gradient norm {grad_norm:.3g} were finite, "
+                                     f"but the update made {describe_names(overflowed)} NaN/inf")
+        self.params, self.opt_state = params, opt_state
         self.step += 1
         correct = int(to_numpy((logits.argmax(axis=-1) == labels).sum()))
         return loss, correct
+
+    def _diverged(self, lr, what):
+        """The TrainingDiverged of the current step: what went non-finite, which checkpoint
+        stays, and what to change."""
+        last = (f"the last checkpoint, {self.paths['last.npz']}, is kept (all its values are "
+                f"finite)"
+                if os.path.exists(self.paths["last.npz"]) else "no checkpoint was written yet")
+        return TrainingDiverged(
+            f"training diverged at step {self.step} (epoch {self.step // self.steps_per_epoch + 1}"
+            f", lr {lr:.3g}): {what}; {last}. Lower --lr, set --clip-grad, or use --dtype float64")
 
     def run(self, stop, echo):
         """Train from the current step to the last epoch → summary. `stop` is _stop_requests'
@@ -387,6 +402,11 @@ def evaluate_checkpoint(path, data_path=None, batch_size=256, backend="numpy", t
                                train_fraction=cfg.train_fraction, seed=cfg.data_seed)
         params = {k: asarray(v, dtype=v.dtype) for k, v in ck.params.items()}
         result = evaluate(Mixer(config), params, test, batch_size)
+    if not math.isfinite(result["loss"]):
+        raise CheckpointError(f"{path}: the test loss is {result['loss']} — the model's outputs "
+                              f"overflow in {dtype} (weights up to "
+                              f"{max(float(abs(a).max()) for a in ck.params.values()):.3g}); it "
+                              f"holds a diverging run, use an earlier checkpoint")
     return {**result, "step": ck.step, "epoch": ck.epoch, "data": cfg.data, "model": cfg.model}
 
 
