@@ -35,6 +35,7 @@ from refham.data import load_digits, load_mnist, make_synthetic
 from refham.ham import HAM, Dense, Layer
 from refham.lagrangians import LayerNorm, ReLU
 from refham.optim import AdamW
+from refham.runlock import RunLock
 
 NOISE_STD = 0.3
 ALPHA = 0.1
@@ -247,9 +248,16 @@ def load_images(data, data_path=None, seed=0):
 
 def train(settings, echo=False):
     """Adam on the denoising loss, minibatches with fresh noise 0.3·N(0,1); after every epoch both
-    test losses (fixed noise), a line in `metrics.jsonl` and `last.npz` in `settings.out`.
-    Raises MetaFormerError if `out` already holds a run or the loss or an update stops being
-    finite."""
+    test losses (fixed noise), a line in `metrics.jsonl` and `last.npz` in `settings.out`, which
+    is locked for the run (RunLocked if another process writes there). Raises MetaFormerError if
+    `out` already holds a run or the loss or an update stops being finite."""
+    os.makedirs(settings.out, exist_ok=True)
+    with RunLock(settings.out):
+        return _train_in_locked_folder(settings, echo)
+
+
+def _train_in_locked_folder(settings, echo):
+    """`train`, once it holds the lock on settings.out."""
     s = settings
     train_images, test_images, test_split = load_images(s.data, s.data_path, s.seed)
     clean_train, clean_test = normalise_images(train_images), normalise_images(test_images)

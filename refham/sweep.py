@@ -16,6 +16,7 @@ import os
 
 from refham.checkpoint import atomic_write
 from refham.mixer import MODELS
+from refham.runlock import RunLock
 from refham.train import TrainingDiverged, train
 from refham.train_config import RESUMABLE_CHANGES, TrainConfig
 
@@ -78,6 +79,12 @@ def run_sweep(out, settings=None, models=MODELS, lams=SWEEP_LAMS, seeds=SWEEP_SE
     runs = sweep_runs(models, lams, seeds)
     TrainConfig(**settings)                                  # fail fast on bad settings
     os.makedirs(out, exist_ok=True)
+    with RunLock(out):                # one sweep per folder: results.jsonl has one writer
+        return _sweep_in_locked_folder(out, settings, runs, models, lams, log)
+
+
+def _sweep_in_locked_folder(out, settings, runs, models, lams, log):
+    """`run_sweep` once it holds the lock on `out` and has checked its arguments."""
     results_path = os.path.join(out, "results.jsonl")
     results = {(r["model"], r["lam"], r["seed"]): r for r in _read_results(results_path)}
     for key, previous in results.items():

@@ -41,6 +41,7 @@ from refham.data import (
 from refham.layers import InputError, cross_entropy_forward
 from refham.mixer import ConfigError, Mixer, MixerConfig, ParamError
 from refham.optim import OptimizerError, clip_by_global_norm, cosine_lr, make_optimizer
+from refham.runlock import RunLock, RunLocked
 from refham.train_config import (
     CROP_PAD, RESUMABLE_CHANGES, TrainConfig, TrainConfigError, model_config)
 
@@ -59,7 +60,7 @@ class TrainingDiverged(RuntimeError):
 
 # what bad settings, data or files raise: the CLI reports these as errors, not as crashes
 USER_ERRORS = (TrainConfigError, ResumeError, CheckpointError, DataError, ConfigError,
-               OptimizerError, BackendError, InputError, ParamError)
+               OptimizerError, BackendError, InputError, ParamError, RunLocked)
 
 
 def last_checkpoint(out):
@@ -163,7 +164,8 @@ class _Run:
     """One training run in its output folder: data, model, optimiser and the loop."""
 
     def __init__(self, cfg, resume):
-        """Load the data, build model and optimiser, then start fresh or resume in cfg.out."""
+        """Load the data, build model and optimiser, lock cfg.out (`self.lock`, which the caller
+        releases), then start fresh or resume there."""
         self.cfg = cfg
         self.paths = {name: os.path.join(cfg.out, name)
                       for name in ("config.json", "metrics.jsonl", "last.npz", "best.npz")}
@@ -179,10 +181,15 @@ class _Run:
             raise TrainConfigError(f"warm-up of {self.warmup_steps} steps leaves no training in "
                                    f"{self.total_steps} steps: lower warmup or add epochs")
         os.makedirs(cfg.out, exist_ok=True)
-        if resume:
-            self._resume()
-        else:
-            self._start_fresh()
+        self.lock = RunLock(cfg.out).acquire()      # held until train() ends, however it ends
+        try:
+            if resume:
+                self._resume()
+            else:
+                self._start_fresh()
+        except BaseException:
+            self.lock.release()
+            raise
 
     # ------------------------------------------------------------------ start, resume, save
     def _start_fresh(self):
@@ -384,7 +391,11 @@ def train(cfg, resume=False, echo=False):
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"train needs a TrainConfig, got {type(cfg).__name__}")
     with _active_backend(cfg.backend, cfg.dtype, cfg.threads), _stop_requests() as stop:
-        return _Run(cfg, resume).run(stop, echo)
+        run = _Run(cfg, resume)
+        try:
+            return run.run(stop, echo)
+        finally:
+            run.lock.release()
 
 
 def evaluate_checkpoint(path, data_path=None, batch_size=256, backend="numpy", threads=1):
