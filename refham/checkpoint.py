@@ -226,6 +226,28 @@ def _check_meta_types(path, meta):
                               f"written by refham as it is")
 
 
+def read_json_lines(path, is_record):
+    """(records, damaged) of the JSON-lines file at `path`: the values of the lines that are
+    UTF-8 JSON passing `is_record`, in order, and the 1-based numbers of the other lines (a line
+    cut short by a crash, or one damaged by hand). A missing file has neither."""
+    if not os.path.exists(path):
+        return [], []
+    with open(path, "rb") as f:
+        lines = f.read().splitlines()
+    records, damaged = [], []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except ValueError:                              # UnicodeDecodeError and JSONDecodeError
+            damaged.append(number)
+            continue
+        if is_record(record):
+            records.append(record)
+        else:
+            damaged.append(number)
+    return records, damaged
+
+
 def read_npz(path, error=CheckpointError):
     """{name: array} of every entry of the .npz at `path`, read without pickle, decompressed and
     CRC-checked; `error` (an exception class) for a missing, truncated or corrupted file, one

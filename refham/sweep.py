@@ -14,7 +14,7 @@ import json
 import math
 import os
 
-from refham.checkpoint import atomic_write
+from refham.checkpoint import atomic_write, read_json_lines
 from refham.mixer import MODELS
 from refham.runlock import RunLock
 from refham.train import TrainingDiverged, train
@@ -52,18 +52,16 @@ def run_name(model, lam, seed):
 
 
 def _read_results(path):
-    """The complete lines of results.jsonl (a line cut short by a crash is ignored)."""
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    results = []
-    for line in lines:
-        try:
-            results.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return results
+    """The complete records of results.jsonl; a line cut short by a crash or damaged otherwise
+    is ignored, so that its run is trained again."""
+    kinds = {"model": str, "lam": (int, float), "seed": int, "settings": dict,
+             "test_acc": (int, float, type(None)), "symmetry": (dict, type(None))}
+
+    def is_record(value):
+        return isinstance(value, dict) and all(
+            isinstance(value.get(key), kind) and not isinstance(value.get(key), bool)
+            for key, kind in kinds.items())
+    return read_json_lines(path, is_record)[0]
 
 
 def run_sweep(out, settings=None, models=MODELS, lams=SWEEP_LAMS, seeds=SWEEP_SEEDS, log=print):

@@ -41,16 +41,15 @@ from refham.data import (
 from refham.layers import InputError, cross_entropy_forward
 from refham.mixer import ConfigError, Mixer, MixerConfig, ParamError
 from refham.optim import OptimizerError, clip_by_global_norm, cosine_lr, make_optimizer
+from refham.resume import (
+    ResumeError, check_resumable, check_same_run, checked_progress, finished_records,
+    last_checkpoint, saved_settings)
 from refham.runlock import RunLock, RunLocked
 from refham.train_config import (
-    CROP_PAD, RESUMABLE_CHANGES, TrainConfig, TrainConfigError, model_config)
+    CROP_PAD, TrainConfig, TrainConfigError, model_config)
 
 ORDER_STREAM, STEP_STREAM = 1, 2      # rng((seed, stream, epoch or step)): see the module docstring
 RNG_SCHEME = "counter-v1"
-
-
-class ResumeError(ValueError):
-    """A run that cannot be started or resumed in this output folder."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -61,15 +60,6 @@ class TrainingDiverged(RuntimeError):
 # what bad settings, data or files raise: the CLI reports these as errors, not as crashes
 USER_ERRORS = (TrainConfigError, ResumeError, CheckpointError, DataError, ConfigError,
                OptimizerError, BackendError, InputError, ParamError, RunLocked)
-
-
-def last_checkpoint(out):
-    """`out`/last.npz, the checkpoint a resume starts from; ResumeError if there is none."""
-    path = os.path.join(out, "last.npz")
-    if not os.path.exists(path):
-        raise ResumeError(f"nothing to resume in {out}: no last.npz (start without --resume, "
-                          f"or point --out at the run's folder)")
-    return path
 
 
 def prepare_batch(images, dataset, cfg, gen):
@@ -206,36 +196,25 @@ class _Run:
         atomic_write(self.paths["metrics.jsonl"], lambda f: None)
 
     def _resume(self):
-        """Parameters, optimiser state, step and progress from last.npz, after checking that
-        it was written with the same settings and RNG scheme."""
-        ck = load_checkpoint(last_checkpoint(self.cfg.out))
-        saved = TrainConfig.from_dict(ck.config["train"]).to_dict()
-        wanted = self.cfg.to_dict()
-        changed = [f"{k}: {saved[k]!r} → {wanted[k]!r}" for k in saved
-                   if saved[k] != wanted[k] and k not in RESUMABLE_CHANGES]
-        if changed:
-            raise ResumeError(f"cannot resume {self.cfg.out} with different settings "
-                              f"({'; '.join(changed)}); resume with the saved ones")
-        if ck.rng_state != self._rng_state(ck.step):
-            raise ResumeError(f"{self.paths['last.npz']} uses RNG scheme {ck.rng_state!r}, not "
-                              f"{RNG_SCHEME}: it cannot be resumed exactly by this version")
+        """Parameters, optimiser state, step and progress from last.npz, once refham.resume has
+        checked that it continues this run (settings, model, arrays, step, RNG, folder)."""
+        path = last_checkpoint(self.cfg.out)
+        ck = load_checkpoint(path)
+        check_resumable(ck, path, self.cfg, self.model.config, self.optimizer,
+                        self.steps_per_epoch, self._rng_state)
+        check_same_run(ck, path, self.paths["config.json"])
+        self.progress = checked_progress(ck, path, _Progress)
         self.params = {k: asarray(v, dtype=v.dtype) for k, v in ck.params.items()}
         self.opt_state = {k: asarray(v, dtype=v.dtype) if hasattr(v, "shape") else v
                           for k, v in ck.optim_state.items()}
-        self.step, self.progress = ck.step, _Progress(**ck.metrics)
+        self.step = ck.step
         self._truncate_metrics(ck.epoch)
 
     def _truncate_metrics(self, epochs_done):
-        """Keep the complete metrics lines of the epochs the checkpoint has finished (a crash
+        """Keep the readable metrics lines of the epochs the checkpoint has finished (a crash
         between a line and its checkpoint must not leave that epoch twice in the log); the last
         of them is the run's latest record."""
-        records = []
-        if os.path.exists(self.paths["metrics.jsonl"]):
-            with open(self.paths["metrics.jsonl"], encoding="utf-8") as f:
-                for line in f:
-                    with contextlib.suppress(json.JSONDecodeError):
-                        records.append(json.loads(line))
-        records = [r for r in records if r["epoch"] <= epochs_done]
+        records = finished_records(self.paths["metrics.jsonl"], epochs_done)
         text = "".join(json.dumps(r) + "\n" for r in records)
         atomic_write(self.paths["metrics.jsonl"], lambda f: f.write(text.encode()))
         self.last_record = records[-1] if records else None
@@ -423,4 +402,5 @@ def evaluate_checkpoint(path, data_path=None, batch_size=256, backend="numpy", t
 
 def resume_settings(out):
     """The settings a run in folder `out` was started with (from its verified last.npz)."""
-    return load_checkpoint(last_checkpoint(out)).config["train"]
+    path = last_checkpoint(out)
+    return saved_settings(load_checkpoint(path), path)
