@@ -218,6 +218,7 @@ def _run_metaformer(args):
     from refham.data import DataError
     from refham.dynamics import DynamicsError
     from refham.ham import HAMError
+    from refham.runlock import RunLocked
 
     try:
         if args.action == "train":
@@ -242,7 +243,8 @@ def _run_metaformer(args):
     except mf.PlottingUnavailable as exc:
         print(f"refham metaformer {args.action}: {exc}", file=sys.stderr)
         return 1
-    except (mf.MetaFormerError, DataError, CheckpointError, HAMError, DynamicsError) as exc:
+    except (mf.MetaFormerError, DataError, CheckpointError, HAMError, DynamicsError,
+            RunLocked) as exc:
         print(f"refham metaformer {args.action}: error: {exc}", file=sys.stderr)
         return 2
     print(f"energy E (H1) per step of α = {args.alpha:g} from {args.state_scale:g}·N(0,1), one "

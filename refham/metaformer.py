@@ -29,11 +29,13 @@ import numpy
 from tqdm import tqdm
 
 from refham.backend import asarray, rng, to_numpy, xp
-from refham.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from refham.checkpoint import (
+    atomic_write, describe_names, load_checkpoint, nonfinite_entries, save_checkpoint)
 from refham.data import load_digits, load_mnist, make_synthetic
 from refham.ham import HAM, Dense, Layer
 from refham.lagrangians import LayerNorm, ReLU
 from refham.optim import AdamW
+from refham.runlock import RunLock
 
 NOISE_STD = 0.3
 ALPHA = 0.1
@@ -246,8 +248,16 @@ def load_images(data, data_path=None, seed=0):
 
 def train(settings, echo=False):
     """Adam on the denoising loss, minibatches with fresh noise 0.3·N(0,1); after every epoch both
-    test losses (fixed noise), a line in `metrics.jsonl` and `last.npz` in `settings.out`.
-    Raises MetaFormerError if `out` already holds a run or the loss stops being finite."""
+    test losses (fixed noise), a line in `metrics.jsonl` and `last.npz` in `settings.out`, which
+    is locked for the run (RunLocked if another process writes there). Raises MetaFormerError if
+    `out` already holds a run or the loss or an update stops being finite."""
+    os.makedirs(settings.out, exist_ok=True)
+    with RunLock(settings.out):
+        return _train_in_locked_folder(settings, echo)
+
+
+def _train_in_locked_folder(settings, echo):
+    """`train`, once it holds the lock on settings.out."""
     s = settings
     train_images, test_images, test_split = load_images(s.data, s.data_path, s.seed)
     clean_train, clean_test = normalise_images(train_images), normalise_images(test_images)
@@ -278,9 +288,12 @@ def train(settings, echo=False):
             noise = asarray(NOISE_STD * gen.standard_normal(clean.shape))
             loss, grads = loss_and_grads(weights, clean, noise, s.steps, s.alpha, s.target)
             if not math.isfinite(loss):
-                raise MetaFormerError(f"training diverged in epoch {epoch}: loss {loss}; lower "
-                                      f"--lr or --alpha (the last good checkpoint is kept)")
-            weights, opt_state = optimizer.update(weights, grads, opt_state, s.lr)
+                raise _diverged(epoch, f"loss {loss}")
+            updated = optimizer.update(weights, grads, opt_state, s.lr)
+            overflowed = nonfinite_entries({**updated[0], **updated[1]}, xp)
+            if overflowed:
+                raise _diverged(epoch, f"the update made {describe_names(overflowed)} NaN/inf")
+            weights, opt_state = updated
             loss_sum += loss * clean.shape[0]
         history.append({"epoch": epoch, "train_loss": loss_sum / len(order),
                         **_prefixed(evaluate()), "seconds": time.perf_counter() - started})
@@ -293,6 +306,14 @@ def train(settings, echo=False):
             tqdm.write(_epoch_line(history[-1], s))
     return {"history": history, "out": s.out, "loss_floor": loss_floor(visible_size),
             "checkpoint": paths["last.npz"], "visible": visible_size, "test_split": test_split}
+
+
+def _diverged(epoch, what):
+    """The MetaFormerError of a step of `epoch` whose loss or update (`what`) is not finite:
+    nothing of that step is kept, and the checkpoint of the epoch before stays."""
+    kept = f"last.npz of epoch {epoch - 1} is kept" if epoch > 1 else "no checkpoint was written"
+    return MetaFormerError(f"training diverged in epoch {epoch}: {what}; {kept}. Lower --lr or "
+                           f"--alpha")
 
 
 def _prefixed(losses):
