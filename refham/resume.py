@@ -7,7 +7,8 @@ tensors). Here the checkpoint is held against the run that is to continue: it mu
 the run and as the folder's config.json, hold exactly the model's parameters in the run's dtype,
 an optimiser state of the run's optimiser whose every array matches its parameter in shape and
 dtype, and a step within the run (0 ≤ step ≤ epochs · steps per epoch). Each failure is a
-ResumeError that says what differs.
+ResumeError that says what differs — or a CheckpointError for parameters that do not fit the
+settings stored beside them, which `evaluate_checkpoint` refuses just the same.
 """
 import dataclasses
 import json
@@ -15,7 +16,8 @@ import math
 import os
 import warnings
 
-from refham.checkpoint import atomic_write, read_json_lines
+from refham.checkpoint import (
+    CheckpointError, atomic_write, describe_names, read_json_lines)
 from refham.mixer import ParamError, check_params, param_shapes
 from refham.train_config import RESUMABLE_CHANGES, TrainConfig, TrainConfigError
 
@@ -71,17 +73,27 @@ def check_resumable(ck, path, cfg, model_config, optimizer, steps_per_epoch, rng
     if ck.rng_state != rng_state(ck.step):
         raise ResumeError(f"{path} records the random state {ck.rng_state!r}, not "
                           f"{rng_state(ck.step)!r}: it cannot be resumed exactly by this version")
-    _check_arrays(ck, path, cfg.dtype, model_config, optimizer)
+    check_parameters(ck.params, path, cfg.dtype, model_config)
+    _check_optimizer_state(ck, path, optimizer)
 
 
-def _check_arrays(ck, path, dtype, model_config, optimizer):
-    """Parameters: the model's names and shapes, all in `dtype`. Optimiser state: one array per
-    slot and parameter, each shaped and typed like its parameter, and `step` = the run's step."""
+def check_parameters(params, path, dtype, model_config):
+    """Raise CheckpointError unless `params` (from the checkpoint at `path`) are exactly the
+    parameters of `model_config` — names and shapes — all of `dtype`: what the settings stored
+    beside them imply (resume and evaluation both rely on it)."""
     try:
-        check_params(param_shapes(model_config), ck.params)
+        check_params(param_shapes(model_config), params)
     except ParamError as exc:
-        raise ResumeError(f"{path}: {exc}") from exc
-    wrong = [f"{name} is {a.dtype}" for name, a in ck.params.items() if a.dtype != dtype]
+        raise CheckpointError(f"{path}: {exc}") from exc
+    wrong = [f"{name} is {a.dtype}" for name, a in params.items() if a.dtype != dtype]
+    if wrong:
+        raise CheckpointError(f"{path}: its settings say {dtype}, but {describe_names(wrong)}")
+
+
+def _check_optimizer_state(ck, path, optimizer):
+    """One array per slot of `optimizer` and parameter, each shaped and typed like its
+    parameter, and a `step` that is the run's step (an int)."""
+    wrong = []
     expected = {f"{slot}/{name}" for slot in optimizer.SLOTS for name in ck.params} | {"step"}
     missing, extra = sorted(expected - set(ck.optim_state)), sorted(set(ck.optim_state) - expected)
     if missing or extra:
@@ -98,7 +110,7 @@ def _check_arrays(ck, path, dtype, model_config, optimizer):
                          f"{ck.step}")
     if wrong:
         shown = "; ".join(wrong[:4]) + (f"; and {len(wrong) - 4} more" if len(wrong) > 4 else "")
-        raise ResumeError(f"{path} does not fit a {dtype} run of this model: {shown}")
+        raise ResumeError(f"{path}: its optimiser state does not fit its parameters: {shown}")
 
 
 def checked_progress(ck, path, progress_type):

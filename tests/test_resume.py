@@ -10,10 +10,10 @@ import warnings
 import numpy as np
 import pytest
 
-from refham.checkpoint import load_checkpoint, save_checkpoint
+from refham.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from refham.cli import main
 from refham.resume import MetricsLogWarning, ResumeError
-from refham.train import _Run, train
+from refham.train import _Run, evaluate_checkpoint, train
 from refham.train_config import TrainConfig
 
 TINY = ["--data", "synthetic", "--dim", "8", "--depth", "1", "--batch-size", "32",
@@ -70,8 +70,6 @@ def test_the_untouched_copy_resumes_to_the_end(run):
     (lambda ck: dict(optim_state={**ck.optim_state,
                                   "v/head.bias": ck.optim_state["v/head.bias"].astype("f8")}),
      r"v/head.bias is float64\[4\]"),
-    (lambda ck: dict(params={**ck.params, "head.bias": ck.params["head.bias"].astype("f8")}),
-     "a float32 run of this model: head.bias is float64"),
     (lambda ck: dict(optim_state={k: v for k, v in ck.optim_state.items()
                                   if not k.startswith("v/")}),
      r"not AdamW's for these parameters \(missing \['v/"),
@@ -79,8 +77,6 @@ def test_the_untouched_copy_resumes_to_the_end(run):
      "the optimiser's step 3 is not the run's 16"),
     (lambda ck: dict(optim_state={**ck.optim_state, "step": 16.0}),
      "the optimiser's step 16.0 is not the run's 16"),
-    (lambda ck: dict(params={k: v for k, v in ck.params.items() if k != "head.bias"}),
-     "parameters do not match the config; missing: head.bias"),
     (lambda ck: dict(step=10 ** 9, epoch=10 ** 9 // 8), "at step 1000000000, .* of 24 steps"),
     (lambda ck: dict(epoch=1), "at step 16, epoch 1: not a point"),
     (lambda ck: dict(config={**ck.config, "model": {**ck.config["model"], "depth": 2}}),
@@ -101,6 +97,23 @@ def test_a_checkpoint_that_cannot_continue_the_run_is_refused(run, damage, messa
     with pytest.raises(ResumeError, match=message):
         train(run, resume=True)
     assert open(os.path.join(run.out, "metrics.jsonl"), "rb").read() == before
+
+
+@pytest.mark.parametrize("params, message", [
+    (lambda p: {**p, "head.bias": p["head.bias"].astype("f8")},
+     "its settings say float32, but head.bias is float64"),
+    (lambda p: {k: v.astype(np.int8) for k, v in p.items()}, "but stem.proj.weight is int8, "),
+    (lambda p: {**p, "head.bias": p["head.bias"].astype("c8")}, "head.bias is complex64"),
+    (lambda p: {k: v for k, v in p.items() if k != "head.bias"},
+     "parameters do not match the config; missing: head.bias"),
+])
+def test_parameters_that_do_not_fit_the_stored_settings_are_refused_by_resume_and_eval(
+        run, params, message):
+    _resave(run.out, params=params(load_checkpoint(os.path.join(run.out, "last.npz")).params))
+    with pytest.raises(CheckpointError, match=message):
+        train(run, resume=True)
+    with pytest.raises(CheckpointError, match=message):
+        evaluate_checkpoint(os.path.join(run.out, "last.npz"))
 
 
 def test_import_as_checkpoint_then_resume_says_what_the_file_is(run, tmp_path, capsys):
