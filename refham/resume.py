@@ -114,8 +114,9 @@ def _check_optimizer_state(ck, path, optimizer):
 
 
 def checked_progress(ck, path, progress_type):
-    """`ck.metrics` as a `progress_type` (a dataclass of int and float fields): every field
-    present, ints ≥ 0 for the int fields, finite numbers for the float ones."""
+    """`ck.metrics` as a `progress_type` (a dataclass of int and float fields with defaults):
+    no unknown field, ints ≥ 0 for the int fields, finite numbers for the float ones; a field
+    it lacks (one added after the checkpoint was written) takes its default."""
     fields = {f.name: f.type for f in dataclasses.fields(progress_type)}
     metrics = ck.metrics
 
@@ -123,7 +124,7 @@ def checked_progress(ck, path, progress_type):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         return value >= 0 and isinstance(value, int) if kind is int else math.isfinite(value)
-    if set(metrics) != set(fields) or not all(fits(metrics[k], t) for k, t in fields.items()):
+    if not set(metrics) <= set(fields) or not all(fits(v, fields[k]) for k, v in metrics.items()):
         raise ResumeError(f"{path}: its progress record {metrics!r} is not one of `refham "
                           f"train` (expected the fields {sorted(fields)})")
     return progress_type(**metrics)

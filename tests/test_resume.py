@@ -64,6 +64,13 @@ def test_the_untouched_copy_resumes_to_the_end(run):
     assert train(run, resume=True)["step"] == 24
 
 
+def test_a_progress_field_the_checkpoint_predates_takes_its_default(run):
+    ck = load_checkpoint(os.path.join(run.out, "last.npz"))
+    _resave(run.out, metrics={k: v for k, v in ck.metrics.items() if k != "wall_time"})
+    assert train(run, resume=True)["status"] == "finished"
+    assert load_checkpoint(os.path.join(run.out, "last.npz")).step == 24
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda ck: dict(optim_state={**ck.optim_state, "m/head.bias": np.zeros((1, 1), "f4")}),
      r"m/head.bias is float32\[1, 1\], its parameter float32\[4\]"),
@@ -87,7 +94,8 @@ def test_the_untouched_copy_resumes_to_the_end(run):
      "unusable training settings: lr must be of type float"),
     (lambda ck: dict(rng_state={"scheme": "other"}), "records the random state"),
     (lambda ck: dict(metrics={**ck.metrics, "best_epoch": -1}), "progress record"),
-    (lambda ck: dict(metrics={"wall_time": 1.0}), "progress record"),
+    (lambda ck: dict(metrics={"wall_time": 1.0, "junk": 2}), "progress record"),
+    (lambda ck: dict(metrics={**ck.metrics, "wall_time": "1 h"}), "progress record"),
     (lambda ck: dict(config={"model": ck.config["model"], "imported_from": "w.npz"}),
      "not a checkpoint of `refham train`"),
 ])
