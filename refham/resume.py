@@ -162,7 +162,7 @@ def finished_records(metrics_path, epochs_done):
     def is_record(value):
         epoch = value.get("epoch") if isinstance(value, dict) else None
         return isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1
-    records, damaged = read_json_lines(metrics_path, is_record)
+    records, damaged = read_json_lines(metrics_path, is_record, ResumeError)
     if damaged:
         warnings.warn(f"{metrics_path}: left out {len(damaged)} damaged line(s) (line "
                       f"{', '.join(map(str, damaged[:5]))}{', …' if len(damaged) > 5 else ''}); "

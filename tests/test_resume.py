@@ -171,6 +171,13 @@ def test_metadata_of_the_wrong_type_is_a_clear_error_from_the_command_line(run, 
     assert err.count("\n") == 1 and "metadata has step -1 (an integer >= 0 expected)" in err
 
 
+def test_a_metrics_log_that_cannot_be_read_is_a_clear_error(run):
+    os.remove(os.path.join(run.out, "metrics.jsonl"))
+    os.mkdir(os.path.join(run.out, "metrics.jsonl"))
+    with pytest.raises(ResumeError, match=r"metrics.jsonl cannot be read \(Is a directory\)"):
+        train(run, resume=True)
+
+
 def test_damaged_metrics_lines_are_left_out_with_a_warning_and_the_run_continues(run):
     metrics = os.path.join(run.out, "metrics.jsonl")
     good = open(metrics, "rb").read().splitlines()
