@@ -1,6 +1,7 @@
 """The Mixer's initialisation rules, :eq:`X-init` (timm's MlpMixer, as the paper's code uses
-it): `initial_value` says which parameter gets which rule. Each rule draws from a numpy Generator on the host; `Mixer.init` applies `initial_value` to the
-parameters in state_dict order, so a seed fixes every number on every backend.
+it): `initial_value` says which parameter gets which rule. Each rule draws from a numpy
+Generator on the host; `Mixer.init` applies `initial_value` to the parameters in state_dict
+order, so a seed fixes every number on every backend.
 """
 import math
 

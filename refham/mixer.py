@@ -226,6 +226,11 @@ def head_backward(cache, dlogits):
 # ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
+def _under(params, prefix):
+    """{name with `prefix` removed: array} for the parameters whose names start with it."""
+    return {name[len(prefix):]: w for name, w in params.items() if name.startswith(prefix)}
+
+
 class Mixer:
     """A Mixer of the family fixed by `config`: init, forward, hand-written backward and loss.
 
@@ -285,14 +290,12 @@ class Mixer:
     def block_weights(self, params, block):
         """The parameters of block `block` by their names within the block ('norm.weight',
         'mlp_tokens.fc2.weight', …), as the `blocks` functions take them."""
-        prefix = f"blocks.{block}."
-        return {name[len(prefix):]: w for name, w in params.items() if name.startswith(prefix)}
+        return _under(params, f"blocks.{block}.")
 
     def mlp_weights(self, params, block, mlp):
         """The weights of MLP `mlp` ('mlp_tokens' | 'mlp_channels') of block `block`, keyed by
         their names within the MLP ('fc1.weight', …), as `layers.mlp_forward` takes them."""
-        prefix = f"blocks.{block}.{mlp}."
-        return {name[len(prefix):]: w for name, w in params.items() if name.startswith(prefix)}
+        return _under(params, f"blocks.{block}.{mlp}.")
 
     def block_update(self, params, block, g):
         """u(g) = T(g) + Ch(g): what a parallel block adds to x, at g = LN(x) (B, S, C). For the
