@@ -240,11 +240,11 @@ class Mixer:
     ==================================== ================ =====================================
     name                                 shape            role
     ==================================== ================ =====================================
-    stem.proj.weight, .bias              (C, C_in, p, p), patch embedding, :eq:`X-patch-embed`
-                                         (C,)
-    blocks.{i}.norm1, .norm2 (.weight,   (S, C) joint,    vanilla only: LN₁, LN₂ of the serial
-    .bias)                               (C,) channel     block, :eq:`X-serial-block`
-    blocks.{i}.norm (.weight, .bias)     as above         the others: the one LN of the
+    stem.proj.weight                     (C, C_in, p, p)  patch embedding, :eq:`X-patch-embed`
+    stem.proj.bias                       (C,)             patch embedding
+    blocks.{i}.norm1|norm2.weight|bias   (S, C) joint,    vanilla only: LN₁, LN₂ of the serial
+                                         (C,) channel     block, :eq:`X-serial-block`
+    blocks.{i}.norm.weight|bias          as above         the others: the one LN of the
                                                           parallel block, :eq:`X-parallel-block`
     blocks.{i}.mlp_tokens.fc1.weight     (N_s, S)         vanilla, paramixer: W₁ (input);
                                                           asymmixer: W₁ (input, and W₁ᵀ in the
@@ -252,13 +252,12 @@ class Mixer:
     blocks.{i}.mlp_tokens.fc2.weight     (S, N_s)         vanilla, paramixer: W₂ (output),
                                                           :eq:`X-mlp-vanilla`; asymmixer: W₂,
                                                           the symmetry breaking, :eq:`X-mlp-asym`
-                                         (N_s, S)         symmixer: the one tied W (input W,
+    blocks.{i}.mlp_tokens.fc2.weight     (N_s, S)         symmixer: the one tied W (input W,
                                                           output Wᵀ), :eq:`X-mlp-sym`
-    blocks.{i}.mlp_tokens.fc1.bias,      (N_s,), (S,)     vanilla, paramixer with bias=True only
-    .fc2.bias
+    blocks.{i}.mlp_tokens.fc1|fc2.bias   (N_s,), (S,)     vanilla, paramixer with bias=True only
     blocks.{i}.mlp_channels.…            as mlp_tokens    with (S, N_s) → (C, N_c)
-    norm.weight, norm.bias               (C,)             the final LN over C, :eq:`X-head`
-    head.weight, head.bias               (K, C), (K,)     the classifier, :eq:`X-head`
+    norm.weight|bias                     (C,)             the final LN over C, :eq:`X-head`
+    head.weight|bias                     (K, C), (K,)     the classifier, :eq:`X-head`
     ==================================== ================ =====================================
 
     The trap: `fc2` is the (h, in) input matrix in the SymMixer but the (in, h) output (vanilla,
