@@ -13,9 +13,9 @@ paper's per-element affine g = γ⊙x̂ + δ, J v = γ⊙(H₀v), H₀ the Hessi
 Lagrangian: dE₀/dt = −⟨u, γ⊙H₀u⟩ = −⟨γ⊙u, H₀u⟩ is not a negative semidefinite form, no Lagrangian
 (hence no E) exists, and E₀ can rise (tests/test_mixer_energy.py holds found examples).
 
-    block = MixerBlock(config, params, block=0, affine="scalar")   # energy-exact
-    traj = block.integrate(x0, dt=0.01, n_steps=100, kappa=1)  # traj.energies: E per step, (n+1, B)
-    MixerBlock(config, params, 0).unit_step(x)      # default affine: the model's block itself
+    MixerBlock(config, params, block=0).unit_step(x)       # default affine: the model's block
+    block = MixerBlock(config, params, block=0, affine="scalar")            # energy-exact
+    traj = block.integrate(x0, dt=0.01, n_steps=100, kappa=1)  # traj.energies: E per step (n+1, B)
     block.energy0(x), block.energy0_rate(x, kappa=0)           # with either affine
     symmetry_measures(config, params)   # {"blocks.0.mlp_tokens.cos": 1.0, …} for the JSONL log
 
