@@ -72,10 +72,11 @@ class MixerBlock:
     (co-coercivity of ∇L_v). For a convex F (ρ = 0) that is every dt ≤ 1; with GELU's
     non-convex Φ and ε = 1e-6 the bound is tiny.
     Observed (`digits` SymMixer, scalar γ, each block's inputs for the 359 test images): no rise
-    at dt ≤ 1; with init weights (seeds 0, 1) the first rises at dt = 1.4–1.8 (one input in
-    359), and at dt = 2.0–2.2 in 12–99% of the inputs of blocks 2–3; with trained weights (98.6%
-    test accuracy) none up to dt = 8; random x of scale 3: from dt ≈ 2.3. The unit step with
-    κ = 0 (the block itself) can raise E₀ (tests/test_mixer_energy.py holds an example).
+    at dt ≤ 1. Init weights (seeds 0, 1): blocks 0–1 none up to dt = 3; blocks 2–3 first rise at
+    dt = 1.4–1.8, then E rises for 12–100% of the inputs at dt = 2.0 and 51–100% at dt = 2.2.
+    Trained weights (98.6% test accuracy): none up to dt = 8. Random x of scale 3: from
+    dt ≈ 2.3. The unit step with κ = 0 (the block itself) can raise E₀
+    (tests/test_mixer_energy.py holds an example).
     """
 
     def __init__(self, config, params, block, affine=None):
