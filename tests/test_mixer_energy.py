@@ -3,7 +3,9 @@ E and E₀ never rise along the continuous dynamics (M3) with a scalar γ; found
 they do rise (per-element γ of mixed sign, per-element γ all positive, and the unit Euler step
 that the block takes); the AsymMixer pseudo-energy; symmetry measures. S ≠ C and N_s ≠ N_c
 throughout (N_s = int(C/2)·r, N_c = 4C·r)."""
+import importlib.util
 import json
+import pathlib
 
 import autograd
 import numpy as np
@@ -261,6 +263,22 @@ def test_the_unit_euler_step_can_raise_E0_with_scalar_gamma():
     assert float(to_numpy(block.energy0(block.unit_step(x)))[0]) > e0 + 0.1
     small_step = block.integrate(x, dt=0.01, n_steps=1, kappa=0, method="euler")
     assert float(to_numpy(small_step.energies[-1])[0]) < e0
+
+
+def test_euler_step_size_example_reports_the_observed_rises(capsys, tmp_path):
+    """examples/euler_step_size.py on init weights (seed 0): no rise at dt = 1, the deepest
+    block's E rises for most inputs at dt = 2.2, as the MixerBlock docstring says."""
+    path = pathlib.Path(__file__).parents[1] / "examples" / "euler_step_size.py"
+    spec = importlib.util.spec_from_file_location("euler_step_size", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(["--dt", "1", "2.2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("359 test images") and len(lines) == 5
+    assert all("dt 1: 0.0%" in line for line in lines[1:])
+    assert float(lines[4].split("dt 2.2: ")[1].split("%")[0]) > 50
+    assert example.main([str(tmp_path / "missing.npz")]) == 2
+    assert "cannot use" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------- AsymMixer
