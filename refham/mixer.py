@@ -339,8 +339,8 @@ class Mixer:
                                             params["stem.proj.bias"])
         block_caches = []
         for block, rate in enumerate(drop_path_rates(cfg)):
-            masks = [tuple(drop_path_mask(rate, x.shape[0], drop_rng, x.dtype) for _ in range(2))
-                     for _ in range(cfg.n_iter)]
+            masks = [tuple(drop_path_mask(rate, x.shape[0], drop_rng, x.dtype)
+                           for _branch in ("tokens", "channels")) for _ in range(cfg.n_iter)]
             block_observe = None if observe is None else (
                 lambda t, state, block=block: observe(block, t, state))
             x, cache = self._block_forward(x, self.block_weights(params, block), cfg.mlp_kind,
