@@ -16,7 +16,8 @@ the channel axis −1), both of one MLP kind (`layers.mlp_forward`: 'vanilla', '
 (m_tokens, m_channels) per iteration: x ← x + m_t ⊙ T(·) … ; None keeps a branch whole.
 """
 from refham.layers import (
-    CHANNEL_AXIS, TOKEN_AXIS, InputError, layernorm_backward, layernorm_forward, mlp_backward, mlp_forward)
+    CHANNEL_AXIS, TOKEN_AXIS, InputError, layernorm_backward, layernorm_forward, mlp_backward,
+    mlp_forward)
 
 # The layers of one block, in the order of the paper's models' state_dict().
 BLOCK_LAYERS = {"serial": ("norm1", "mlp_tokens", "norm2", "mlp_channels"),

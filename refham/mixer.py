@@ -226,6 +226,11 @@ def head_backward(cache, dlogits):
 # ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
+def _under(params, prefix):
+    """{name with `prefix` removed: array} for the parameters whose names start with it."""
+    return {name[len(prefix):]: w for name, w in params.items() if name.startswith(prefix)}
+
+
 class Mixer:
     """A Mixer of the family fixed by `config`: init, forward, hand-written backward and loss.
 
@@ -235,11 +240,11 @@ class Mixer:
     ==================================== ================ =====================================
     name                                 shape            role
     ==================================== ================ =====================================
-    stem.proj.weight, .bias              (C, C_in, p, p), patch embedding, :eq:`X-patch-embed`
-                                         (C,)
-    blocks.{i}.norm1, .norm2 (.weight,   (S, C) joint,    vanilla only: LN₁, LN₂ of the serial
-    .bias)                               (C,) channel     block, :eq:`X-serial-block`
-    blocks.{i}.norm (.weight, .bias)     as above         the others: the one LN of the
+    stem.proj.weight                     (C, C_in, p, p)  patch embedding, :eq:`X-patch-embed`
+    stem.proj.bias                       (C,)             patch embedding
+    blocks.{i}.norm1|norm2.weight|bias   (S, C) joint,    vanilla only: LN₁, LN₂ of the serial
+                                         (C,) channel     block, :eq:`X-serial-block`
+    blocks.{i}.norm.weight|bias          as above         the others: the one LN of the
                                                           parallel block, :eq:`X-parallel-block`
     blocks.{i}.mlp_tokens.fc1.weight     (N_s, S)         vanilla, paramixer: W₁ (input);
                                                           asymmixer: W₁ (input, and W₁ᵀ in the
@@ -247,13 +252,12 @@ class Mixer:
     blocks.{i}.mlp_tokens.fc2.weight     (S, N_s)         vanilla, paramixer: W₂ (output),
                                                           :eq:`X-mlp-vanilla`; asymmixer: W₂,
                                                           the symmetry breaking, :eq:`X-mlp-asym`
-                                         (N_s, S)         symmixer: the one tied W (input W,
+    blocks.{i}.mlp_tokens.fc2.weight     (N_s, S)         symmixer: the one tied W (input W,
                                                           output Wᵀ), :eq:`X-mlp-sym`
-    blocks.{i}.mlp_tokens.fc1.bias,      (N_s,), (S,)     vanilla, paramixer with bias=True only
-    .fc2.bias
+    blocks.{i}.mlp_tokens.fc1|fc2.bias   (N_s,), (S,)     vanilla, paramixer with bias=True only
     blocks.{i}.mlp_channels.…            as mlp_tokens    with (S, N_s) → (C, N_c)
-    norm.weight, norm.bias               (C,)             the final LN over C, :eq:`X-head`
-    head.weight, head.bias               (K, C), (K,)     the classifier, :eq:`X-head`
+    norm.weight|bias                     (C,)             the final LN over C, :eq:`X-head`
+    head.weight|bias                     (K, C), (K,)     the classifier, :eq:`X-head`
     ==================================== ================ =====================================
 
     The trap: `fc2` is the (h, in) input matrix in the SymMixer but the (in, h) output (vanilla,
@@ -285,14 +289,12 @@ class Mixer:
     def block_weights(self, params, block):
         """The parameters of block `block` by their names within the block ('norm.weight',
         'mlp_tokens.fc2.weight', …), as the `blocks` functions take them."""
-        prefix = f"blocks.{block}."
-        return {name[len(prefix):]: w for name, w in params.items() if name.startswith(prefix)}
+        return _under(params, f"blocks.{block}.")
 
     def mlp_weights(self, params, block, mlp):
         """The weights of MLP `mlp` ('mlp_tokens' | 'mlp_channels') of block `block`, keyed by
         their names within the MLP ('fc1.weight', …), as `layers.mlp_forward` takes them."""
-        prefix = f"blocks.{block}.{mlp}."
-        return {name[len(prefix):]: w for name, w in params.items() if name.startswith(prefix)}
+        return _under(params, f"blocks.{block}.{mlp}.")
 
     def block_update(self, params, block, g):
         """u(g) = T(g) + Ch(g): what a parallel block adds to x, at g = LN(x) (B, S, C). For the
@@ -337,8 +339,8 @@ class Mixer:
                                             params["stem.proj.bias"])
         block_caches = []
         for block, rate in enumerate(drop_path_rates(cfg)):
-            masks = [tuple(drop_path_mask(rate, x.shape[0], drop_rng, x.dtype) for _ in range(2))
-                     for _ in range(cfg.n_iter)]
+            masks = [tuple(drop_path_mask(rate, x.shape[0], drop_rng, x.dtype)
+                           for _branch in ("tokens", "channels")) for _ in range(cfg.n_iter)]
             block_observe = None if observe is None else (
                 lambda t, state, block=block: observe(block, t, state))
             x, cache = self._block_forward(x, self.block_weights(params, block), cfg.mlp_kind,

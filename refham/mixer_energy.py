@@ -13,9 +13,10 @@ paper's per-element affine g = γ⊙x̂ + δ, J v = γ⊙(H₀v), H₀ the Hessi
 Lagrangian: dE₀/dt = −⟨u, γ⊙H₀u⟩ = −⟨γ⊙u, H₀u⟩ is not a negative semidefinite form, no Lagrangian
 (hence no E) exists, and E₀ can rise (tests/test_mixer_energy.py holds found examples).
 
-    block = MixerBlock(config, params, block=0)               # affine="scalar": energy-exact
-    traj = block.integrate(x0, dt=0.01, n_steps=100, kappa=1)  # traj.energies: E per step, (n+1, B)
-    block.energy0(x), block.energy0_rate(x, kappa=0)           # also with affine="per_element"
+    MixerBlock(config, params, block=0).unit_step(x)       # default affine: the model's block
+    block = MixerBlock(config, params, block=0, affine="scalar")            # energy-exact
+    traj = block.integrate(x0, dt=0.01, n_steps=100, kappa=1)  # traj.energies: E per step (n+1, B)
+    block.energy0(x), block.energy0_rate(x, kappa=0)           # with either affine
     symmetry_measures(config, params)   # {"blocks.0.mlp_tokens.cos": 1.0, …} for the JSONL log
 
 States x are (B, S, C) arrays; energies and rates are (B,).
@@ -32,8 +33,9 @@ from refham.layers import layernorm_forward, linear_forward
 from refham.mixer import Mixer, MixerConfig, check_params
 
 AFFINES = ("scalar", "per_element")
+_MODEL_AFFINE = {"element": "per_element", "scalar": "scalar"}  # MixerConfig.norm_affine → affine
 KAPPAS = (0, 1)
-RECORDS = ("energy", "energy0")
+RECORDS = ("lyapunov_energy", "pseudo_energy", "energy0")
 _NORM_AXES = {"joint": (-2, -1), "channel": (-1,)}
 _HIDDEN = GELU()
 
@@ -50,21 +52,44 @@ def _inner(a, b):
 class MixerBlock:
     """One parallel block of a SymMixer (or AsymMixer) as a continuous-time system in x (B, S, C).
 
-    affine="scalar" ("energy-exact", the default): γ is the mean of the block's norm weight
-    (exactly the model where that weight is uniform, e.g. at initialisation), δ the model's bias
-    (a per-element δ keeps a Lagrangian: L_v = γDσ + ⟨δ, x⟩). affine="per_element": the paper's
-    γ, δ as trained; then only E₀, its rate and the dynamics exist.
-    AsymMixer blocks have the pseudo-energy (`energy`, scalar affine) and the dynamics only.
+    affine=None (the default): the model's own layer norm, so `unit_step` is the trained block
+    itself: per-element γ, δ for the paper's models (config.norm_affine 'element', or no such
+    field), the scalar γ of an energy-exact model (norm_affine 'scalar').
+    affine="per_element": the paper's γ, δ as trained; then only E₀, its rate and the dynamics
+    exist (g has no Lagrangian).
+    affine="scalar" (energy-exact): γ is the mean of the block's norm weight (exactly the model
+    where that weight is uniform, e.g. at initialisation or in an energy-exact model; otherwise a
+    different block), δ the model's bias (a per-element δ keeps a Lagrangian:
+    L_v = γDσ + ⟨δ, x⟩); then the Lyapunov energy E (M2) and its rate exist too.
+    AsymMixer blocks have the pseudo-energy (`pseudo_energy`, scalar affine) and the dynamics.
+
+    Step size (SymMixer, scalar γ > 0): along the exact flow of (M3) E (κ = 1) and E₀ (κ = 0)
+    never rise (M4). A discrete Euler step x' = x + dt(u − x) (κ = 1) provably does not raise E
+    when dt ≤ 1/(1 + ρM/2), where ρ = c·(‖W_t‖₂² + ‖W_c‖₂²) bounds the negative curvature of F
+    (c = −min GELU′ = 0.1289, at z = −√2) and M = γ/√ε bounds H_v. Proof, g' = g(x'): with
+    E = L_v*(g) − F(g), convexity of L_v* and ∇²F ⪰ −ρ give E(x') − E(x) ≤ ⟨x' − u, g' − g⟩ +
+    (ρ/2)‖g' − g‖², where x' − u = −((1 − dt)/dt)(x' − x); and ⟨x' − x, g' − g⟩ ≥ ‖g' − g‖²/M
+    (co-coercivity of ∇L_v). For a convex F (ρ = 0) that is every dt ≤ 1; with GELU's
+    non-convex Φ and ε = 1e-6 the bound is tiny.
+    Observed (`digits` SymMixer, scalar γ, each block's inputs for the 359 test images): no rise
+    at dt ≤ 1. Init weights (seeds 0, 1): blocks 0–1 none up to dt = 3; blocks 2–3 first rise at
+    dt = 1.4–1.8, then E rises for 12–100% of the inputs at dt = 2.0 and 51–100% at dt = 2.2.
+    Trained weights (98.6% test accuracy): none up to dt = 8. Random x of scale 3: from
+    dt ≈ 2.3. The unit step with κ = 0 (the block itself) can raise E₀
+    (tests/test_mixer_energy.py holds an example).
     """
 
-    def __init__(self, config, params, block, affine="scalar"):
+    def __init__(self, config, params, block, affine=None):
         if not isinstance(config, MixerConfig):
             raise TypeError(f"MixerBlock needs a MixerConfig (see make_config), got {type(config)}")
         if config.mlp_kind not in ("sym", "asym"):
             raise EnergyError(f"model {config.model!r} has untied MLPs and no block energy: use "
                               f"symmixer (energy, E₀) or asymmixer (pseudo-energy)")
+        if affine is None:
+            affine = _MODEL_AFFINE[getattr(config, "norm_affine", "element")]
         if affine not in AFFINES:
-            raise EnergyError(f"unknown affine {affine!r}: choose one of {', '.join(AFFINES)}")
+            raise EnergyError(f"unknown affine {affine!r}: choose one of {', '.join(AFFINES)} "
+                              f"(or None: the model's own)")
         try:
             block = operator.index(block)
         except TypeError:
@@ -117,14 +142,14 @@ class MixerBlock:
         """Energies (other than the asym pseudo-energy) need u = ∇F: a SymMixer block."""
         if not self.symmetric:
             raise EnergyError("an AsymMixer block (W₂ ≠ 0) has no energy: ∂u/∂g is not "
-                              "symmetric; use `energy` (the pseudo-energy) or the dynamics")
+                              "symmetric; use `pseudo_energy` or the dynamics")
 
     def _require_lagrangian(self):
         """E (M2) needs the layernorm Lagrangian L_v: the scalar affine."""
         if self.lagrangian is None:
             raise EnergyError("E (M2) and the asym pseudo-energy need the Lagrangian L_v, which "
                               "the per-element affine lacks (∂g/∂x is not symmetric): use "
-                              "affine='scalar', or energy0")
+                              "affine='scalar' (γ = the mean of the norm weight), or energy0")
 
     # -- the block's pieces
     def activation(self, x):
@@ -151,22 +176,37 @@ class MixerBlock:
         return self.update(self.activation(x)) - _kappa(kappa) * x
 
     def unit_step(self, x):
-        """x + u(g): the block itself, the Euler step of (M3) with κ = 0 and dt = 1."""
+        """x + u(g): the Euler step of (M3) with κ = 0 and dt = 1; with the default affine the
+        model's block itself. It can raise E₀ even with a scalar γ (see the class docstring)."""
         self._check_state(x)
         return euler_step(lambda state: self.velocity(state, 0), x, 1.0)
 
     # -- energies and their rates
-    def energy(self, x):
-        """(M2) E(x) = ⟨x, g⟩ − L_v(x) − F(g), with ⟨x, g⟩ − L_v = −γDε/σ in closed form.
-        AsymMixer: the pseudo-energy E + ½⟨g, W₂ᵗᵒᵏ GELU(W₁ᵗᵒᵏ g)⟩ + ½⟨g, GELU(g W₁ᶜʰᵀ)W₂ᶜʰᵀ⟩
-        (DESIGN §5.3's sign, kept for comparability with the paper's plots). Not a Lyapunov
-        function; note that −∂/∂g of the added terms points against the breaking part of u
-        (a −½ would point along it). Scalar affine only."""
-        self._check_state(x)
+    def _legendre_minus_hidden(self, x):
+        """⟨x, g⟩ − L_v(x) − F(g), with ⟨x, g⟩ − L_v = −γDε/σ in closed form."""
         self._require_lagrangian()
+        return self.lagrangian.energy(x, event_ndim=2) - self.hidden_lagrangian(
+            self.activation(x))
+
+    def lyapunov_energy(self, x):
+        """E(x) = ⟨x, g⟩ − L_v(x) − F(g), :eq:`M2`: the SymMixer block's energy, non-increasing
+        along the flow of (M3) with κ = 1, :eq:`M4`. SymMixer and scalar affine only."""
+        self._check_state(x)
+        self._require_symmetric()
+        return self._legendre_minus_hidden(x)
+
+    def pseudo_energy(self, x):
+        """:eq:`M-pseudo` E(x) + ½⟨g, W₂ᵗᵒᵏ GELU(W₁ᵗᵒᵏ g)⟩ + ½⟨g, GELU(g W₁ᶜʰᵀ)W₂ᶜʰᵀ⟩, E the
+        Lyapunov energy's form with W = W₁ (DESIGN §5.3's sign, kept for comparability with the
+        paper's plots). Not a Lyapunov function: it can rise along the dynamics; note that
+        −∂/∂g of the added terms points against the breaking part of u (a −½ would point along
+        it). AsymMixer and scalar affine only."""
+        self._check_state(x)
+        if self.symmetric:
+            raise EnergyError("pseudo_energy is the AsymMixer's; a SymMixer block has a true "
+                              "energy: use lyapunov_energy")
         g = self.activation(x)
-        energy = self.lagrangian.energy(x, event_ndim=2) - self.hidden_lagrangian(g)
-        return energy if self.symmetric else energy + 0.5 * _inner(g, self._breaking_update(g))
+        return self._legendre_minus_hidden(x) + 0.5 * _inner(g, self._breaking_update(g))
 
     def _breaking_update(self, g):
         """W₂ᵗᵒᵏ GELU(W₁ᵗᵒᵏ g) + GELU(g W₁ᶜʰᵀ) W₂ᶜʰᵀ, the asym MLPs' symmetry-breaking part."""
@@ -186,7 +226,7 @@ class MixerBlock:
         self._require_lagrangian()
         return x - self.update(self.activation(x))
 
-    def energy_rate(self, x, kappa):
+    def lyapunov_energy_rate(self, x, kappa):
         """dE/dt = ⟨∂E/∂g, H_v ẋ⟩ = ⟨x − u, H_v ẋ⟩ along (M3); for κ = 1, x − u = −ẋ and
         dE/dt = −⟨ẋ, H_v ẋ⟩ ≤ 0 (M4)."""
         self._check_state(x)
@@ -206,11 +246,14 @@ class MixerBlock:
     # -- trajectories
     def integrate(self, x0, dt, n_steps, kappa=1, method="rk4", record=None):
         """n_steps fixed steps of (M3) by dynamics.integrate ("rk4" | "euler"), recording
-        `record`: "energy" (E, or the asym pseudo-energy) or "energy0" (E₀); by default the
-        Lyapunov function of κ: E for κ = 1, E₀ for κ = 0. Returns a dynamics.Trajectory."""
+        `record` ("lyapunov_energy", "pseudo_energy" or "energy0"); by default the Lyapunov
+        function of κ: E for κ = 1 (the pseudo-energy for an AsymMixer block), E₀ for κ = 0.
+        E needs affine="scalar". Returns a dynamics.Trajectory."""
         self._check_state(x0, "x0")
         kappa = _kappa(kappa)
-        record = record or ("energy" if kappa == 1 else "energy0")
+        if record is None and kappa == 1:
+            record = "lyapunov_energy" if self.symmetric else "pseudo_energy"
+        record = record or "energy0"
         if record not in RECORDS:
             raise EnergyError(f"unknown record {record!r}: choose one of {', '.join(RECORDS)}")
         energy = getattr(self, record)

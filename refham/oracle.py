@@ -163,7 +163,7 @@ def mixer_golden(model, *, size="digits", n_iter=1, norm="joint", lam=0.0, label
 def _block_energies(config, params, block, states):
     """(B, n_iter + 1): E₀(x⁽ᵗ⁾) = −F(g(x⁽ᵗ⁾)) of block `block` with the model's own affine."""
     from refham.mixer_energy import MixerBlock
-    energy_block = MixerBlock(config, params, block, affine="per_element")
+    energy_block = MixerBlock(config, params, block)  # the default affine: the model's own
     return numpy.stack([to_numpy(energy_block.energy0(states[block, t]))
                         for t in range(config.n_iter + 1)], axis=1)
 

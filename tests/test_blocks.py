@@ -135,7 +135,8 @@ def test_block_forward_is_its_equation(layout, kind, bias, joint):
 
 
 def test_masks_must_match_the_iterations():
-    weights = {n: asarray(w) for n, w in draw_block(0, "parallel", "sym", False, 2, 3, True).items()}
+    weights = draw_block(0, "parallel", "sym", False, 2, 3, True)
+    weights = {name: asarray(w) for name, w in weights.items()}
     with pytest.raises(InputError, match="one .* pair per iteration"):
         parallel_block_forward(asarray(np.ones((1, 2, 3))), weights, "sym", n_iter=2,
                                masks=draw_masks(0, 1, 1))

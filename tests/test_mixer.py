@@ -1,7 +1,9 @@
 """refham.mixer: whole-model gradients against autograd, an independent named-axis reference
 forward (S ≠ C ≠ N_s, so swapped token/channel axes fail), the SymMixer block as ∇F, AsymMixer
 symmetry breaking, drop path, config and input validation, and the timm state interop."""
+import inspect
 import pathlib
+import re
 import sys
 
 import autograd
@@ -296,6 +298,51 @@ def test_init_follows_design():
             bound = np.sqrt(6 / sum(value.shape))
             assert np.abs(value).max() <= bound and np.abs(value).max() > 0.9 * bound, name
             assert abs(value.std() / (bound / np.sqrt(3)) - 1) < 0.1, name
+
+
+def docstring_parameter_table():
+    """[(name regex, allowed shapes as symbol tuples, models)] from the table in Mixer's
+    docstring; models: those its role names (all when it names none)."""
+    lines = inspect.getdoc(M.Mixer).splitlines()
+    rules = [i for i, line in enumerate(lines) if line.startswith("=====")]
+    name_width, shape_end = lines[rules[0]].index(" "), lines[rules[0]].rindex(" ")
+    rows = []
+    for line in lines[rules[1] + 1:rules[2]]:
+        if line[:name_width].strip():
+            segments = line.split()[0].split(".")
+            pattern = r"\.".join(r"\d+" if seg == "{i}" else ".+" if seg == "…" else f"({seg})"
+                                  for seg in segments)
+            rows.append((re.compile(pattern + "$"), [], []))
+        rows[-1][1].extend(re.findall(r"\(([^)]*)\)", line[name_width:shape_end]))
+        rows[-1][2].append(line[shape_end:])
+    table = []
+    for pattern, shapes, role in rows:
+        models = {m for m in M.MODELS if re.search(rf"\b{m}\b", " ".join(role))}
+        table.append((pattern, {tuple(p.strip() for p in shape.split(",") if p.strip())
+                                for shape in shapes}, models or set(M.MODELS)))
+    return table
+
+
+def test_docstring_parameter_table_is_the_parameters():
+    """Every parameter of every variant has a row in the Mixer docstring's table for its model,
+    with its shape (the fc2 trap: (S, N_s) or (N_s, S) by model); every row is used (sizes all
+    distinct)."""
+    table = docstring_parameter_table()
+    symbols = {"S": 16, "C": 10, "N_s": 5, "N_c": 40, "C_in": 3, "p": 2, "K": 4}
+    used = set()
+    for model, bias in VARIANTS:
+        for norm in M.NORMS:
+            config = M.make_config(model, image_size=8, patch=2, in_chans=3, dim=10,
+                                   num_classes=4, depth=2, bias=bias, norm=norm)
+            for name, shape in M.param_shapes(config).items():
+                rows = [i for i, (pattern, _, models) in enumerate(table)
+                        if pattern.match(name) and model in models]
+                assert rows, f"{name} of {model} has no row in the table"
+                used.update(rows)
+                shapes = {tuple(symbols[s] for s in allowed) for i in rows
+                          for allowed in table[i][1]}
+                assert not shapes or shape in shapes, (model, name, shape, shapes)
+    assert used == set(range(len(table)))
 
 
 def test_init_numbers_are_pinned():

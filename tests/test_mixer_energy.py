@@ -3,7 +3,9 @@ E and E₀ never rise along the continuous dynamics (M3) with a scalar γ; found
 they do rise (per-element γ of mixed sign, per-element γ all positive, and the unit Euler step
 that the block takes); the AsymMixer pseudo-energy; symmetry measures. S ≠ C and N_s ≠ N_c
 throughout (N_s = int(C/2)·r, N_c = 4C·r)."""
+import importlib.util
 import json
+import pathlib
 
 import autograd
 import numpy as np
@@ -99,7 +101,7 @@ def test_energy_gradient_is_x_minus_update(config, seed, data):
     assert rel_err(hand.update(asarray(g)), grad_F) <= TOL
     dEdg = hand.dEdg(asarray(x))
     assert rel_err(dEdg, x - grad_F) <= TOL
-    assert rel_err(hand.norm_jvp(asarray(x), dEdg), autograd_grad(ref.energy, x)) <= TOL
+    assert rel_err(hand.norm_jvp(asarray(x), dEdg), autograd_grad(ref.lyapunov_energy, x)) <= TOL
 
 
 @given(config=configs(), seed=seeds, gamma=st.sampled_from(["scalar", "mixed", "positive"]))
@@ -126,21 +128,31 @@ def test_closed_form_rates_match_autograd(config, seed, kappa, gamma):
     expected = per_sample_inner(autograd_grad(ref.energy0, x), velocity)
     assert rel_err(hand.energy0_rate(asarray(x), kappa), expected) <= TOL
     if affine == "scalar":
-        expected = per_sample_inner(autograd_grad(ref.energy, x), velocity)
-        assert rel_err(hand.energy_rate(asarray(x), kappa), expected) <= TOL
+        expected = per_sample_inner(autograd_grad(ref.lyapunov_energy, x), velocity)
+        assert rel_err(hand.lyapunov_energy_rate(asarray(x), kappa), expected) <= TOL
 
 
 @given(config=configs(), seed=seeds)
-def test_block_is_the_models_block_and_uniform_gamma_is_scalar(config, seed):
-    """unit_step is the model's parallel residual step; a uniform per-element γ gives the same
-    g, E₀ and rates as the scalar (energy-exact) form."""
+def test_default_block_is_the_models_block(config, seed):
+    """With the default affine (the model's own), unit_step is the model's parallel block; the
+    scalar (energy-exact) affine is a different block once γ is not uniform."""
+    params = on_backend(draw_params(config, seed, "positive"))
+    x = asarray(draw_state(config, seed))
+    model_step, _ = parallel_block_forward(x, Mixer(config).block_weights(params, 0), "sym",
+                                           eps=config.ln_eps)
+    block = MixerBlock(config, params, 0)
+    assert block.affine == "per_element"
+    assert rel_err(block.unit_step(x), model_step) <= 1e-13
+    assert rel_err(MixerBlock(config, params, 0, "scalar").unit_step(x), model_step) > 1e-6
+
+
+@given(config=configs(), seed=seeds)
+def test_uniform_gamma_is_scalar(config, seed):
+    """A uniform per-element γ gives the same block, E₀ and rates as the scalar form."""
     params, x = on_backend(draw_params(config, seed)), asarray(draw_state(config, seed))
     per_element = MixerBlock(config, params, 0, "per_element")
     scalar = MixerBlock(config, params, 0, "scalar")
-    model_step, _ = parallel_block_forward(x, Mixer(config).block_weights(params, 0), "sym",
-                                           eps=config.ln_eps)
-    assert rel_err(per_element.unit_step(x), model_step) <= 1e-13
-    assert rel_err(scalar.unit_step(x), model_step) <= 1e-13
+    assert rel_err(per_element.unit_step(x), scalar.unit_step(x)) <= 1e-13
     for kappa in (0, 1):
         assert rel_err(per_element.energy0_rate(x, kappa), scalar.energy0_rate(x, kappa)) <= 1e-13
     assert rel_err(per_element.energy0(x), scalar.energy0(x)) <= 1e-13
@@ -154,15 +166,40 @@ def test_energies_never_rise_along_the_dynamics_with_scalar_gamma(config, seed, 
                                                                   weight_scale):
     """(M4): E along κ = 1 and E₀ along κ = 0, RK4 with a small step, never increase."""
     params = on_backend(draw_params(config, seed, weight_scale=weight_scale))
-    block = MixerBlock(config, params, config.depth - 1)
+    block = MixerBlock(config, params, config.depth - 1, "scalar")
     x0 = asarray(draw_state(config, seed, scale))
     for kappa in (1, 0):
         trajectory = block.integrate(x0, dt=0.02, n_steps=40, kappa=kappa)
         assert tuple(trajectory.energies.shape) == (41, 2)
         assert_never_increases(trajectory.energies)
         assert np.all(to_numpy(trajectory.energies[-1] < trajectory.energies[0]))
-        rate = block.energy_rate if kappa == 1 else block.energy0_rate
+        rate = block.lyapunov_energy_rate if kappa == 1 else block.energy0_rate
         assert np.all(to_numpy(rate(trajectory.final, kappa)) <= 0)
+
+
+GELU_MIN_SLOPE = -0.12890414518515442  # min GELU′ = Φ_N(−√2) − √2 φ(√2)
+
+
+@given(config=configs(), seed=seeds, dt=st.sampled_from([1e-3, 0.3, 1.0, 2.0, 3.0]),
+       weight_scale=st.sampled_from([0.5, 2.0]), scale=st.sampled_from([0.3, 3.0]))
+def test_euler_step_obeys_the_proven_energy_bound(config, seed, dt, weight_scale, scale):
+    """The MixerBlock docstring's bound for x' = x + dt(u − x): E(x') − E(x) ≤
+    −((1 − dt)/dt)⟨Δx, Δg⟩ + (ρ/2)‖Δg‖², ρ = −min GELU′·(‖W_t‖₂² + ‖W_c‖₂²), and
+    ⟨Δx, Δg⟩ ≥ ‖Δg‖²/M, M = γ/√ε (so E cannot rise for dt ≤ 1/(1 + ρM/2))."""
+    params = draw_params(config, seed, weight_scale=weight_scale)
+    block = MixerBlock(config, on_backend(params), 0, "scalar")
+    x = asarray(draw_state(config, seed, scale))
+    x_next = block.integrate(x, dt, 1, kappa=1, method="euler").final
+    dx = to_numpy(x_next) - to_numpy(x)
+    dg = to_numpy(block.activation(x_next)) - to_numpy(block.activation(x))
+    rho = -GELU_MIN_SLOPE * sum(np.linalg.norm(params[f"blocks.0.{mlp}.fc2.weight"], 2) ** 2
+                                for mlp in BRANCH_AXIS)
+    big_m = float(to_numpy(block.gamma)) / np.sqrt(config.ln_eps)
+    rise = to_numpy(block.lyapunov_energy(x_next)) - to_numpy(block.lyapunov_energy(x))
+    bound = -(1 - dt) / dt * per_sample_inner(dx, dg) + rho / 2 * per_sample_inner(dg, dg)
+    slack = 1e-10 * (1 + np.abs(to_numpy(block.lyapunov_energy(x))))
+    assert np.all(rise <= bound + slack)
+    assert np.all(per_sample_inner(dx, dg) >= per_sample_inner(dg, dg) / big_m - slack)
 
 
 def test_mixed_sign_gamma_makes_E0_rise_and_the_descent_check_catches_it():
@@ -219,13 +256,29 @@ def test_the_unit_euler_step_can_raise_E0_with_scalar_gamma():
     params["blocks.0.mlp_channels.fc2.weight"] = w_c
     params["blocks.0.norm.weight"] = np.full((1, 3), 2.5)
     params["blocks.0.norm.bias"] = np.array([[0.22, -2.35, -4.61]])
-    block = MixerBlock(config, on_backend(params), 0)
+    block = MixerBlock(config, on_backend(params), 0, "scalar")
     x = asarray(np.array([[[-0.011, 0.0027, 0.0016]]]))
     e0 = float(to_numpy(block.energy0(x))[0])
     assert float(to_numpy(block.energy0_rate(x, 0))[0]) < 0
     assert float(to_numpy(block.energy0(block.unit_step(x)))[0]) > e0 + 0.1
     small_step = block.integrate(x, dt=0.01, n_steps=1, kappa=0, method="euler")
     assert float(to_numpy(small_step.energies[-1])[0]) < e0
+
+
+def test_euler_step_size_example_reports_the_observed_rises(capsys, tmp_path):
+    """examples/euler_step_size.py on init weights (seed 0): no rise at dt = 1, the deepest
+    block's E rises for most inputs at dt = 2.2, as the MixerBlock docstring says."""
+    path = pathlib.Path(__file__).parents[1] / "examples" / "euler_step_size.py"
+    spec = importlib.util.spec_from_file_location("euler_step_size", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(["--dt", "1", "2.2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("359 test images") and len(lines) == 5
+    assert all("dt 1: 0.0%" in line for line in lines[1:])
+    assert float(lines[4].split("dt 2.2: ")[1].split("%")[0]) > 50
+    assert example.main([str(tmp_path / "missing.npz")]) == 2
+    assert "cannot use" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------- AsymMixer
@@ -239,19 +292,20 @@ def test_asym_pseudo_energy(config, seed):
         "image_size", "patch", "in_chans", "dim", "depth", "norm", "hidden_ratio")})
     sym_params = {name.replace(".fc1.", ".fc2."): value for name, value in params.items()
                   if not name.endswith("fc2.weight")}
-    sym = MixerBlock(sym_config, on_backend(sym_params), 0)
+    sym = MixerBlock(sym_config, on_backend(sym_params), 0, "scalar")
     zero_w2 = {name: 0 * v if name.endswith("fc2.weight") else v for name, v in params.items()}
-    asym_zero = MixerBlock(config, on_backend(zero_w2), 0)
-    assert rel_err(asym_zero.energy(asarray(x)), to_numpy(sym.energy(asarray(x)))) <= 1e-13
-    asym = MixerBlock(config, on_backend(params), 0)
+    asym_zero = MixerBlock(config, on_backend(zero_w2), 0, "scalar")
+    assert rel_err(asym_zero.pseudo_energy(asarray(x)),
+                   to_numpy(sym.lyapunov_energy(asarray(x)))) <= 1e-13
+    asym = MixerBlock(config, on_backend(params), 0, "scalar")
     g = to_numpy(sym.activation(asarray(x)))
     w1t, w2t = (params[f"blocks.0.mlp_tokens.{fc}.weight"] for fc in ("fc1", "fc2"))
     w1c, w2c = (params[f"blocks.0.mlp_channels.{fc}.weight"] for fc in ("fc1", "fc2"))
     tokens = np.einsum("bsc,sn,bnc->b", g, w2t, host_gelu(np.einsum("ns,bsc->bnc", w1t, g)))
     channels = np.einsum("bsc,cm,bsm->b", g, w2c, host_gelu(np.einsum("mc,bsc->bsm", w1c, g)))
-    expected = to_numpy(sym.energy(asarray(x))) + 0.5 * (tokens + channels)
-    assert rel_err(asym.energy(asarray(x)), expected) <= 1e-12
-    for method in ("energy0", "dEdg"):
+    expected = to_numpy(sym.lyapunov_energy(asarray(x))) + 0.5 * (tokens + channels)
+    assert rel_err(asym.pseudo_energy(asarray(x)), expected) <= 1e-12
+    for method in ("lyapunov_energy", "energy0", "dEdg"):
         with pytest.raises(EnergyError, match="no energy"):
             getattr(asym, method)(asarray(x))
     assert asym.integrate(asarray(x), 0.01, 2).energies.shape == (3, 2)
@@ -324,7 +378,7 @@ def test_symmetry_measures_on_random_weights_use_the_right_matrices():
 def test_bad_input_is_rejected():
     config = tiny_config()
     params = on_backend(draw_params(config, 0))
-    block = MixerBlock(config, params, 0)
+    block = MixerBlock(config, params, 0, "scalar")
     x = asarray(draw_state(config, 0))
     with pytest.raises(EnergyError, match="untied MLPs"):
         MixerBlock(tiny_config("paramixer"), on_backend(draw_params(tiny_config("paramixer"),
@@ -337,22 +391,24 @@ def test_bad_input_is_rejected():
         MixerBlock("symmixer", params, 0)
     negative = dict(params, **{"blocks.0.norm.weight": -params["blocks.0.norm.weight"]})
     with pytest.raises(EnergyError, match="γ > 0"):
-        MixerBlock(config, negative, 0)
+        MixerBlock(config, negative, 0, "scalar")
     nan = dict(params, **{"blocks.0.norm.bias": params["blocks.0.norm.bias"] * np.nan})
     with pytest.raises(EnergyError, match="NaN"):
         MixerBlock(config, nan, 0)
-    per_element = MixerBlock(config, params, 0, "per_element")
-    for method in ("energy", "dEdg"):
+    per_element = MixerBlock(config, params, 0)  # the model's own affine: per element
+    for method in ("lyapunov_energy", "dEdg"):
         with pytest.raises(EnergyError, match="Lagrangian"):
             getattr(per_element, method)(x)
     with pytest.raises(EnergyError, match="Lagrangian"):
         per_element.integrate(x, 0.1, 2, kappa=1)
     with pytest.raises(EnergyError, match="kappa"):
-        block.energy_rate(x, 0.5)
+        block.lyapunov_energy_rate(x, 0.5)
     with pytest.raises(EnergyError, match="record"):
         block.integrate(x, 0.1, 2, record="E")
+    with pytest.raises(EnergyError, match="use lyapunov_energy"):
+        block.pseudo_energy(x)
     with pytest.raises(EnergyError, match=r"\(B, S, C\)"):
-        block.energy(x[0])
+        block.lyapunov_energy(x[0])
     with pytest.raises(EnergyError, match="NaN"):
         block.energy0(x * np.nan)
     with pytest.raises(Exception, match="missing"):

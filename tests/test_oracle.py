@@ -93,9 +93,9 @@ def test_block_outputs_and_energies_are_the_models(sym):
     from refham.mixer_energy import MixerBlock
     on_backend = {k: asarray(v) for k, v in params.items()}
     block0_out = asarray(sym["block/0/out"])
-    block1 = MixerBlock(config, on_backend, 1, affine="per_element")
+    block1 = MixerBlock(config, on_backend, 1)
     assert rel_err(block1.energy0(block0_out), sym["block/1/energy"][:, 0]) <= 1e-13
-    block0 = MixerBlock(config, on_backend, 0, affine="per_element")
+    block0 = MixerBlock(config, on_backend, 0)
     assert rel_err(block0.energy0(block0_out), sym["block/0/energy"][:, -1]) <= 1e-13
 
 
