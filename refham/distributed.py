@@ -21,6 +21,7 @@ MPI, one GPU per rank: device = local rank). With more than one rank, an uncaugh
 any rank prints "rank r: message" and aborts the whole job (`MPI_Abort`) instead of leaving the
 other ranks waiting in their next collective.
 """
+import functools
 import hashlib
 import os
 import sys
@@ -98,7 +99,7 @@ class MPICommunicator:
         self.mpi, self.comm = mpi, mpi.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         node = self.comm.Split_type(mpi.COMM_TYPE_SHARED)
-        self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
+        self.local_rank = node.Get_rank()
         node.Free()
 
     def allreduce_mean_(self, flat):
@@ -142,7 +143,11 @@ class NCCLCommunicator(MPICommunicator):
         from cupy.cuda import nccl
         self.nccl = nccl
         uid = self.comm.bcast(nccl.get_unique_id() if self.rank == 0 else None, root=0)
-        self.nccl_comm = nccl.NcclCommunicator(self.size, uid, self.rank)
+        try:
+            self.nccl_comm = nccl.NcclCommunicator(self.size, uid, self.rank)
+        except nccl.NcclError as exc:
+            raise CommError(f"NCCL could not start ({exc}): it needs a GPU of its own per rank; "
+                            f"with fewer GPUs than ranks use --comm mpi") from exc
 
     def _call(self, op, flat, *args):
         import cupy
@@ -185,42 +190,33 @@ def get_communicator(kind="auto", backend="numpy"):
             raise CommError(f"--comm {kind} needs mpi4py: {_MPI_HINT}") from exc
         world = MPICommunicator(MPI)
         if backend == "cupy":
-            _use_local_gpu(world, exclusive=kind == "nccl")
+            _use_local_gpu(world)
         _WORLD[kind] = world if kind == "mpi" else NCCLCommunicator(MPI)
         if world.size > 1:
-            sys.excepthook = _abort_on_exception
+            sys.excepthook = functools.partial(_abort_on_exception, world)
     return _WORLD[kind]
 
 
-def _use_local_gpu(world, exclusive):
-    """Make GPU (local rank mod GPU count) current; NCCL needs a GPU of its own per rank."""
+def _use_local_gpu(world):
+    """Make GPU (local rank mod visible GPUs) current: GPU i for local rank i, or the one GPU
+    a launcher that binds a GPU per rank (srun --gpus-per-task=1) leaves visible."""
     import cupy
-    count = cupy.cuda.runtime.getDeviceCount()
-    if exclusive and world.local_size > count:
-        raise CommError(f"--comm nccl needs one GPU per rank: {world.local_size} ranks on this "
-                        f"node share {count} GPU(s); start fewer ranks or use --comm mpi")
-    cupy.cuda.Device(world.local_rank % count).use()
+    cupy.cuda.Device(world.local_rank % cupy.cuda.runtime.getDeviceCount()).use()
 
 
-def _abort_on_exception(kind, value, tb):
+def _abort_on_exception(world, kind, value, tb):
     """sys.excepthook under MPI: report with the rank, then end every rank (no hang)."""
-    from mpi4py import MPI
-    rank = MPI.COMM_WORLD.Get_rank()
     text = "".join(traceback.format_exception(kind, value, tb))
-    sys.stderr.write("".join(f"rank {rank}: {line}\n" for line in text.splitlines()))
-    sys.stderr.flush()
-    MPI.COMM_WORLD.Abort(1)
+    sys.stderr.write("".join(f"rank {world.rank}: {line}\n" for line in text.splitlines()))
+    world.abort(1)
 
 
 def exit_status(code):
     """`code`, the process's exit status — but a failing rank of a job of several ranks aborts
     the whole job here (the others would wait forever in their next collective)."""
-    mpi = sys.modules.get("mpi4py.MPI")
-    if code and mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized() \
-            and mpi.COMM_WORLD.Get_size() > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        mpi.COMM_WORLD.Abort(code)
+    world = _WORLD.get("mpi") or _WORLD.get("nccl")
+    if code and world is not None and world.size > 1:
+        world.abort(code)
     return code
 
 

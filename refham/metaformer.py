@@ -28,7 +28,7 @@ import time
 import numpy
 from tqdm import tqdm
 
-from refham.backend import asarray, rng, to_numpy, xp
+from refham.backend import asarray, backend_name, rng, to_numpy, xp
 from refham.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from refham.data import load_digits, load_mnist, make_synthetic
 from refham.distributed import (
@@ -255,7 +255,7 @@ def train(settings, echo=False):
     Under mpiexec each rank takes its shard of every batch (noise drawn for the whole batch, as
     one process does) and of the test set; one allreduce per step combines the gradients."""
     s = settings
-    comm = get_communicator(s.comm)
+    comm = get_communicator(s.comm, backend_name())
     if s.batch_size % comm.size:
         raise MetaFormerError(f"batch_size {s.batch_size} is the global batch, split evenly over "
                               f"the {comm.size} ranks: choose a multiple of {comm.size}")
