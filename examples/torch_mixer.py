@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refham.mixer import (
-    MODELS, NORMS, SIZES, TRUNC_NORMAL_STD, MixerConfig, make_config, to_timm_state)
+from refham.init_rules import TRUNC_NORMAL_STD
+from refham.mixer import MODELS, NORMS, SIZES, MixerConfig, make_config, to_timm_state
 
 
 class Mlp(nn.Module):

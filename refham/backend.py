@@ -22,6 +22,8 @@ import os
 import numpy
 import scipy.special
 
+from refham.cpu_threads import chunked_elementwise
+
 _BACKENDS = ("numpy", "cupy")
 
 
@@ -160,8 +162,10 @@ class FusedElementwise:
     """An elementwise chain with two definitions of the same arithmetic side by side: `plain`, xp
     code (the specification; NumPy and autograd run it), and `cuda_body`, the body of one CuPy
     ElementwiseKernel that the cupy backend runs instead. On a GPU a chain of k xp operations costs
-    k kernel launches and k round trips through memory; the kernel costs one of each.
-    Tests check that both give the same numbers (`.plain` is the xp definition)."""
+    k kernel launches and k round trips through memory; the kernel costs one of each. On NumPy the
+    plain chain runs in cache-sized chunks on the BLAS threads (`cpu_threads.chunked_elementwise`:
+    the same numbers for any thread count). Tests check that each path gives the plain
+    definition's numbers (`.plain` is the xp definition)."""
 
     def __init__(self, plain, in_params, out_params, cuda_body):
         functools.update_wrapper(self, plain)
@@ -170,6 +174,8 @@ class FusedElementwise:
         self._kernel = None
 
     def __call__(self, *args):
+        if _State.name == "numpy":
+            return chunked_elementwise(self.plain, args)
         if _State.name != "cupy":
             return self.plain(*args)
         if self._kernel is None:  # compiled on first use: importing refham needs no CUDA
@@ -191,8 +197,6 @@ def fused_elementwise(in_params, out_params, cuda_body):
 _MILLS_P = (20.02227365074431, 11.922232084566254, 3.461260080899899, 0.39764216858994855)
 _MILLS_Q = (40.04454736030966, 55.795387672170506, 31.41856305536559, 8.616040310961138)
 _GAUSS_CUTOFF = 16.0   # e^{−u²/2} is 0 in float32 beyond u ≈ 14.4; clipping keeps u⁴ finite
-_CHUNK = 24 * 1024     # elements per chunk: its temporaries stay in L2 cache and (96 KiB each)
-                       # below glibc's 128 KiB mmap threshold, so they reuse heap memory
 
 
 def _polynomial(coefficients, u, monic=False):
@@ -203,9 +207,9 @@ def _polynomial(coefficients, u, monic=False):
     return result
 
 
-def _gelu_and_deriv_float32(x, gelu, deriv):
-    """GELU(x) and GELU′(x) written into `gelu` and `deriv` (float32 arrays shaped like x),
-    in float32 arithmetic without erf, from the lower tail t = Φ_N(−|x|):
+def _gelu_and_deriv_float32(x):
+    """(GELU(x), GELU′(x)) for a float32 NumPy array x, in float32 arithmetic without erf,
+    from the lower tail t = Φ_N(−|x|):
 
         t = e^{−x²/2}·P(|x|)/Q(|x|),   Φ_N(x) = ½ + sign(x)(½ − t),
         GELU(x) = x·Φ_N(x),   GELU′(x) = Φ_N(x) + x·φ(x),   φ(x) = e^{−x²/2}/√(2π).
@@ -217,8 +221,7 @@ def _gelu_and_deriv_float32(x, gelu, deriv):
     gauss = xp.exp(u * (u * -0.5))
     tail = gauss * (_polynomial(_MILLS_P, u) / _polynomial(_MILLS_Q, u, monic=True))
     cdf = _copysign_float32(0.5 - tail, x) + 0.5
-    xp.multiply(x, cdf, out=gelu)
-    xp.add(cdf, x * (gauss * INV_SQRT_2PI), out=deriv)
+    return x * cdf, cdf + x * (gauss * INV_SQRT_2PI)
 
 
 def _copysign_float32(magnitude, sign_of):
@@ -226,20 +229,6 @@ def _copysign_float32(magnitude, sign_of):
     ORed into magnitude's bits; 3× faster than NumPy's copysign, which has no SIMD loop."""
     sign_bit = sign_of.view(numpy.int32) & numpy.int32(-2 ** 31)
     return (magnitude.view(numpy.int32) | sign_bit).view(numpy.float32)
-
-
-def _chunkwise(function, x, n_outputs):
-    """The `n_outputs` arrays shaped like x that an elementwise NumPy `function(x, *outputs)`
-    writes, evaluated on consecutive chunks of x: the same numbers, but a chain of many NumPy
-    passes then works in cache instead of streaming every temporary through main memory (2×
-    here). It writes into fresh arrays, so it serves the NumPy float32 path only (never
-    autograd)."""
-    flat = x.reshape(-1)
-    outputs = tuple(xp.empty_like(flat) for _ in range(n_outputs))
-    for start in range(0, flat.size, _CHUNK):
-        chunk = slice(start, start + _CHUNK)
-        function(flat[chunk], *(output[chunk] for output in outputs))
-    return tuple(output.reshape(x.shape) for output in outputs)
 
 
 @fused_elementwise("T x", "T gelu, T deriv", """
@@ -253,7 +242,7 @@ def gelu_and_deriv(x):
     float32 on NumPy: `_gelu_and_deriv_float32` (a rational tail, no erf: scipy's erf costs
     ~20 ns per element); otherwise, and under autograd, the exact erf form below."""
     if _State.name == "numpy" and x.dtype == numpy.float32:
-        return _chunkwise(_gelu_and_deriv_float32, x, n_outputs=2)
+        return _gelu_and_deriv_float32(x)
     cdf = normal_cdf(x)
     return x * cdf, cdf + x * normal_pdf(x)
 

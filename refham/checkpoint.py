@@ -11,12 +11,17 @@ reads it):
 
 Writing goes to a temporary file in the target folder, is flushed and fsync'ed, then renamed over
 the target with `os.replace` — a crash leaves either the old file or the new one, never half of
-one. Reading checks the archive (truncation, corruption), the format tag and version, the keys and
-the digest, and raises CheckpointError saying which. `atomic_write` and `read_npz` serve other
-files too (config and metrics logs, golden files).
+one. A `kill -9` in the middle of a write can leave the temporary file behind; it is named
+`.<target>.<random>.refham-tmp` (`is_temporary`), so that a run that holds its folder's lock
+can recognise and remove it. Reading checks the archive (truncation, corruption), the format tag
+and version, the keys, the digest and the metadata's types, and raises CheckpointError saying
+which. Every array must be finite: a NaN/inf tensor is refused when writing and when reading, so
+a diverged state can neither become nor pass for a checkpoint. `atomic_write` and `read_npz`
+serve other files too (config and metrics logs, golden files).
 """
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -30,6 +35,7 @@ from refham.backend import to_numpy
 
 FORMAT = "refham-checkpoint"
 VERSION = 1
+TEMPORARY_SUFFIX = ".refham-tmp"
 
 
 class CheckpointError(ValueError):
@@ -58,11 +64,29 @@ def _digest(arrays):
     return h.hexdigest()
 
 
+def nonfinite_entries(arrays, module=numpy):
+    """Names of the entries of the dict `arrays` that hold a NaN or ±inf, in dict order (entries
+    without a shape, such as an optimiser's `step`, are skipped). `module` (numpy, or the backend
+    `xp` for device arrays) computes isfinite(a).all() per array; one host transfer in all."""
+    names = [name for name, a in arrays.items() if hasattr(a, "shape")]
+    if not names:
+        return []
+    finite = to_numpy(module.stack([module.isfinite(arrays[name]).all() for name in names]))
+    return [name for name, ok in zip(names, finite) if not ok]
+
+
+def describe_names(names, limit=3):
+    """`a, b, c and 4 more`: the first `limit` names of a possibly long list, and a count."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def save_checkpoint(path, params, optim_state, *, step, epoch, rng_state, config, metrics=None):
     """Write a checkpoint to `path` atomically (see the module docstring for the layout).
 
     `rng_state`, `config`, `metrics` and the non-array entries of `optim_state` must be JSON-able
-    (a NumPy Generator's state is: `gen.bit_generator.state`)."""
+    (a NumPy Generator's state is: `gen.bit_generator.state`). Raises CheckpointError, leaving
+    any previous file at `path` as it was, when a parameter or optimiser array is not finite."""
     arrays = {f"param/{name}": to_numpy(a) for name, a in params.items()}
     scalars = {}
     for key, value in optim_state.items():
@@ -70,6 +94,11 @@ def save_checkpoint(path, params, optim_state, *, step, epoch, rng_state, config
             arrays[f"optim/{key}"] = to_numpy(value)
         else:
             scalars[key] = value
+    overflowed = nonfinite_entries(arrays)
+    if overflowed:
+        raise CheckpointError(f"refusing to write {path}: NaN/inf in "
+                              f"{describe_names(overflowed)} (a diverged state); the previous "
+                              f"file, if any, is kept")
     meta = {"format": FORMAT, "version": VERSION, "step": int(step), "epoch": int(epoch),
             "rng_state": rng_state, "config": config, "metrics": metrics or {},
             "optim_scalars": scalars, "sha256": _digest(arrays)}
@@ -89,7 +118,8 @@ def atomic_write(path, write):
     usual permissions (0o666 less the umask), not mkstemp's private 0o600."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
+                               suffix=TEMPORARY_SUFFIX)
     try:
         os.fchmod(fd, 0o666 & ~_current_umask())
         with os.fdopen(fd, "wb") as f:
@@ -101,6 +131,11 @@ def atomic_write(path, write):
         os.unlink(tmp)
         raise
     _fsync_folder(folder)
+
+
+def is_temporary(name):
+    """True for the name of an `atomic_write` temporary file (`.<target>.<random>.refham-tmp`)."""
+    return name.startswith(".") and name.endswith(TEMPORARY_SUFFIX)
 
 
 def _current_umask():
@@ -149,12 +184,68 @@ def load_checkpoint(path):
         raise CheckpointError(
             f"{path}: SHA-256 of the arrays does not match the one recorded at save time — the "
             f"file was modified or an entry is missing; do not use it")
+    _check_meta_types(path, meta)
+    overflowed = nonfinite_entries(arrays)
+    if overflowed:
+        raise CheckpointError(f"{path} holds NaN/inf in {describe_names(overflowed)}: it records "
+                              f"a diverged state and can be neither evaluated nor resumed; use "
+                              f"an earlier checkpoint")
     params = {k[len("param/"):]: a for k, a in arrays.items() if k.startswith("param/")}
     optim_state = {k[len("optim/"):]: a for k, a in arrays.items() if k.startswith("optim/")}
+    clash = sorted(set(optim_state) & set(meta["optim_scalars"]))
+    if clash:
+        raise CheckpointError(f"{path}: optimiser entries {clash} are both arrays and scalars")
     optim_state.update(meta["optim_scalars"])
     return Checkpoint(params=params, optim_state=optim_state, step=meta["step"],
                       epoch=meta["epoch"], rng_state=meta["rng_state"], config=meta["config"],
-                      metrics=meta.get("metrics", {}))
+                      metrics=meta["metrics"])
+
+
+def _is_count(value):
+    """An int ≥ 0 that is not a bool (JSON's true would pass for 1)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_meta_types(path, meta):
+    """Raise CheckpointError unless step and epoch are ints ≥ 0, rng_state, config and metrics
+    are JSON objects and every optimiser scalar is a finite number — what a checkpoint whose
+    digest matches can still get wrong when its metadata was written by hand."""
+    wrong = [f"{key} {meta[key]!r} (an integer >= 0 expected)" for key in ("step", "epoch")
+             if not _is_count(meta[key])]
+    meta.setdefault("metrics", {})
+    wrong += [f"{key} of type {type(meta[key]).__name__} (an object expected)"
+              for key in ("rng_state", "config", "metrics", "optim_scalars")
+              if not isinstance(meta[key], dict)]
+    if isinstance(meta["optim_scalars"], dict):
+        wrong += [f"optimiser scalar {key} = {value!r} (a finite number expected)"
+                  for key, value in meta["optim_scalars"].items()
+                  if isinstance(value, bool) or not isinstance(value, (int, float))
+                  or not math.isfinite(value)]
+    if wrong:
+        raise CheckpointError(f"{path}: metadata has {'; '.join(wrong)}; the file was not "
+                              f"written by refham as it is")
+
+
+def read_json_lines(path, is_record):
+    """(records, damaged) of the JSON-lines file at `path`: the values of the lines that are
+    UTF-8 JSON passing `is_record`, in order, and the 1-based numbers of the other lines (a line
+    cut short by a crash, or one damaged by hand). A missing file has neither."""
+    if not os.path.exists(path):
+        return [], []
+    with open(path, "rb") as f:
+        lines = f.read().splitlines()
+    records, damaged = [], []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except ValueError:                              # UnicodeDecodeError and JSONDecodeError
+            damaged.append(number)
+            continue
+        if is_record(record):
+            records.append(record)
+        else:
+            damaged.append(number)
+    return records, damaged
 
 
 def read_npz(path, error=CheckpointError):

@@ -224,6 +224,7 @@ def _run_metaformer(args):
     from refham.distributed import CommError, launched_rank
     from refham.dynamics import DynamicsError
     from refham.ham import HAMError
+    from refham.runlock import RunLocked
 
     say = print if launched_rank() == 0 else lambda *a, **k: None   # one report per job
     try:
@@ -249,7 +250,7 @@ def _run_metaformer(args):
         print(f"refham metaformer {args.action}: {exc}", file=sys.stderr)
         return 1
     except (mf.MetaFormerError, DataError, CheckpointError, HAMError, DynamicsError,
-            CommError) as exc:
+            CommError, RunLocked) as exc:
         print(f"refham metaformer {args.action}: error: {exc}", file=sys.stderr)
         return 2
     print(f"energy E (H1) per step of α = {args.alpha:g} from {args.state_scale:g}·N(0,1), one "

@@ -87,8 +87,9 @@ def gelu_forward(x):
     return gelu_and_deriv(x)
 
 
+@fused_elementwise("T cache, T dy", "T dx", "dx = dy * cache;")
 def gelu_backward(cache, dy):
-    """dx = GELU′(x)·dy."""
+    """dx = GELU′(x)·dy (on NumPy in chunks on the BLAS threads, like every fused chain)."""
     return dy * cache
 
 
@@ -101,7 +102,11 @@ def _affine_shape_ok(param, normalized_shape):
 
 def layernorm_forward(x, weight, bias, eps=1e-6, n_axes=None):
     """y = γ ⊙ x̂ + δ, x̂ = (x − x̄)/σ, σ = sqrt(var + ε), mean and (biased) variance over the last
-    n_axes axes (D elements): the g of the layernorm Lagrangian (DESIGN §2).
+    n_axes axes (D elements), :eq:`L-layernorm`.
+
+    With a scalar γ this is g = ∇L of the layernorm Lagrangian L = γDσ + ⟨δ, x⟩ (δ may be
+    per-element). With a per-element γ it is the paper's LayerNorm but the gradient of no
+    Lagrangian: its Jacobian γ ⊙ (∂x̂/∂x) is not symmetric.
 
     γ (weight) and δ (bias) each have the normalised shape x.shape[−n_axes:] (per-element affine,
     the paper's models) or are 0-d arrays (scalar affine, the energy-exact form). n_axes defaults

@@ -29,13 +29,15 @@ import numpy
 from tqdm import tqdm
 
 from refham.backend import asarray, backend_name, rng, to_numpy, xp
-from refham.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from refham.checkpoint import (
+    atomic_write, describe_names, load_checkpoint, nonfinite_entries, save_checkpoint)
 from refham.data import load_digits, load_mnist, make_synthetic
 from refham.distributed import (
     COMMS, ShardedGenerator, broadcast_state, combine_gradients, get_communicator, shard)
 from refham.ham import HAM, Dense, Layer
 from refham.lagrangians import LayerNorm, ReLU
 from refham.optim import AdamW
+from refham.runlock import RunLock
 
 NOISE_STD = 0.3
 ALPHA = 0.1
@@ -250,12 +252,23 @@ def load_images(data, data_path=None, seed=0):
 
 def train(settings, echo=False):
     """Adam on the denoising loss, minibatches with fresh noise 0.3·N(0,1); after every epoch both
-    test losses (fixed noise), a line in `metrics.jsonl` and `last.npz` in `settings.out`.
-    Raises MetaFormerError if `out` already holds a run or the loss stops being finite.
+    test losses (fixed noise), a line in `metrics.jsonl` and `last.npz` in `settings.out`, which
+    is locked for the run (RunLocked if another process writes there). Raises MetaFormerError if
+    `out` already holds a run or the loss or an update stops being finite.
     Under mpiexec each rank takes its shard of every batch (noise drawn for the whole batch, as
-    one process does) and of the test set; one allreduce per step combines the gradients."""
+    one process does) and of the test set; one allreduce per step combines the gradients; rank 0
+    alone locks and writes the folder."""
+    comm = get_communicator(settings.comm, backend_name())
+    if comm.rank:
+        return _train_in_locked_folder(settings, echo, comm)
+    os.makedirs(settings.out, exist_ok=True)
+    with RunLock(settings.out):
+        return _train_in_locked_folder(settings, echo, comm)
+
+
+def _train_in_locked_folder(settings, echo, comm):
+    """`train`, once rank 0 holds the lock on settings.out."""
     s = settings
-    comm = get_communicator(s.comm, backend_name())
     if s.batch_size % comm.size:
         raise MetaFormerError(f"batch_size {s.batch_size} is the global batch, split evenly over "
                               f"the {comm.size} ranks: choose a multiple of {comm.size}")
@@ -267,7 +280,6 @@ def train(settings, echo=False):
         raise MetaFormerError(f"{s.out} already holds a run (last.npz); choose another --out")
     writer = comm.rank == 0     # the one gate of every write into the run folder
     if writer:
-        os.makedirs(s.out, exist_ok=True)
         atomic_write(paths["metrics.jsonl"], lambda f: None)
     config = {**dataclasses.asdict(s), "visible": visible_size, "noise_std": NOISE_STD,
               "image_shape": train_images.shape[1:], "loss_floor": loss_floor(visible_size),
@@ -307,9 +319,12 @@ def train(settings, echo=False):
                                                         (loss * len(clean),))
                 loss = float(batch_sum) / len(batch)
             if not math.isfinite(loss):
-                raise MetaFormerError(f"training diverged in epoch {epoch}: loss {loss}; lower "
-                                      f"--lr or --alpha (the last good checkpoint is kept)")
-            weights, opt_state = optimizer.update(weights, grads, opt_state, s.lr)
+                raise _diverged(epoch, f"loss {loss}")
+            updated = optimizer.update(weights, grads, opt_state, s.lr)
+            overflowed = nonfinite_entries({**updated[0], **updated[1]}, xp)
+            if overflowed:
+                raise _diverged(epoch, f"the update made {describe_names(overflowed)} NaN/inf")
+            weights, opt_state = updated
             loss_sum += loss * len(batch)
         history.append({"epoch": epoch, "train_loss": loss_sum / len(order),
                         **_prefixed(evaluate()), "seconds": time.perf_counter() - started})
@@ -324,6 +339,14 @@ def train(settings, echo=False):
             tqdm.write(_epoch_line(history[-1], s))
     return {"history": history, "out": s.out, "loss_floor": loss_floor(visible_size),
             "checkpoint": paths["last.npz"], "visible": visible_size, "test_split": test_split}
+
+
+def _diverged(epoch, what):
+    """The MetaFormerError of a step of `epoch` whose loss or update (`what`) is not finite:
+    nothing of that step is kept, and the checkpoint of the epoch before stays."""
+    kept = f"last.npz of epoch {epoch - 1} is kept" if epoch > 1 else "no checkpoint was written"
+    return MetaFormerError(f"training diverged in epoch {epoch}: {what}; {kept}. Lower --lr or "
+                           f"--alpha")
 
 
 def _prefixed(losses):

@@ -7,30 +7,28 @@ a symmetry-breaking W₂, trained with λ Σ ‖W₂‖²).
     params = model.init(seed=0)                          # flat dict, timm names and shapes
     loss, logits, grads = model.loss_and_grads(params, images, labels)   # images (B, C_in, H, W)
 
-A Mixer state is x (B, S, C): S tokens (patches, row-major over the patch grid) × C channels.
-Block updates (LN: the joint (S, C) norm by default, or the per-token norm over C):
-
-    serial (vanilla):  x ← x + T(LN₁(x));  x ← x + Ch(LN₂(x))
-    parallel:          g = LN(x);  x ← x + T(g) + Ch(g)
-
-repeated n_iter times per block with the same weights. T mixes the S tokens of each channel
-(S → N_s → S), Ch the C channels of each token (C → N_c → C). Around the blocks: patch embedding
-(stem), final LN over C, mean over tokens, linear head. Weight interop with the paper's PyTorch
-models: `to_timm_state` / `from_timm_state`.
+A Mixer reads stem → blocks → head: the patch embedding makes the state x (B, S, C), S tokens
+(patches, row-major over the patch grid) × C channels; `depth` blocks update it
+(`refham.blocks`: the serial block of the vanilla Mixer, the parallel block of the others, each
+n_iter times with the same weights); `head_forward` maps it to logits. Parameter names, shapes
+and roles: the `Mixer` docstring; init: `refham.init_rules`. Weight interop with the paper's
+PyTorch models: `to_timm_state` / `from_timm_state`.
 """
 import dataclasses
 import math
 import numbers
 
 import numpy
-import scipy.stats
 
 from refham.backend import asarray, rng, to_numpy, xp
+from refham.blocks import (
+    BLOCK_LAYERS, parallel_block_backward, parallel_block_forward, parallel_branches_forward,
+    serial_block_backward, serial_block_forward)
+from refham.init_rules import initial_value
 from refham.layers import (
-    CHANNEL_AXIS, TOKEN_AXIS, InputError, cross_entropy_backward, cross_entropy_forward,
-    layernorm_backward, layernorm_forward, linear_backward, linear_forward, mlp_backward,
-    mlp_forward, mlp_param_shapes, patch_embed_backward, patch_embed_forward,
-    token_mean_backward, token_mean_forward)
+    InputError, cross_entropy_backward, cross_entropy_forward, layernorm_backward,
+    layernorm_forward, linear_backward, linear_forward, mlp_param_shapes, patch_embed_backward,
+    patch_embed_forward, token_mean_backward, token_mean_forward)
 
 MODELS = ("vanilla", "paramixer", "symmixer", "asymmixer")
 _MLP_KIND = {"vanilla": "vanilla", "paramixer": "vanilla", "symmixer": "sym", "asymmixer": "asym"}
@@ -45,8 +43,6 @@ SIZES = {
     "small": dict(image_size=32, in_chans=3, patch=4, dim=256, depth=8),
     "digits": dict(image_size=8, in_chans=1, patch=2, dim=64, depth=4),
 }
-BRANCH_AXIS = {"mlp_tokens": TOKEN_AXIS, "mlp_channels": CHANNEL_AXIS}
-TRUNC_NORMAL_STD = 0.87962566103423978  # std of a standard normal truncated to (−2, 2)
 
 
 class ConfigError(ValueError):
@@ -75,7 +71,7 @@ class MixerConfig:
     norm: str = "joint"           # "joint": LN over (S, C); "channel": per-token LN over C
     bias: bool = False            # MLP biases (vanilla MLPs only)
     ln_eps: float = 1e-6          # ε of every layer norm, the final one included
-    drop_path: float = 0.0        # stochastic-depth rate of the last block
+    drop_path: float = 0.0        # stochastic-depth rate, the same in every block
 
     def __post_init__(self):
         _validate(self)
@@ -155,17 +151,11 @@ def make_config(model, size="digits", **overrides):
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameters: names, shapes, initialisation (DESIGN §5.4)
+# Parameters: names and shapes (DESIGN §5.4)
 # ---------------------------------------------------------------------------------------------
-def block_steps(config):
-    """The residual steps of one block iteration as (norm name, MLP names reading that norm)."""
-    if config.serial:
-        return (("norm1", ("mlp_tokens",)), ("norm2", ("mlp_channels",)))
-    return (("norm", ("mlp_tokens", "mlp_channels")),)
-
-
 def param_shapes(config):
-    """{timm name: shape} in the order of the paper's models' state_dict()."""
+    """{timm name: shape} in the order of the paper's models' state_dict() (the table in the
+    `Mixer` docstring)."""
     S, C = config.num_tokens, config.dim
     norm_shape = (S, C) if config.norm == "joint" else (C,)
     mlp_sizes = {"mlp_tokens": (S, config.token_hidden),
@@ -173,31 +163,15 @@ def param_shapes(config):
     shapes = {"stem.proj.weight": (C, config.in_chans, config.patch, config.patch),
               "stem.proj.bias": (C,)}
     for i in range(config.depth):
-        for norm, mlps in block_steps(config):
-            shapes.update({f"blocks.{i}.{norm}.weight": norm_shape,
-                           f"blocks.{i}.{norm}.bias": norm_shape})
-            for mlp in mlps:
-                local = mlp_param_shapes(config.mlp_kind, *mlp_sizes[mlp], bias=config.bias)
-                shapes.update({f"blocks.{i}.{mlp}.{name}": s for name, s in local.items()})
+        for layer in BLOCK_LAYERS["serial" if config.serial else "parallel"]:
+            if layer in mlp_sizes:
+                local = mlp_param_shapes(config.mlp_kind, *mlp_sizes[layer], bias=config.bias)
+            else:
+                local = {"weight": norm_shape, "bias": norm_shape}
+            shapes.update({f"blocks.{i}.{layer}.{name}": shape for name, shape in local.items()})
     shapes.update({"norm.weight": (C,), "norm.bias": (C,),
                    "head.weight": (config.num_classes, C), "head.bias": (config.num_classes,)})
     return shapes
-
-
-def _initial_value(name, shape, generator):
-    """DESIGN §5.4: biases 0, LN weights 1, head weight 0, stem lecun-normal (timm's
-    lecun_normal_: normal truncated at ±2 standard deviations, scaled to std √(1/fan_in)),
-    every other (Linear) weight xavier-uniform with torch's fan_in = in, fan_out = out."""
-    layer = name.split(".")[-2]
-    if name.endswith(".bias") or name == "head.weight":
-        return numpy.zeros(shape)
-    if layer.startswith("norm"):
-        return numpy.ones(shape)
-    if name == "stem.proj.weight":
-        std = math.sqrt(1.0 / math.prod(shape[1:])) / TRUNC_NORMAL_STD
-        return std * scipy.stats.truncnorm.rvs(-2.0, 2.0, size=shape, random_state=generator)
-    bound = math.sqrt(6.0 / (shape[0] + shape[1]))
-    return generator.uniform(-bound, bound, size=shape)
 
 
 def check_params(shapes, params):
@@ -213,7 +187,7 @@ def check_params(shapes, params):
 
 
 # ---------------------------------------------------------------------------------------------
-# Stochastic depth and the residual step
+# Stochastic depth, and the head after the blocks
 # ---------------------------------------------------------------------------------------------
 def drop_path_rates(config):
     """Per-block drop-path rates: config.drop_path for every block, as in the paper's code and
@@ -230,39 +204,62 @@ def drop_path_mask(rate, batch, drop_rng, dtype):
     return asarray((drop_rng.random(batch) < keep) / keep, dtype).reshape(batch, 1, 1)
 
 
-def residual_step_forward(x, norm, branches, eps, n_axes):
-    """x ← x + Σ_k m_k ⊙ MLP_k(g), g = LN(x): one step of a block (serial blocks take two, one
-    branch each; parallel blocks one with the token and channel branches).
-
-    norm = (weight, bias); branches = [(kind, weights, axis, mask or None), …].
-    """
-    g, norm_cache = layernorm_forward(x, *norm, eps=eps, n_axes=n_axes)
-    branch_caches = []
-    for kind, weights, axis, mask in branches:
-        update, mlp_cache = mlp_forward(kind, weights, g, axis)
-        x = x + (update if mask is None else update * mask)
-        branch_caches.append((mlp_cache, mask))
-    return x, (norm_cache, branch_caches)
+def head_forward(x, params, eps):
+    """logits = W_head mean_tokens(LN(x)) + b_head, :eq:`X-head`: x (B, S, C) → (B, K), the
+    final LN over C with its per-element affine ('norm.weight', 'norm.bias')."""
+    y, norm_cache = layernorm_forward(x, params["norm.weight"], params["norm.bias"], eps=eps)
+    pooled, mean_cache = token_mean_forward(y)
+    logits, linear_cache = linear_forward(pooled, params["head.weight"], params["head.bias"])
+    return logits, (norm_cache, mean_cache, linear_cache)
 
 
-def residual_step_backward(cache, dout):
-    """dx = dout + LN′ᵀ(Σ_k MLP_kᵀ(m_k ⊙ dout)). Returns (dx, (dweight, dbias) of the norm,
-    [grads of each branch's MLP])."""
-    norm_cache, branch_caches = cache
-    dg, branch_grads = 0.0, []
-    for mlp_cache, mask in branch_caches:
-        dz, grads = mlp_backward(mlp_cache, dout if mask is None else dout * mask)
-        dg = dg + dz
-        branch_grads.append(grads)
-    dx_norm, dweight, dbias = layernorm_backward(norm_cache, dg)
-    return dout + dx_norm, (dweight, dbias), branch_grads
+def head_backward(cache, dlogits):
+    """(dx, {name: grad}) for 'norm.weight', 'norm.bias', 'head.weight', 'head.bias'."""
+    norm_cache, mean_cache, linear_cache = cache
+    grads = {}
+    dpooled, grads["head.weight"], grads["head.bias"] = linear_backward(linear_cache, dlogits)
+    dx, grads["norm.weight"], grads["norm.bias"] = layernorm_backward(
+        norm_cache, token_mean_backward(mean_cache, dpooled))
+    return dx, grads
 
 
 # ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
 class Mixer:
-    """A Mixer of the family fixed by `config`: init, forward, hand-written backward and loss."""
+    """A Mixer of the family fixed by `config`: init, forward, hand-written backward and loss.
+
+    Parameters (`param_shapes(config)`), timm names and PyTorch shapes, i = 0..depth−1; S tokens,
+    C channels, N_s/N_c token/channel hidden units, K classes, C_in·p·p the patch size:
+
+    ==================================== ================ =====================================
+    name                                 shape            role
+    ==================================== ================ =====================================
+    stem.proj.weight, .bias              (C, C_in, p, p), patch embedding, :eq:`X-patch-embed`
+                                         (C,)
+    blocks.{i}.norm1, .norm2 (.weight,   (S, C) joint,    vanilla only: LN₁, LN₂ of the serial
+    .bias)                               (C,) channel     block, :eq:`X-serial-block`
+    blocks.{i}.norm (.weight, .bias)     as above         the others: the one LN of the
+                                                          parallel block, :eq:`X-parallel-block`
+    blocks.{i}.mlp_tokens.fc1.weight     (N_s, S)         vanilla, paramixer: W₁ (input);
+                                                          asymmixer: W₁ (input, and W₁ᵀ in the
+                                                          output); symmixer: absent
+    blocks.{i}.mlp_tokens.fc2.weight     (S, N_s)         vanilla, paramixer: W₂ (output),
+                                                          :eq:`X-mlp-vanilla`; asymmixer: W₂,
+                                                          the symmetry breaking, :eq:`X-mlp-asym`
+                                         (N_s, S)         symmixer: the one tied W (input W,
+                                                          output Wᵀ), :eq:`X-mlp-sym`
+    blocks.{i}.mlp_tokens.fc1.bias,      (N_s,), (S,)     vanilla, paramixer with bias=True only
+    .fc2.bias
+    blocks.{i}.mlp_channels.…            as mlp_tokens    with (S, N_s) → (C, N_c)
+    norm.weight, norm.bias               (C,)             the final LN over C, :eq:`X-head`
+    head.weight, head.bias               (K, C), (K,)     the classifier, :eq:`X-head`
+    ==================================== ================ =====================================
+
+    The trap: `fc2` is the (h, in) input matrix in the SymMixer but the (in, h) output (vanilla,
+    ParaMixer) or breaking (AsymMixer) matrix elsewhere; timm's names are kept so that weights
+    load into the paper's models by name. The λ penalty reads every `fc2.weight` of an AsymMixer.
+    """
 
     def __init__(self, config):
         if not isinstance(config, MixerConfig):
@@ -272,33 +269,40 @@ class Mixer:
         self._norm_axes = 2 if config.norm == "joint" else 1
         self._penalized = [name for name in self.param_shapes if config.mlp_kind == "asym"
                            and name.endswith(".fc2.weight")]
-        self._mlp_names = {}  # (block, MLP name) → {name within the MLP: full name}
-        for name in self.param_shapes:
-            parts = name.split(".")
-            if parts[0] == "blocks" and parts[2] in BRANCH_AXIS:
-                local = self._mlp_names.setdefault((int(parts[1]), parts[2]), {})
-                local[".".join(parts[3:])] = name
+        if config.serial:
+            self._block_forward, self._block_backward = serial_block_forward, serial_block_backward
+        else:
+            self._block_forward = parallel_block_forward
+            self._block_backward = parallel_block_backward
 
     def init(self, seed):
-        """Fresh parameters (DESIGN §5.4), drawn on the host in state_dict order with
-        `rng(seed)`, so every backend gets the same numbers; default dtype."""
+        """Fresh parameters by `initial_value` (:eq:`X-init`), drawn on the host in state_dict
+        order with `rng(seed)`, so every backend gets the same numbers; default dtype."""
         generator = rng(seed)
-        return {name: asarray(_initial_value(name, shape, generator))
+        return {name: asarray(initial_value(name, shape, generator))
                 for name, shape in self.param_shapes.items()}
+
+    def block_weights(self, params, block):
+        """The parameters of block `block` by their names within the block ('norm.weight',
+        'mlp_tokens.fc2.weight', …), as the `blocks` functions take them."""
+        prefix = f"blocks.{block}."
+        return {name[len(prefix):]: w for name, w in params.items() if name.startswith(prefix)}
 
     def mlp_weights(self, params, block, mlp):
         """The weights of MLP `mlp` ('mlp_tokens' | 'mlp_channels') of block `block`, keyed by
         their names within the MLP ('fc1.weight', …), as `layers.mlp_forward` takes them."""
-        return {local: params[name] for local, name in self._mlp_names[block, mlp].items()}
+        prefix = f"blocks.{block}.{mlp}."
+        return {name[len(prefix):]: w for name, w in params.items() if name.startswith(prefix)}
 
     def block_update(self, params, block, g):
         """u(g) = T(g) + Ch(g): what a parallel block adds to x, at g = LN(x) (B, S, C). For the
-        SymMixer u = ∇_g F(g) (DESIGN §5.2, M1)."""
+        SymMixer u = ∇_g F(g), :eq:`M1`."""
         if self.config.serial:
             raise ConfigError("block_update is defined for the parallel models; the vanilla "
                               "Mixer's serial block has two norms between its MLPs")
-        return sum(mlp_forward(self.config.mlp_kind, self.mlp_weights(params, block, mlp), g,
-                               BRANCH_AXIS[mlp])[0] for mlp in BRANCH_AXIS)
+        tokens, channels = parallel_branches_forward(g, self.block_weights(params, block),
+                                                     self.config.mlp_kind)[0]
+        return tokens + channels
 
     def _check_images(self, images, dtype):
         cfg = self.config
@@ -317,65 +321,46 @@ class Mixer:
         return images
 
     def forward(self, params, images, drop_rng=None, observe=None):
-        """logits = head(mean_tokens(LN(blocks(stem(images))))), images (B, C_in, H, W) →
-        logits (B, K). With `drop_rng` (a numpy Generator) and drop_path > 0, each residual
-        branch is dropped per sample (training), with a fresh mask per branch and per iteration
-        as the paper's code draws them; without it, none is (evaluation).
-        `observe(block, t, x)`, if given, sees each block's states x⁽ᵗ⁾ (B, S, C), t = 0..n_iter
-        (x⁽⁰⁾ the block's input, x⁽ⁿ_iter⁾ its output): the golden files' per-block outputs.
-        Returns (logits, cache)."""
+        """logits = head(blocks(stem(images))): images (B, C_in, H, W) → logits (B, K) through
+        the patch embedding, `depth` blocks (`blocks.serial_block_forward` for vanilla,
+        `blocks.parallel_block_forward` otherwise, n_iter iterations each) and `head_forward`.
+        With `drop_rng` (a numpy Generator) and drop_path > 0, each residual branch is dropped
+        per sample (training), with a fresh mask per branch and per iteration, drawn in the
+        paper's code's order (block, iteration, tokens before channels); without it, none is
+        (evaluation). `observe(block, t, x)`, if given, sees each block's states x⁽ᵗ⁾ (B, S, C),
+        t = 0..n_iter (x⁽⁰⁾ the block's input, x⁽ⁿ_iter⁾ its output): the golden files'
+        per-block outputs. Returns (logits, cache)."""
         check_params(self.param_shapes, params)
         cfg = self.config
         images = self._check_images(images, params["stem.proj.weight"].dtype)
-        batch = images.shape[0]
         x, stem_cache = patch_embed_forward(images, params["stem.proj.weight"],
                                             params["stem.proj.bias"])
-        step_caches = []  # (block, norm name, MLP names, cache) in execution order
+        block_caches = []
         for block, rate in enumerate(drop_path_rates(cfg)):
-            for iteration in range(cfg.n_iter):
-                if observe is not None:
-                    observe(block, iteration, x)
-                for norm, mlps in block_steps(cfg):
-                    norm_params = (params[f"blocks.{block}.{norm}.weight"],
-                                   params[f"blocks.{block}.{norm}.bias"])
-                    branches = [(cfg.mlp_kind, self.mlp_weights(params, block, mlp),
-                                 BRANCH_AXIS[mlp], drop_path_mask(rate, batch, drop_rng, x.dtype))
-                                for mlp in mlps]
-                    x, cache = residual_step_forward(x, norm_params, branches, cfg.ln_eps,
-                                                     self._norm_axes)
-                    step_caches.append((block, norm, mlps, cache))
-            if observe is not None:
-                observe(block, cfg.n_iter, x)
-        y, norm_cache = layernorm_forward(x, params["norm.weight"], params["norm.bias"],
-                                          eps=cfg.ln_eps)
-        pooled, mean_cache = token_mean_forward(y)
-        logits, head_cache = linear_forward(pooled, params["head.weight"], params["head.bias"])
-        return logits, (stem_cache, step_caches, norm_cache, mean_cache, head_cache)
+            masks = [tuple(drop_path_mask(rate, x.shape[0], drop_rng, x.dtype) for _ in range(2))
+                     for _ in range(cfg.n_iter)]
+            block_observe = None if observe is None else (
+                lambda t, state, block=block: observe(block, t, state))
+            x, cache = self._block_forward(x, self.block_weights(params, block), cfg.mlp_kind,
+                                           cfg.n_iter, cfg.ln_eps, self._norm_axes, masks,
+                                           block_observe)
+            block_caches.append(cache)
+        logits, head_cache = head_forward(x, params, cfg.ln_eps)
+        return logits, (stem_cache, block_caches, head_cache)
 
     def backward(self, params, cache, dlogits):
-        """∂(⟨dlogits, logits⟩)/∂θ for every parameter θ, by reverse traversal of the forward;
-        n_iter and tied weights accumulate. The weights are read from `cache` (references
-        saved by forward); `params` fixes the names and order of the returned dict."""
-        stem_cache, step_caches, norm_cache, mean_cache, head_cache = cache
-        expected = head_cache[0].shape[:1] + (self.config.num_classes,)
+        """∂(⟨dlogits, logits⟩)/∂θ for every parameter θ: head, blocks in reverse, stem; n_iter
+        and tied weights accumulate. The weights are read from `cache` (references saved by
+        forward); `params` fixes the names and order of the returned dict."""
+        stem_cache, block_caches, head_cache = cache
+        expected = head_cache[-1][0].shape[:1] + (self.config.num_classes,)
         if tuple(dlogits.shape) != expected:
             raise InputError(f"dlogits must have the logits' shape {expected}, "
                              f"got {tuple(dlogits.shape)}")
-        grads = {}
-
-        def accumulate(name, grad):
-            grads[name] = grads[name] + grad if name in grads else grad
-
-        dpooled, grads["head.weight"], grads["head.bias"] = linear_backward(head_cache, dlogits)
-        dx, grads["norm.weight"], grads["norm.bias"] = layernorm_backward(
-            norm_cache, token_mean_backward(mean_cache, dpooled))
-        for block, norm, mlps, step_cache in reversed(step_caches):
-            dx, norm_grads, mlp_grads = residual_step_backward(step_cache, dx)
-            for suffix, grad in zip(("weight", "bias"), norm_grads):
-                accumulate(f"blocks.{block}.{norm}.{suffix}", grad)
-            for mlp, local_grads in zip(mlps, mlp_grads):
-                for name, grad in local_grads.items():
-                    accumulate(f"blocks.{block}.{mlp}.{name}", grad)
+        dx, grads = head_backward(head_cache, dlogits)
+        for block in reversed(range(len(block_caches))):
+            dx, block_grads = self._block_backward(block_caches[block], dx)
+            grads.update({f"blocks.{block}.{name}": g for name, g in block_grads.items()})
         _, grads["stem.proj.weight"], grads["stem.proj.bias"] = patch_embed_backward(stem_cache,
                                                                                       dx)
         return {name: grads[name] for name in params}

@@ -25,10 +25,11 @@ import numbers
 import operator
 
 from refham.backend import asarray, gelu, to_numpy, xp
+from refham.blocks import BRANCH_AXIS
 from refham.dynamics import euler_step, integrate
 from refham.lagrangians import GELU, LayerNorm
 from refham.layers import layernorm_forward, linear_forward
-from refham.mixer import BRANCH_AXIS, Mixer, MixerConfig, check_params
+from refham.mixer import Mixer, MixerConfig, check_params
 
 AFFINES = ("scalar", "per_element")
 KAPPAS = (0, 1)

@@ -14,9 +14,10 @@ import json
 import math
 import os
 
-from refham.checkpoint import atomic_write
+from refham.checkpoint import atomic_write, read_json_lines
 from refham.distributed import get_communicator
 from refham.mixer import MODELS
+from refham.runlock import RunLock
 from refham.train import TrainingDiverged, train
 from refham.train_config import RESUMABLE_CHANGES, TrainConfig
 
@@ -52,18 +53,16 @@ def run_name(model, lam, seed):
 
 
 def _read_results(path):
-    """The complete lines of results.jsonl (a line cut short by a crash is ignored)."""
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    results = []
-    for line in lines:
-        try:
-            results.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return results
+    """The complete records of results.jsonl; a line cut short by a crash or damaged otherwise
+    is ignored, so that its run is trained again."""
+    kinds = {"model": str, "lam": (int, float), "seed": int, "settings": dict,
+             "test_acc": (int, float, type(None)), "symmetry": (dict, type(None))}
+
+    def is_record(value):
+        return isinstance(value, dict) and all(
+            isinstance(value.get(key), kind) and not isinstance(value.get(key), bool)
+            for key, kind in kinds.items())
+    return read_json_lines(path, is_record)[0]
 
 
 def run_sweep(out, settings=None, models=MODELS, lams=SWEEP_LAMS, seeds=SWEEP_SEEDS, log=print):
@@ -81,8 +80,15 @@ def run_sweep(out, settings=None, models=MODELS, lams=SWEEP_LAMS, seeds=SWEEP_SE
     runs = sweep_runs(models, lams, seeds)
     TrainConfig(**settings)                                  # fail fast on bad settings
     comm = get_communicator("auto")
-    if comm.rank == 0:
-        os.makedirs(out, exist_ok=True)
+    if comm.rank:                     # rank 0 alone writes in `out`
+        return _sweep_in_locked_folder(out, settings, runs, models, lams, log, comm)
+    os.makedirs(out, exist_ok=True)
+    with RunLock(out):                # one sweep per folder: results.jsonl has one writer
+        return _sweep_in_locked_folder(out, settings, runs, models, lams, log, comm)
+
+
+def _sweep_in_locked_folder(out, settings, runs, models, lams, log, comm):
+    """`run_sweep` once it holds the lock on `out` (rank 0) and has checked its arguments."""
     results_path = os.path.join(out, "results.jsonl")
     results = {(r["model"], r["lam"], r["seed"]): r for r in _read_results(results_path)}
     for key, previous in results.items():

@@ -19,8 +19,9 @@ numbers do not depend on N (up to rounding), and a run resumes under any N. Only
 
 The output folder holds `config.json` (written at start), `metrics.jsonl` (one line per epoch),
 `last.npz` (end of every epoch, every `checkpoint_every` steps, and on SIGINT/SIGTERM) and
-`best.npz` (best test accuracy so far), all written atomically. A NaN/inf loss or gradient stops
-the run before the bad update, so no checkpoint ever holds a diverged state.
+`best.npz` (best test accuracy so far), all written atomically. A NaN/inf loss or gradient, or an
+update that makes a parameter or an optimiser moment NaN/inf, stops the run before that step
+becomes its state, so no checkpoint ever holds a diverged state (and none could be written).
 """
 import contextlib
 import dataclasses
@@ -36,7 +37,9 @@ from tqdm import tqdm
 
 from refham.backend import (
     BackendError, asarray, backend_name, get_dtype, rng, set_backend, set_dtype, to_numpy, xp)
-from refham.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from refham.checkpoint import (
+    CheckpointError, atomic_write, describe_names, load_checkpoint, nonfinite_entries,
+    save_checkpoint)
 from refham.data import (
     DataError, add_gaussian_noise, batches, horizontal_flip, load_dataset, normalise, random_crop)
 from refham.distributed import (
@@ -45,33 +48,25 @@ from refham.distributed import (
 from refham.layers import InputError, cross_entropy_forward
 from refham.mixer import ConfigError, Mixer, MixerConfig, ParamError
 from refham.optim import OptimizerError, clip_by_global_norm, cosine_lr, make_optimizer
+from refham.resume import (
+    ResumeError, check_resumable, check_same_run, checked_progress, finished_records,
+    last_checkpoint, saved_settings)
+from refham.runlock import RunLock, RunLocked
 from refham.train_config import (
-    CROP_PAD, RESUMABLE_CHANGES, TrainConfig, TrainConfigError, model_config)
+    CROP_PAD, TrainConfig, TrainConfigError, model_config)
 
 ORDER_STREAM, STEP_STREAM = 1, 2      # rng((seed, stream, epoch or step)): see the module docstring
 RNG_SCHEME = "counter-v1"
 
 
-class ResumeError(ValueError):
-    """A run that cannot be started or resumed in this output folder."""
-
-
 class TrainingDiverged(RuntimeError):
-    """The loss or gradient became NaN/inf; the last good checkpoint is kept."""
+    """The loss, the gradient or the updated parameters/optimiser state of a step became NaN/inf;
+    the run's state and checkpoints stay those of the step before."""
 
 
 # what bad settings, data or files raise: the CLI reports these as errors, not as crashes
 USER_ERRORS = (TrainConfigError, ResumeError, CheckpointError, DataError, ConfigError,
-               OptimizerError, BackendError, InputError, ParamError, CommError)
-
-
-def last_checkpoint(out):
-    """`out`/last.npz, the checkpoint a resume starts from; ResumeError if there is none."""
-    path = os.path.join(out, "last.npz")
-    if not os.path.exists(path):
-        raise ResumeError(f"nothing to resume in {out}: no last.npz (start without --resume, "
-                          f"or point --out at the run's folder)")
-    return path
+               OptimizerError, BackendError, InputError, ParamError, RunLocked, CommError)
 
 
 def prepare_batch(images, dataset, cfg, gen):
@@ -174,8 +169,9 @@ class _Run:
     """One training run in its output folder: data, model, optimiser and the loop."""
 
     def __init__(self, cfg, resume, comm):
-        """Load the data, build model and optimiser, then start fresh or resume in cfg.out;
-        under several ranks (`comm`), all start from rank 0's parameters and optimiser state."""
+        """Load the data, build model and optimiser, lock cfg.out (rank 0: `self.lock`, which
+        the caller releases), then start fresh or resume there; under several ranks (`comm`),
+        all start from rank 0's parameters and optimiser state."""
         if cfg.batch_size % comm.size:
             raise TrainConfigError(f"batch_size {cfg.batch_size} is the global batch, split evenly "
                                    f"over the {comm.size} ranks: choose a multiple of {comm.size}")
@@ -194,14 +190,21 @@ class _Run:
         if self.warmup_steps >= self.total_steps:
             raise TrainConfigError(f"warm-up of {self.warmup_steps} steps leaves no training in "
                                    f"{self.total_steps} steps: lower warmup or add epochs")
+        self.lock = None
         if self.writer:
             os.makedirs(cfg.out, exist_ok=True)
-        if resume:
-            self._resume()
-        else:
-            self._start_fresh()
-        if comm.size > 1:
-            self.params, self.opt_state = broadcast_state(comm, self.params, self.opt_state)
+            self.lock = RunLock(cfg.out).acquire()      # held until train() ends, however it ends
+        try:
+            if resume:
+                self._resume()
+            else:
+                self._start_fresh()
+            if comm.size > 1:
+                self.params, self.opt_state = broadcast_state(comm, self.params, self.opt_state)
+        except BaseException:
+            if self.lock:
+                self.lock.release()
+            raise
 
     # ------------------------------------------------------------------ start, resume, save
     def _start_fresh(self):
@@ -218,41 +221,30 @@ class _Run:
             atomic_write(self.paths["metrics.jsonl"], lambda f: None)
 
     def _config(self):
-        """What config.json and checkpoints record of the run: settings, model, world size."""
-        return {"train": self.cfg.to_dict(), "model": dataclasses.asdict(self.model.config),
-                "world_size": self.comm.size}
+        """What config.json and checkpoints record of the run: its settings and model."""
+        return {"train": self.cfg.to_dict(), "model": dataclasses.asdict(self.model.config)}
 
     def _resume(self):
-        """Parameters, optimiser state, step and progress from last.npz, after checking that
-        it was written with the same settings and RNG scheme."""
-        ck = load_checkpoint(last_checkpoint(self.cfg.out))
-        saved = TrainConfig.from_dict(ck.config["train"]).to_dict()
-        wanted = self.cfg.to_dict()
-        changed = [f"{k}: {saved[k]!r} → {wanted[k]!r}" for k in saved
-                   if saved[k] != wanted[k] and k not in RESUMABLE_CHANGES]
-        if changed:
-            raise ResumeError(f"cannot resume {self.cfg.out} with different settings "
-                              f"({'; '.join(changed)}); resume with the saved ones")
-        if ck.rng_state != self._rng_state(ck.step):
-            raise ResumeError(f"{self.paths['last.npz']} uses RNG scheme {ck.rng_state!r}, not "
-                              f"{RNG_SCHEME}: it cannot be resumed exactly by this version")
+        """Parameters, optimiser state, step and progress from last.npz, once refham.resume has
+        checked that it continues this run (settings, model, arrays, step, RNG, folder)."""
+        path = last_checkpoint(self.cfg.out)
+        ck = load_checkpoint(path)
+        check_resumable(ck, path, self.cfg, self.model.config, self.optimizer,
+                        self.steps_per_epoch, self._rng_state)
+        if self.writer:     # it may write config.json again; a mismatch on rank 0 ends all
+            check_same_run(ck, path, self.paths["config.json"])
+        self.progress = checked_progress(ck, path, _Progress)
         self.params = {k: asarray(v, dtype=v.dtype) for k, v in ck.params.items()}
         self.opt_state = {k: asarray(v, dtype=v.dtype) if hasattr(v, "shape") else v
                           for k, v in ck.optim_state.items()}
-        self.step, self.progress = ck.step, _Progress(**ck.metrics)
+        self.step = ck.step
         self._truncate_metrics(ck.epoch)
 
     def _truncate_metrics(self, epochs_done):
-        """Keep the complete metrics lines of the epochs the checkpoint has finished (a crash
+        """Keep the readable metrics lines of the epochs the checkpoint has finished (a crash
         between a line and its checkpoint must not leave that epoch twice in the log); the last
         of them is the run's latest record."""
-        records = []
-        if os.path.exists(self.paths["metrics.jsonl"]):
-            with open(self.paths["metrics.jsonl"], encoding="utf-8") as f:
-                for line in f:
-                    with contextlib.suppress(json.JSONDecodeError):
-                        records.append(json.loads(line))
-        records = [r for r in records if r["epoch"] <= epochs_done]
+        records = finished_records(self.paths["metrics.jsonl"], epochs_done)
         text = "".join(json.dumps(r) + "\n" for r in records)
         if self.writer:
             atomic_write(self.paths["metrics.jsonl"], lambda f: f.write(text.encode()))
@@ -268,15 +260,17 @@ class _Run:
         if self.writer:
             save_checkpoint(self.paths[name], self.params, self.opt_state, step=self.step,
                             epoch=self.step // self.steps_per_epoch,
-                            rng_state=self._rng_state(self.step), config=self._config(),
+                            rng_state=self._rng_state(self.step),
+                            config={**self._config(), "world_size": self.comm.size},
                             metrics=dataclasses.asdict(self.progress))
 
     # ------------------------------------------------------------------------------ the loop
     def _train_step(self, images, labels):
         """One optimiser step on a raw global batch → (loss, number correct). Raises
-        TrainingDiverged before touching the parameters if the loss or the gradient is not
-        finite. Under N ranks each takes its shard of the batch and of its random draws; one
-        allreduce combines the gradients, loss, correct and the ranks' stop requests."""
+        TrainingDiverged, leaving parameters and optimiser state as they were, if the loss, the
+        gradient or the updated parameters/optimiser state are not finite. Under N ranks each
+        takes its shard of the batch and of its random draws; one allreduce combines the
+        gradients, loss, correct and the ranks' stop requests."""
         cfg, comm, n = self.cfg, self.comm, len(labels)
         gen, rows = rng((cfg.seed, STEP_STREAM, self.step)), shard(n, comm)
         if comm.size > 1:
@@ -297,15 +291,25 @@ class _Run:
         grads, grad_norm = clip_by_global_norm(grads, cfg.clip_grad)
         lr = cosine_lr(self.step, self.total_steps, cfg.lr, self.warmup_steps, cfg.min_lr)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            last = (f"the last good checkpoint, {self.paths['last.npz']}, is kept"
-                    if os.path.exists(self.paths["last.npz"]) else "no checkpoint was written yet")
-            raise TrainingDiverged(
-                f"training diverged at step {self.step} (epoch "
-                f"{self.step // self.steps_per_epoch + 1}, lr {lr:.3g}): loss {loss}, gradient "
-                f"norm {grad_norm}; {last}. Lower --lr, set --clip-grad, or use --dtype float64")
-        self.params, self.opt_state = self.optimizer.update(self.params, grads, self.opt_state, lr)
+            raise self._diverged(lr, f"loss {loss}, gradient norm {grad_norm}")
+        params, opt_state = self.optimizer.update(self.params, grads, self.opt_state, lr)
+        overflowed = nonfinite_entries({**params, **opt_state}, xp)
+        if overflowed:
+            raise self._diverged(lr, f"loss {loss} and gradient norm {grad_norm:.3g} were finite, "
+                                     f"but the update made {describe_names(overflowed)} NaN/inf")
+        self.params, self.opt_state = params, opt_state
         self.step += 1
         return loss, correct
+
+    def _diverged(self, lr, what):
+        """The TrainingDiverged of the current step: what went non-finite, which checkpoint
+        stays, and what to change."""
+        last = (f"the last checkpoint, {self.paths['last.npz']}, is kept (all its values are "
+                f"finite)"
+                if os.path.exists(self.paths["last.npz"]) else "no checkpoint was written yet")
+        return TrainingDiverged(
+            f"training diverged at step {self.step} (epoch {self.step // self.steps_per_epoch + 1}"
+            f", lr {lr:.3g}): {what}; {last}. Lower --lr, set --clip-grad, or use --dtype float64")
 
     def run(self, stop, echo):
         """Train from the current step to the last epoch → summary. `stop` is _stop_requests'
@@ -414,7 +418,12 @@ def train(cfg, resume=False, echo=False):
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"train needs a TrainConfig, got {type(cfg).__name__}")
     with _active_backend(cfg.backend, cfg.dtype, cfg.threads), _stop_requests() as stop:
-        return _Run(cfg, resume, get_communicator(cfg.comm, cfg.backend)).run(stop, echo)
+        run = _Run(cfg, resume, get_communicator(cfg.comm, cfg.backend))
+        try:
+            return run.run(stop, echo)
+        finally:
+            if run.lock:
+                run.lock.release()
 
 
 def evaluate_checkpoint(path, data_path=None, batch_size=256, backend="numpy", threads=1):
@@ -432,9 +441,15 @@ def evaluate_checkpoint(path, data_path=None, batch_size=256, backend="numpy", t
                                train_fraction=cfg.train_fraction, seed=cfg.data_seed)
         params = {k: asarray(v, dtype=v.dtype) for k, v in ck.params.items()}
         result = evaluate(Mixer(config), params, test, batch_size)
+    if not math.isfinite(result["loss"]):
+        raise CheckpointError(f"{path}: the test loss is {result['loss']} — the model's outputs "
+                              f"overflow in {dtype} (weights up to "
+                              f"{max(float(abs(a).max()) for a in ck.params.values()):.3g}); it "
+                              f"holds a diverging run, use an earlier checkpoint")
     return {**result, "step": ck.step, "epoch": ck.epoch, "data": cfg.data, "model": cfg.model}
 
 
 def resume_settings(out):
     """The settings a run in folder `out` was started with (from its verified last.npz)."""
-    return load_checkpoint(last_checkpoint(out)).config["train"]
+    path = last_checkpoint(out)
+    return saved_settings(load_checkpoint(path), path)

@@ -64,7 +64,7 @@ class TrainConfig:
     depth: int = _setting(None, "override the size preset's number of blocks")
     patch: int = _setting(None, "override the size preset's patch size")
     hidden_ratio: float = _setting(None, "override the MLP hidden ratio r (default 1)")
-    drop_path: float = _setting(0.0, "stochastic-depth rate of the last block")
+    drop_path: float = _setting(0.0, "stochastic-depth rate, the same in every block")
     input_noise: float = _setting(0.0, "σ of Gaussian noise added to every training batch")
     augment: bool = _setting(False, f"random crop (pad {CROP_PAD}) and horizontal flip (CIFAR)")
     seed: int = _setting(0, "seed of the initialisation, batch order and augmentation")

@@ -1,5 +1,6 @@
 """Checkpoints: exact round trip, atomic writes, and a clear CheckpointError for every kind of bad
-file (truncated, flipped byte, missing entry, tampered array, wrong version, not a checkpoint)."""
+file (truncated, flipped byte, missing entry, tampered array, wrong version, not a checkpoint,
+non-finite tensors, metadata of the wrong types)."""
 import json
 import os
 import zipfile
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 
 from refham.backend import asarray, rng, to_numpy
-from refham.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from refham.checkpoint import (
+    CheckpointError, _digest, atomic_write, is_temporary, load_checkpoint, save_checkpoint)
 
 
 def _example():
@@ -177,3 +179,64 @@ def test_files_that_are_not_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="not an .npz of plain arrays"):
         load_checkpoint(pickled)
     assert zipfile.is_zipfile(pickled)
+
+
+def test_temporary_files_are_named_after_their_target_and_recognisable(tmp_path):
+    seen = []
+    atomic_write(tmp_path / "c.npz", lambda f: seen.extend(os.listdir(tmp_path)))
+    assert len(seen) == 1 and seen[0].startswith(".c.npz.") and is_temporary(seen[0])
+    assert not any(map(is_temporary, ["c.npz", ".c.npz", "c.refham-tmp", ".refham.lock"]))
+
+
+@pytest.mark.parametrize("where", ["param/head.bias", "optim/m/blocks.0.norm.weight"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_tensors_are_never_written(tmp_path, where, bad):
+    path = _save(tmp_path / "c.npz")
+    before = path.read_bytes()
+    params, optim_state, meta, _ = _example()
+    group, name = where.split("/", 1)
+    target = params if group == "param" else optim_state
+    target[name] = target[name] * 1.0
+    target[name][0] = bad
+    with pytest.raises(CheckpointError, match=f"refusing to write .*NaN/inf in {where} "):
+        save_checkpoint(path, params, optim_state, **meta)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["c.npz"]
+
+
+def _rewrite_consistently(path, change):
+    """Apply `change(arrays, meta)` to the checkpoint at `path` and re-seal it with a matching
+    digest: what a hand-made file or an older writer can hold."""
+    arrays = _entries(path)
+    meta = json.loads(arrays.pop("meta/json").tobytes())
+    change(arrays, meta)
+    meta["sha256"] = _digest(arrays)
+    arrays["meta/json"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    _rewrite(path, arrays)
+
+
+def test_a_non_finite_checkpoint_with_a_valid_digest_is_refused(tmp_path):
+    path = _save(tmp_path / "c.npz")
+
+    def poison(arrays, meta):
+        arrays["optim/m/head.bias"] = np.full(4, np.nan, dtype=np.float32)
+    _rewrite_consistently(path, poison)
+    with pytest.raises(CheckpointError, match="NaN/inf in optim/m/head.bias: .* diverged state"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(step=-1), "step -1 "), (dict(step="3"), "step '3' "), (dict(step=True), "step True"),
+    (dict(epoch=1.5), "epoch 1.5 "), (dict(config=[1, 2]), "config of type list"),
+    (dict(rng_state="x"), "rng_state of type str"), (dict(metrics=[]), "metrics of type list"),
+    (dict(optim_scalars=[1]), "optim_scalars of type list"),
+    (dict(optim_scalars={"step": "junk"}), "optimiser scalar step = 'junk'"),
+    (dict(optim_scalars={"step": float("nan")}), "optimiser scalar step = nan"),
+    (dict(optim_scalars={"step": None}), "optimiser scalar step = None"),
+    (dict(optim_scalars={"step": 7, "m/head.bias": 1}), r"\['m/head.bias'\] are both"),
+])
+def test_metadata_of_the_wrong_types_is_refused_though_the_digest_matches(tmp_path, changes,
+                                                                          message):
+    path = _save(tmp_path / "c.npz")
+    _rewrite_consistently(path, lambda arrays, meta: meta.update(changes))
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)

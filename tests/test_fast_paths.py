@@ -15,6 +15,7 @@ from hypothesis import given, strategies as st
 from oracle import rel_err
 from refham import backend as B
 from refham import layers as L
+from refham.cpu_threads import CHUNK
 from refham.optim import AdamW, adamw_step
 
 EPS32 = 2.0 ** -23  # float32 spacing at 1
@@ -74,7 +75,7 @@ def test_float32_gelu_propagates_nan():
 def test_float32_gelu_is_elementwise_across_chunks_and_layouts(dims, seed, transposed):
     """Chunked evaluation gives each element the value it has alone, whatever the shape,
     the size relative to the chunk and the memory layout."""
-    shape = tuple(dims) + (B._CHUNK // 7 + 3,)  # several chunks, the last one partial
+    shape = tuple(dims) + (CHUNK // 7 + 3,)  # several chunks, the last one partial
     x = (3.0 * B.rng(seed).standard_normal(shape)).astype(np.float32)
     if transposed:
         x = x.T
@@ -146,6 +147,7 @@ def _fused_cases(dtype):
     positive_v = B.asarray(np.abs(gen.standard_normal((5, 3))), dtype=dtype)
     return [
         (B.gelu_and_deriv, (arr(4, 3, 33),)),
+        (L.gelu_backward, (arr(4, 3, 33), arr(4, 3, 33))),
         (L._normalise_affine, (arr(4, 6, 5), B.asarray(np.abs(gen.standard_normal((4, 1, 1))),
                                                        dtype=dtype), arr(6, 5), arr(6, 5))),
         (L._layernorm_dx, (arr(4, 6, 5), arr(4, 6, 5), arr(4, 1, 1), arr(4, 1, 1),

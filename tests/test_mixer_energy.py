@@ -13,7 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from refham.backend import asarray, rng, to_numpy
-from refham.mixer import BRANCH_AXIS, NORMS, Mixer, make_config, residual_step_forward
+from refham.blocks import BRANCH_AXIS, parallel_block_forward
+from refham.mixer import NORMS, Mixer, make_config
 from refham.mixer_energy import EnergyError, MixerBlock, symmetry_measures
 from tests.oracle import TOL, autograd_numpy, rel_err
 
@@ -136,12 +137,8 @@ def test_block_is_the_models_block_and_uniform_gamma_is_scalar(config, seed):
     params, x = on_backend(draw_params(config, seed)), asarray(draw_state(config, seed))
     per_element = MixerBlock(config, params, 0, "per_element")
     scalar = MixerBlock(config, params, 0, "scalar")
-    mixer = Mixer(config)
-    branches = [("sym", mixer.mlp_weights(params, 0, mlp), axis, None)
-                for mlp, axis in BRANCH_AXIS.items()]
-    model_step, _ = residual_step_forward(
-        x, (params["blocks.0.norm.weight"], params["blocks.0.norm.bias"]), branches,
-        config.ln_eps, 2 if config.norm == "joint" else 1)
+    model_step, _ = parallel_block_forward(x, Mixer(config).block_weights(params, 0), "sym",
+                                           eps=config.ln_eps)
     assert rel_err(per_element.unit_step(x), model_step) <= 1e-13
     assert rel_err(scalar.unit_step(x), model_step) <= 1e-13
     for kappa in (0, 1):

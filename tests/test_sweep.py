@@ -74,6 +74,21 @@ def test_interrupted_sweep_continues_where_it_stopped(tmp_path, monkeypatch):
         run_sweep(out, {"seed": 3}, **kwargs)
 
 
+def test_damaged_results_lines_are_ignored_and_their_runs_trained_again(tmp_path, monkeypatch):
+    fake = FakeTrain()
+    monkeypatch.setattr(sweep, "train", fake)
+    kwargs = dict(models=("symmixer",), seeds=(0, 1, 2), log=lambda line: None)
+    run_sweep(str(tmp_path), {"epochs": 1}, **kwargs)
+    lines = open(tmp_path / "results.jsonl", "rb").read().splitlines()
+    damaged = [b"[1, 2]", b"\xff" + lines[1], lines[2].replace(b'"seed": 2', b'"seed": [2]')]
+    (tmp_path / "results.jsonl").write_bytes(b"\n".join([lines[0], *damaged]) + b"\n")
+    fake.calls.clear()
+    results, finished = run_sweep(str(tmp_path), {"epochs": 1}, **kwargs)
+    assert finished and [key for key, _ in fake.calls] == [("symmixer", 0.0, 1),
+                                                           ("symmixer", 0.0, 2)]
+    assert [r["seed"] for r in results] == [0, 1, 2]
+
+
 def test_diverged_runs_are_recorded_and_counted_apart(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "train", FakeTrain(diverge=[("asymmixer", 1.0, 1)]))
     results, finished = run_sweep(str(tmp_path), {"epochs": 1}, models=("asymmixer",),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from refham.backend import asarray, backend_name, get_dtype, rng, to_numpy
-from refham.checkpoint import load_checkpoint
+from refham.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from refham.data import Dataset
 from refham.mixer import MODELS, Mixer, make_config
 from refham.optim import cosine_lr
@@ -206,7 +206,7 @@ def test_divergence_stops_before_the_bad_update_and_keeps_the_last_checkpoint(
         return loss, logits, grads
     monkeypatch.setattr(Mixer, "loss_and_grads", poisoned)
     cfg = _cfg(tmp_path, epochs=3)
-    with pytest.raises(TrainingDiverged, match="the last good checkpoint.*last.npz.* is kept"):
+    with pytest.raises(TrainingDiverged, match="the last checkpoint.*last.npz.* is kept"):
         train(cfg)
     last = load_checkpoint(os.path.join(cfg.out, "last.npz"))
     assert last.step == STEPS_PER_EPOCH
@@ -219,6 +219,37 @@ def test_divergence_before_any_checkpoint_says_so(tmp_path, monkeypatch):
                         lambda self, params, x, labels, **k: (float("inf"), x[:, 0, 0], {}))
     with pytest.raises(TrainingDiverged, match="step 0 .*no checkpoint was written yet"):
         train(_cfg(tmp_path))
+
+
+@pytest.mark.parametrize("settings, kept_step", [
+    # issue 11 §1: Adam's first update at lr 1e38 overflows (the loss and gradient are finite)
+    (dict(lr=1e38, warmup=0.0, batch_size=256, epochs=4), None),
+    # SGD with weight decay 1e15: the step-2 checkpoint is finite, the step-3 update is not
+    (dict(optimizer="sgd", weight_decay=1e15, warmup=0.0, checkpoint_every=1, epochs=3), 2),
+])
+def test_an_update_that_overflows_never_becomes_the_run_state(tmp_path, settings, kept_step):
+    cfg = _cfg(tmp_path, **settings)
+    kept = "no checkpoint was written yet" if kept_step is None else "the last checkpoint"
+    with pytest.raises(TrainingDiverged, match=f"the update made .*NaN/inf; {kept}"):
+        train(cfg)
+    last = os.path.join(cfg.out, "last.npz")
+    assert os.path.exists(last) == (kept_step is not None)
+    assert not os.path.exists(os.path.join(cfg.out, "best.npz"))
+    if kept_step is not None:
+        ck = load_checkpoint(last)                  # refuses non-finite tensors itself
+        assert ck.step == kept_step
+
+
+def test_evaluating_a_checkpoint_whose_outputs_overflow_is_refused(tmp_path):
+    cfg = _cfg(tmp_path, epochs=1)
+    train(cfg)
+    path = os.path.join(cfg.out, "last.npz")
+    ck = load_checkpoint(path)
+    huge = {name: a * np.float32(1e30) for name, a in ck.params.items()}   # finite in float32
+    save_checkpoint(path, huge, ck.optim_state, step=ck.step, epoch=ck.epoch,
+                    rng_state=ck.rng_state, config=ck.config, metrics=ck.metrics)
+    with pytest.raises(CheckpointError, match="test loss is nan .* overflow in float32"):
+        evaluate_checkpoint(path)
 
 
 def test_evaluate_normalises_and_weights_every_image_once():

@@ -1,0 +1,114 @@
+"""Chunked, threaded elementwise chains (refham/cpu_threads.py) against one call of the chain:
+the same numbers bit for bit, for any thread count, shape, layout and broadcasting."""
+import numpy as np
+import pytest
+import threadpoolctl
+from hypothesis import given, settings, strategies as st
+
+from refham import cpu_threads as T
+from refham.backend import gelu_and_deriv, use_module
+from refham.layers import _layernorm_dx, _normalise_affine, gelu_backward
+
+
+def _chain(x, scale, shift):
+    """An elementwise chain with broadcasting and two outputs of different dtypes."""
+    y = np.exp(-0.5 * x * x) * scale + shift
+    return y, (x > shift).astype(np.int8)
+
+
+def _equal(got, expected):
+    got = got if isinstance(got, tuple) else (got,)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape and g.dtype == e.dtype
+        np.testing.assert_array_equal(g, e)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 70), st.sampled_from(["full", "row", "column", "scalar"]),
+       st.booleans(), st.sampled_from([np.float32, np.float64]), st.integers(0, 2 ** 31 - 1))
+def test_chunked_chain_equals_one_call_for_any_thread_count(threads, rows, broadcast, transposed,
+                                                           dtype, seed):
+    gen = np.random.default_rng(seed)
+    shape = (rows * 997 % 211 + 2, T.CHUNK // 50 + rows)  # from 1 chunk to many, last partial
+    x = gen.standard_normal(shape).astype(dtype)
+    if transposed:
+        x = np.ascontiguousarray(x.T).T  # a non-contiguous view of the same shape
+    scale = {"full": gen.standard_normal(shape), "row": gen.standard_normal(shape[1:]),
+             "column": gen.standard_normal((shape[0], 1)),
+             "scalar": dtype(gen.standard_normal())}[broadcast]
+    scale = np.asarray(scale, dtype=dtype) if broadcast != "scalar" else scale
+    with threadpoolctl.threadpool_limits(threads, user_api="blas"):
+        got = T.chunked_elementwise(_chain, (x, scale, dtype(0.25)))
+    _equal(got, _chain(x, scale, dtype(0.25)))
+
+
+def test_thread_count_follows_the_blas_limit():
+    for threads in (1, 2, 3):
+        with threadpoolctl.threadpool_limits(threads, user_api="blas"):
+            assert T.blas_threads() == threads
+
+
+def test_the_same_numbers_with_one_and_with_several_threads():
+    x = np.random.default_rng(3).standard_normal((37, 5 * T.CHUNK // 37)).astype(np.float32)
+    results = []
+    for threads in (1, 2, 4):
+        with threadpoolctl.threadpool_limits(threads, user_api="blas"):
+            results.append(gelu_and_deriv(x))
+    for other in results[1:]:
+        _equal(other, results[0])
+
+
+def test_a_single_output_stays_a_single_array_and_a_one_tuple_a_tuple():
+    x = np.arange(3 * T.CHUNK, dtype=np.float64)
+    _equal(T.chunked_elementwise(lambda a: a * 2.0, (x,)), x * 2.0)
+    got = T.chunked_elementwise(lambda a: (a + 1.0,), (x,))
+    assert isinstance(got, tuple) and len(got) == 1
+    _equal(got, (x + 1.0,))
+
+
+def test_small_and_non_numpy_inputs_go_to_the_chain_directly():
+    calls = []
+
+    def chain(a):
+        calls.append(type(a))
+        return a
+
+    small = np.ones(T.CHUNK)   # one chunk's worth: no split
+    assert T.chunked_elementwise(chain, (small,)) is small
+    listed = [1.0] * (3 * T.CHUNK)  # not an array: passed through untouched
+    assert T.chunked_elementwise(chain, (listed,)) is listed
+    assert calls == [np.ndarray, list]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_fused_chains_of_the_training_step_equal_their_plain_definitions(threads):
+    """Large enough to be split: each NumPy fused chain against its plain xp definition."""
+    gen = np.random.default_rng(11)
+    batch, tokens, chans = 16, 64, 48  # (B, S, C) with more than two chunks
+
+    def arr(*shape):
+        return gen.standard_normal(shape).astype(np.float32)
+
+    cases = [(gelu_and_deriv, (arr(batch * tokens, 4 * chans),)),
+             (gelu_backward, (arr(batch, tokens, chans), arr(batch, tokens, chans))),
+             (_normalise_affine, (arr(batch, tokens, chans), np.abs(arr(batch, 1, 1)),
+                                  arr(tokens, chans), arr(tokens, chans))),
+             (_layernorm_dx, (arr(batch, tokens, chans), arr(batch, tokens, chans),
+                              arr(batch, 1, 1), arr(batch, 1, 1), arr(batch, 1, 1)))]
+    with threadpoolctl.threadpool_limits(threads, user_api="blas"):
+        for fused, args in cases:
+            _equal(fused(*args), fused.plain(*args))
+
+
+def test_autograd_runs_the_plain_chain():
+    """Under autograd the fused chain is the plain xp code (traceable), not the thread pool."""
+    autograd = pytest.importorskip("autograd")
+    import autograd.numpy as anp
+    import autograd.scipy.special as asp
+
+    x = np.linspace(-3.0, 3.0, 3 * T.CHUNK)
+    with use_module(anp, asp.erf, name="autograd"):
+        slope = autograd.grad(lambda v: gelu_backward(v, np.ones_like(x)).sum())(x)
+    np.testing.assert_array_equal(slope, np.ones_like(x))
