@@ -22,8 +22,9 @@ from refham.checkpoint import load_checkpoint
 from refham.distributed import ShardedGenerator, shard
 from refham.metaformer import TrainSettings, train as train_metaformer
 from refham.sweep import run_sweep
-from refham.train import _Run, train
+from refham.train import train
 from refham.train_config import TrainConfig
+from tests.test_train import _interrupt_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
@@ -182,14 +183,7 @@ def test_run_stopped_on_one_rank_resumes_on_two_exactly(tmp_path, monkeypatch):
     settings = {**TINY, "epochs": 2}
     whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
     train(TrainConfig(**settings, out=whole))
-    original = _Run._train_step
-
-    def step_then_stop(self, images, labels):
-        result = original(self, images, labels)
-        if self.step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return result
-    monkeypatch.setattr(_Run, "_train_step", step_then_stop)
+    _interrupt_at(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
     assert train(TrainConfig(**settings, out=split))["step"] == 3
     monkeypatch.undo()
     result = _run(["train", "--resume", "--out", split, "--no-progress"])
