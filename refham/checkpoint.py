@@ -188,8 +188,8 @@ def load_checkpoint(path):
     overflowed = nonfinite_entries(arrays)
     if overflowed:
         raise CheckpointError(f"{path} holds NaN/inf in {describe_names(overflowed)}: it records "
-                              f"a diverged state and can be neither evaluated nor resumed; use "
-                              f"an earlier checkpoint")
+                              f"a diverged state, unfit for evaluation, resume or export; use an "
+                              f"earlier checkpoint")
     params = {k[len("param/"):]: a for k, a in arrays.items() if k.startswith("param/")}
     optim_state = {k[len("optim/"):]: a for k, a in arrays.items() if k.startswith("optim/")}
     clash = sorted(set(optim_state) & set(meta["optim_scalars"]))
@@ -226,14 +226,18 @@ def _check_meta_types(path, meta):
                               f"written by refham as it is")
 
 
-def read_json_lines(path, is_record):
+def read_json_lines(path, is_record, error=CheckpointError):
     """(records, damaged) of the JSON-lines file at `path`: the values of the lines that are
     UTF-8 JSON passing `is_record`, in order, and the 1-based numbers of the other lines (a line
-    cut short by a crash, or one damaged by hand). A missing file has neither."""
+    cut short by a crash, or one damaged by hand). A missing file has neither; `error` (an
+    exception class) for a path that cannot be read (a folder, no permission)."""
     if not os.path.exists(path):
         return [], []
-    with open(path, "rb") as f:
-        lines = f.read().splitlines()
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise error(f"{path} cannot be read ({exc.strerror}): move it out of the way") from exc
     records, damaged = [], []
     for number, line in enumerate(lines, start=1):
         try:

@@ -7,7 +7,8 @@ tensors). Here the checkpoint is held against the run that is to continue: it mu
 the run and as the folder's config.json, hold exactly the model's parameters in the run's dtype,
 an optimiser state of the run's optimiser whose every array matches its parameter in shape and
 dtype, and a step within the run (0 ≤ step ≤ epochs · steps per epoch). Each failure is a
-ResumeError that says what differs.
+ResumeError that says what differs — or a CheckpointError for parameters that do not fit the
+settings stored beside them, which `evaluate_checkpoint` refuses just the same.
 """
 import dataclasses
 import json
@@ -15,7 +16,8 @@ import math
 import os
 import warnings
 
-from refham.checkpoint import atomic_write, read_json_lines
+from refham.checkpoint import (
+    CheckpointError, atomic_write, describe_names, read_json_lines)
 from refham.mixer import ParamError, check_params, param_shapes
 from refham.train_config import RESUMABLE_CHANGES, TrainConfig, TrainConfigError
 
@@ -71,17 +73,27 @@ def check_resumable(ck, path, cfg, model_config, optimizer, steps_per_epoch, rng
     if ck.rng_state != rng_state(ck.step):
         raise ResumeError(f"{path} records the random state {ck.rng_state!r}, not "
                           f"{rng_state(ck.step)!r}: it cannot be resumed exactly by this version")
-    _check_arrays(ck, path, cfg.dtype, model_config, optimizer)
+    check_parameters(ck.params, path, cfg.dtype, model_config)
+    _check_optimizer_state(ck, path, optimizer)
 
 
-def _check_arrays(ck, path, dtype, model_config, optimizer):
-    """Parameters: the model's names and shapes, all in `dtype`. Optimiser state: one array per
-    slot and parameter, each shaped and typed like its parameter, and `step` = the run's step."""
+def check_parameters(params, path, dtype, model_config):
+    """Raise CheckpointError unless `params` (from the checkpoint at `path`) are exactly the
+    parameters of `model_config` — names and shapes — all of `dtype`: what the settings stored
+    beside them imply (resume and evaluation both rely on it)."""
     try:
-        check_params(param_shapes(model_config), ck.params)
+        check_params(param_shapes(model_config), params)
     except ParamError as exc:
-        raise ResumeError(f"{path}: {exc}") from exc
-    wrong = [f"{name} is {a.dtype}" for name, a in ck.params.items() if a.dtype != dtype]
+        raise CheckpointError(f"{path}: {exc}") from exc
+    wrong = [f"{name} is {a.dtype}" for name, a in params.items() if a.dtype != dtype]
+    if wrong:
+        raise CheckpointError(f"{path}: its settings say {dtype}, but {describe_names(wrong)}")
+
+
+def _check_optimizer_state(ck, path, optimizer):
+    """One array per slot of `optimizer` and parameter, each shaped and typed like its
+    parameter, and a `step` that is the run's step (an int)."""
+    wrong = []
     expected = {f"{slot}/{name}" for slot in optimizer.SLOTS for name in ck.params} | {"step"}
     missing, extra = sorted(expected - set(ck.optim_state)), sorted(set(ck.optim_state) - expected)
     if missing or extra:
@@ -98,12 +110,13 @@ def _check_arrays(ck, path, dtype, model_config, optimizer):
                          f"{ck.step}")
     if wrong:
         shown = "; ".join(wrong[:4]) + (f"; and {len(wrong) - 4} more" if len(wrong) > 4 else "")
-        raise ResumeError(f"{path} does not fit a {dtype} run of this model: {shown}")
+        raise ResumeError(f"{path}: its optimiser state does not fit its parameters: {shown}")
 
 
 def checked_progress(ck, path, progress_type):
-    """`ck.metrics` as a `progress_type` (a dataclass of int and float fields): every field
-    present, ints ≥ 0 for the int fields, finite numbers for the float ones."""
+    """`ck.metrics` as a `progress_type` (a dataclass of int and float fields with defaults):
+    no unknown field, ints ≥ 0 for the int fields, finite numbers for the float ones; a field
+    it lacks (one added after the checkpoint was written) takes its default."""
     fields = {f.name: f.type for f in dataclasses.fields(progress_type)}
     metrics = ck.metrics
 
@@ -111,7 +124,7 @@ def checked_progress(ck, path, progress_type):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         return value >= 0 and isinstance(value, int) if kind is int else math.isfinite(value)
-    if set(metrics) != set(fields) or not all(fits(metrics[k], t) for k, t in fields.items()):
+    if not set(metrics) <= set(fields) or not all(fits(v, fields[k]) for k, v in metrics.items()):
         raise ResumeError(f"{path}: its progress record {metrics!r} is not one of `refham "
                           f"train` (expected the fields {sorted(fields)})")
     return progress_type(**metrics)
@@ -149,7 +162,7 @@ def finished_records(metrics_path, epochs_done):
     def is_record(value):
         epoch = value.get("epoch") if isinstance(value, dict) else None
         return isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1
-    records, damaged = read_json_lines(metrics_path, is_record)
+    records, damaged = read_json_lines(metrics_path, is_record, ResumeError)
     if damaged:
         warnings.warn(f"{metrics_path}: left out {len(damaged)} damaged line(s) (line "
                       f"{', '.join(map(str, damaged[:5]))}{', …' if len(damaged) > 5 else ''}); "

@@ -27,7 +27,8 @@ LOCK_NAME = ".refham.lock"
 
 
 class RunLocked(RuntimeError):
-    """The run folder is held by another process (a run, a resume or a sweep writing there)."""
+    """The run folder is held by another process (a run, a resume or a sweep writing there), or
+    its lock file cannot be opened."""
 
 
 class RunLock:
@@ -43,7 +44,13 @@ class RunLock:
         """Take the lock or raise RunLocked naming its holder; then remove orphaned temporary
         files. → self."""
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:                    # O_NOFOLLOW: a symlink planted there is not written through
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                             0o666)
+            except OSError as exc:
+                raise RunLocked(f"cannot lock {self.folder}: {self.path} cannot be opened as a "
+                                f"file ({exc.strerror}); remove it if it is not refham's lock "
+                                f"file, or choose another --out") from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

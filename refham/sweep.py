@@ -62,7 +62,7 @@ def _read_results(path):
         return isinstance(value, dict) and all(
             isinstance(value.get(key), kind) and not isinstance(value.get(key), bool)
             for key, kind in kinds.items())
-    return read_json_lines(path, is_record)[0]
+    return read_json_lines(path, is_record, SweepError)[0]
 
 
 def run_sweep(out, settings=None, models=MODELS, lams=SWEEP_LAMS, seeds=SWEEP_SEEDS, log=print):

@@ -49,8 +49,8 @@ from refham.layers import InputError, cross_entropy_forward
 from refham.mixer import ConfigError, Mixer, MixerConfig, ParamError
 from refham.optim import OptimizerError, clip_by_global_norm, cosine_lr, make_optimizer
 from refham.resume import (
-    ResumeError, check_resumable, check_same_run, checked_progress, finished_records,
-    last_checkpoint, saved_settings)
+    ResumeError, check_parameters, check_resumable, check_same_run, checked_progress,
+    finished_records, last_checkpoint, saved_settings)
 from refham.runlock import RunLock, RunLocked
 from refham.train_config import (
     CROP_PAD, TrainConfig, TrainConfigError, model_config)
@@ -435,7 +435,8 @@ def evaluate_checkpoint(path, data_path=None, batch_size=256, backend="numpy", t
         config = MixerConfig(**ck.config["model"])
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: no usable training/model settings ({exc})") from exc
-    dtype = next(iter(ck.params.values())).dtype
+    check_parameters(ck.params, path, cfg.dtype, config)
+    dtype = cfg.dtype
     with _active_backend(backend, dtype, threads):
         _, test = load_dataset(cfg.data, data_path or cfg.data_path,
                                train_fraction=cfg.train_fraction, seed=cfg.data_seed)

@@ -10,10 +10,10 @@ import warnings
 import numpy as np
 import pytest
 
-from refham.checkpoint import load_checkpoint, save_checkpoint
+from refham.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from refham.cli import main
 from refham.resume import MetricsLogWarning, ResumeError
-from refham.train import _Run, train
+from refham.train import _Run, evaluate_checkpoint, train
 from refham.train_config import TrainConfig
 
 TINY = ["--data", "synthetic", "--dim", "8", "--depth", "1", "--batch-size", "32",
@@ -64,14 +64,19 @@ def test_the_untouched_copy_resumes_to_the_end(run):
     assert train(run, resume=True)["step"] == 24
 
 
+def test_a_progress_field_the_checkpoint_predates_takes_its_default(run):
+    ck = load_checkpoint(os.path.join(run.out, "last.npz"))
+    _resave(run.out, metrics={k: v for k, v in ck.metrics.items() if k != "wall_time"})
+    assert train(run, resume=True)["status"] == "finished"
+    assert load_checkpoint(os.path.join(run.out, "last.npz")).step == 24
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda ck: dict(optim_state={**ck.optim_state, "m/head.bias": np.zeros((1, 1), "f4")}),
      r"m/head.bias is float32\[1, 1\], its parameter float32\[4\]"),
     (lambda ck: dict(optim_state={**ck.optim_state,
                                   "v/head.bias": ck.optim_state["v/head.bias"].astype("f8")}),
      r"v/head.bias is float64\[4\]"),
-    (lambda ck: dict(params={**ck.params, "head.bias": ck.params["head.bias"].astype("f8")}),
-     "a float32 run of this model: head.bias is float64"),
     (lambda ck: dict(optim_state={k: v for k, v in ck.optim_state.items()
                                   if not k.startswith("v/")}),
      r"not AdamW's for these parameters \(missing \['v/"),
@@ -79,8 +84,6 @@ def test_the_untouched_copy_resumes_to_the_end(run):
      "the optimiser's step 3 is not the run's 16"),
     (lambda ck: dict(optim_state={**ck.optim_state, "step": 16.0}),
      "the optimiser's step 16.0 is not the run's 16"),
-    (lambda ck: dict(params={k: v for k, v in ck.params.items() if k != "head.bias"}),
-     "parameters do not match the config; missing: head.bias"),
     (lambda ck: dict(step=10 ** 9, epoch=10 ** 9 // 8), "at step 1000000000, .* of 24 steps"),
     (lambda ck: dict(epoch=1), "at step 16, epoch 1: not a point"),
     (lambda ck: dict(config={**ck.config, "model": {**ck.config["model"], "depth": 2}}),
@@ -91,7 +94,8 @@ def test_the_untouched_copy_resumes_to_the_end(run):
      "unusable training settings: lr must be of type float"),
     (lambda ck: dict(rng_state={"scheme": "other"}), "records the random state"),
     (lambda ck: dict(metrics={**ck.metrics, "best_epoch": -1}), "progress record"),
-    (lambda ck: dict(metrics={"wall_time": 1.0}), "progress record"),
+    (lambda ck: dict(metrics={"wall_time": 1.0, "junk": 2}), "progress record"),
+    (lambda ck: dict(metrics={**ck.metrics, "wall_time": "1 h"}), "progress record"),
     (lambda ck: dict(config={"model": ck.config["model"], "imported_from": "w.npz"}),
      "not a checkpoint of `refham train`"),
 ])
@@ -101,6 +105,23 @@ def test_a_checkpoint_that_cannot_continue_the_run_is_refused(run, damage, messa
     with pytest.raises(ResumeError, match=message):
         train(run, resume=True)
     assert open(os.path.join(run.out, "metrics.jsonl"), "rb").read() == before
+
+
+@pytest.mark.parametrize("params, message", [
+    (lambda p: {**p, "head.bias": p["head.bias"].astype("f8")},
+     "its settings say float32, but head.bias is float64"),
+    (lambda p: {k: v.astype(np.int8) for k, v in p.items()}, "but stem.proj.weight is int8, "),
+    (lambda p: {**p, "head.bias": p["head.bias"].astype("c8")}, "head.bias is complex64"),
+    (lambda p: {k: v for k, v in p.items() if k != "head.bias"},
+     "parameters do not match the config; missing: head.bias"),
+])
+def test_parameters_that_do_not_fit_the_stored_settings_are_refused_by_resume_and_eval(
+        run, params, message):
+    _resave(run.out, params=params(load_checkpoint(os.path.join(run.out, "last.npz")).params))
+    with pytest.raises(CheckpointError, match=message):
+        train(run, resume=True)
+    with pytest.raises(CheckpointError, match=message):
+        evaluate_checkpoint(os.path.join(run.out, "last.npz"))
 
 
 def test_import_as_checkpoint_then_resume_says_what_the_file_is(run, tmp_path, capsys):
@@ -148,6 +169,13 @@ def test_metadata_of_the_wrong_type_is_a_clear_error_from_the_command_line(run, 
     assert main(["train", "--resume", "--out", run.out]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "metadata has step -1 (an integer >= 0 expected)" in err
+
+
+def test_a_metrics_log_that_cannot_be_read_is_a_clear_error(run):
+    os.remove(os.path.join(run.out, "metrics.jsonl"))
+    os.mkdir(os.path.join(run.out, "metrics.jsonl"))
+    with pytest.raises(ResumeError, match=r"metrics.jsonl cannot be read \(Is a directory\)"):
+        train(run, resume=True)
 
 
 def test_damaged_metrics_lines_are_left_out_with_a_warning_and_the_run_continues(run):
