@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU verification of refham (issue 7), for a machine with an NVIDIA GPU, CuPy and PyTorch (CUDA).
 #
-#   bash examples/gpu_check.sh [OUT_DIR] [bench|train|tests|all]      (default: gpu_check_out all)
+#   bash examples/gpu_check.sh [OUT_DIR] [bench|train|tests|dist|all]  (default: gpu_check_out all)
 #
 # Writes into OUT_DIR (at most 8 files):
 #   env.txt                   nvidia-smi, versions
@@ -11,8 +11,11 @@
 #   train.json                digits, ParaMixer, same seed and budget on the GPU and on the CPU:
 #                             final test accuracy of each (they should agree within noise)
 #   tests_cupy.log            the whole test suite with REFHAM_BACKEND=cupy
-# Missing Python packages: autograd (tests only) is installed from ./.whl if that folder holds
-# its wheel (no network needed), else from PyPI.
+#   dist.log                  data parallelism (issue 10), `mpiexec -n 2` against one process:
+#                             2 ranks on CuPy arrays over MPI (staged through the host; one GPU
+#                             is enough) and, with two or more GPUs, 2 ranks over NCCL
+# Missing Python packages: autograd (tests only) and mpi4py + mpich (dist) are installed from
+# ./.whl if that folder holds their wheels (no network needed), else from PyPI.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_check_out}
@@ -23,6 +26,19 @@ PY=${PYTHON:-python3}
 status=0
 
 want() { [ "$PARTS" = all ] || [ "$PARTS" = "$1" ]; }
+
+need() {  # need MODULE PACKAGE...: if MODULE is missing, install the packages from ./.whl, else PyPI
+    local module=$1 wheels=()
+    shift
+    $PY -c "import $module" 2>/dev/null && return
+    for package in "$@"; do wheels+=(.whl/"$package"-*.whl); done
+    if ls "${wheels[@]}" >/dev/null 2>&1; then
+        $PY -m pip install -q --no-index --no-deps --target /tmp/refham_site "${wheels[@]}"
+        export PYTHONPATH="$PYTHONPATH:/tmp/refham_site" PATH="$PATH:/tmp/refham_site/bin"
+    else
+        $PY -m pip install -q "$@"
+    fi
+}
 
 {
     nvidia-smi
@@ -59,17 +75,17 @@ with open(sys.argv[1], "w") as f:
 EOF
 fi
 
+if want tests || want dist; then
+    need autograd autograd
+fi
 if want tests; then
-    $PY -c "import autograd" 2>/dev/null || {
-        if ls .whl/autograd-*.whl >/dev/null 2>&1; then
-            $PY -m pip install -q --no-index --no-deps --target /tmp/refham_site .whl/autograd-*.whl
-            export PYTHONPATH="$PYTHONPATH:/tmp/refham_site"
-        else
-            $PY -m pip install -q autograd
-        fi
-    }
     REFHAM_BACKEND=cupy HYPOTHESIS_PROFILE=ci $PY -m pytest -q -p no:cacheprovider tests \
         2>&1 | tee "$OUT/tests_cupy.log" || status=1
+fi
+if want dist; then
+    need mpi4py mpi4py mpich
+    HYPOTHESIS_PROFILE=ci $PY -m pytest -q -p no:cacheprovider -rs tests/test_distributed.py \
+        -k "cupy or nccl" 2>&1 | tee "$OUT/dist.log" || status=1
 fi
 echo "results in $OUT (exit $status)"
 exit $status

@@ -71,16 +71,18 @@ def _add_train(p):
 
 def _run_train(args):
     """Train a Mixer (default: ParaMixer on the built-in digits) with checkpoints and a log."""
+    from refham.distributed import launched_rank
     from refham.train import USER_ERRORS, TrainingDiverged, resume_settings, train
     from refham.train_config import TrainConfig, given_settings
 
+    say = print if launched_rank() == 0 else lambda *a, **k: None   # one report per job
     try:
         settings = given_settings(args)
         if args.resume:
             settings = {**resume_settings(settings.get("out", TrainConfig.out)), **settings}
         cfg = TrainConfig.from_dict(settings)
-        print(f"{'resuming' if args.resume else 'training'} {cfg.model} on {cfg.data} "
-              f"in {cfg.out}:\n{cfg}", flush=True)
+        say(f"{'resuming' if args.resume else 'training'} {cfg.model} on {cfg.data} "
+            f"in {cfg.out}:\n{cfg}", flush=True)
         summary = train(cfg, resume=args.resume, echo=True)
     except TrainingDiverged as exc:
         print(f"refham train: {exc}", file=sys.stderr)
@@ -92,14 +94,14 @@ def _run_train(args):
         print("refham train: aborted; the last checkpoint written stays valid", file=sys.stderr)
         return 130
     if summary["status"] == "interrupted":
-        print(f"stopped by {summary['signal']} at step {summary['step']} (epoch "
-              f"{summary['epochs_done'] + 1}); saved {cfg.out}/last.npz — continue with: "
-              f"refham train --resume --out {cfg.out}")
+        say(f"stopped by {summary['signal']} at step {summary['step']} (epoch "
+            f"{summary['epochs_done'] + 1}); saved {cfg.out}/last.npz — continue with: "
+            f"refham train --resume --out {cfg.out}")
         return 0
-    print(f"finished {summary['epochs']} epochs in {summary['wall_time']:.1f} s: test top-1 "
-          f"{100 * summary['test_acc']:.2f}% (loss {summary['test_loss']:.4f}), best "
-          f"{100 * summary['best_test_acc']:.2f}% at epoch {summary['best_epoch']}; "
-          f"checkpoints and metrics in {cfg.out}")
+    say(f"finished {summary['epochs']} epochs in {summary['wall_time']:.1f} s: test top-1 "
+        f"{100 * summary['test_acc']:.2f}% (loss {summary['test_loss']:.4f}), best "
+        f"{100 * summary['best_test_acc']:.2f}% at epoch {summary['best_epoch']}; "
+        f"checkpoints and metrics in {cfg.out}")
     return 0
 
 
@@ -168,6 +170,7 @@ def _run_sweep(args):
 
 
 def _add_metaformer(p):
+    from refham.distributed import COMMS
     from refham.metaformer import DATASETS, TARGETS, TrainSettings
 
     sub = p.add_subparsers(dest="action", metavar="ACTION")
@@ -197,6 +200,8 @@ def _add_metaformer(p):
                    f"({default.out})")
     t.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bar")
+    t.add_argument("--comm", choices=COMMS, help="data parallelism under mpiexec: auto (MPI with "
+                   "more than one rank), none, mpi, nccl (auto)")
     f = sub.add_parser("figures", help="receptive fields and energy descent of a checkpoint",
                        description="Write receptive_fields.png and energy_descent.png (+ .json "
                                    "with E per step, and the start states) for a checkpoint.")
@@ -216,26 +221,27 @@ def _run_metaformer(args):
     from refham import metaformer as mf
     from refham.checkpoint import CheckpointError
     from refham.data import DataError
+    from refham.distributed import CommError, launched_rank
     from refham.dynamics import DynamicsError
     from refham.ham import HAMError
     from refham.runlock import RunLocked
 
+    say = print if launched_rank() == 0 else lambda *a, **k: None   # one report per job
     try:
         if args.action == "train":
             names = [f.name for f in dataclasses.fields(mf.TrainSettings)]
             given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
             settings = mf.TrainSettings(**{**(mf.PAPER_SETTINGS if args.paper else {}), **given})
-            print(f"Energy MetaFormer on {settings.data} in {settings.out}: {settings}",
-                  flush=True)
+            say(f"Energy MetaFormer on {settings.data} in {settings.out}: {settings}", flush=True)
             summary = mf.train(settings, echo=True)
             first, last = summary["history"][0], summary["history"][-1]
-            print(f"finished {last['epoch']} epochs in {last['seconds']:.1f} s; test loss on "
-                  f"{summary['test_split']}:\n  paper's (y = clean)        "
-                  f"{first['test_loss_clean']:.5f} → {last['test_loss_clean']:.5f}  (bound "
-                  f"(1 − 1/√D)² = {summary['loss_floor']:.5f} for D = {summary['visible']})\n"
-                  f"  standardised (y = LN(clean)) {first['test_loss_standardised']:.5f} → "
-                  f"{last['test_loss_standardised']:.5f}\nnext: refham metaformer figures "
-                  f"--checkpoint {summary['checkpoint']}")
+            say(f"finished {last['epoch']} epochs in {last['seconds']:.1f} s; test loss on "
+                f"{summary['test_split']}:\n  paper's (y = clean)        "
+                f"{first['test_loss_clean']:.5f} → {last['test_loss_clean']:.5f}  (bound "
+                f"(1 − 1/√D)² = {summary['loss_floor']:.5f} for D = {summary['visible']})\n"
+                f"  standardised (y = LN(clean)) {first['test_loss_standardised']:.5f} → "
+                f"{last['test_loss_standardised']:.5f}\nnext: refham metaformer figures "
+                f"--checkpoint {summary['checkpoint']}")
             return 0
         out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
         paths, energies = mf.write_figures(args.checkpoint, out, args.samples, args.seed,
@@ -244,7 +250,7 @@ def _run_metaformer(args):
         print(f"refham metaformer {args.action}: {exc}", file=sys.stderr)
         return 1
     except (mf.MetaFormerError, DataError, CheckpointError, HAMError, DynamicsError,
-            RunLocked) as exc:
+            CommError, RunLocked) as exc:
         print(f"refham metaformer {args.action}: error: {exc}", file=sys.stderr)
         return 2
     print(f"energy E (H1) per step of α = {args.alpha:g} from {args.state_scale:g}·N(0,1), one "
@@ -433,7 +439,9 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return args.run(args) or 0
+    code = args.run(args) or 0
+    from refham.distributed import exit_status
+    return exit_status(code)
 
 
 if __name__ == "__main__":

@@ -28,10 +28,12 @@ import time
 import numpy
 from tqdm import tqdm
 
-from refham.backend import asarray, rng, to_numpy, xp
+from refham.backend import asarray, backend_name, rng, to_numpy, xp
 from refham.checkpoint import (
     atomic_write, describe_names, load_checkpoint, nonfinite_entries, save_checkpoint)
 from refham.data import load_digits, load_mnist, make_synthetic
+from refham.distributed import (
+    COMMS, ShardedGenerator, broadcast_state, combine_gradients, get_communicator, shard)
 from refham.ham import HAM, Dense, Layer
 from refham.lagrangians import LayerNorm, ReLU
 from refham.optim import AdamW
@@ -203,9 +205,11 @@ class TrainSettings:
     seed: int = 0
     out: str = "runs/metaformer"
     progress: bool = True
+    comm: str = "auto"      # data parallelism under mpiexec (refham.distributed.get_communicator)
 
     def __post_init__(self):
         _check_choice("data", self.data, DATASETS)
+        _check_choice("comm", self.comm, COMMS)
         _check_choice("target", self.target, TARGETS)
         if (self.data == "mnist") != (self.data_path is not None):
             raise MetaFormerError("--data mnist needs --data-path DIR (the folder with "
@@ -250,43 +254,70 @@ def train(settings, echo=False):
     """Adam on the denoising loss, minibatches with fresh noise 0.3·N(0,1); after every epoch both
     test losses (fixed noise), a line in `metrics.jsonl` and `last.npz` in `settings.out`, which
     is locked for the run (RunLocked if another process writes there). Raises MetaFormerError if
-    `out` already holds a run or the loss or an update stops being finite."""
+    `out` already holds a run or the loss or an update stops being finite.
+    Under mpiexec each rank takes its shard of every batch (noise drawn for the whole batch, as
+    one process does) and of the test set; one allreduce per step combines the gradients; rank 0
+    alone locks and writes the folder."""
+    comm = get_communicator(settings.comm, backend_name())
+    if comm.rank:
+        return _train_in_locked_folder(settings, echo, comm)
     os.makedirs(settings.out, exist_ok=True)
     with RunLock(settings.out):
-        return _train_in_locked_folder(settings, echo)
+        return _train_in_locked_folder(settings, echo, comm)
 
 
-def _train_in_locked_folder(settings, echo):
-    """`train`, once it holds the lock on settings.out."""
+def _train_in_locked_folder(settings, echo, comm):
+    """`train`, once rank 0 holds the lock on settings.out."""
     s = settings
+    if s.batch_size % comm.size:
+        raise MetaFormerError(f"batch_size {s.batch_size} is the global batch, split evenly over "
+                              f"the {comm.size} ranks: choose a multiple of {comm.size}")
     train_images, test_images, test_split = load_images(s.data, s.data_path, s.seed)
     clean_train, clean_test = normalise_images(train_images), normalise_images(test_images)
     visible_size = clean_train.shape[1]
     paths = {name: os.path.join(s.out, name) for name in ("metrics.jsonl", "last.npz")}
     if os.path.exists(paths["last.npz"]):
         raise MetaFormerError(f"{s.out} already holds a run (last.npz); choose another --out")
-    os.makedirs(s.out, exist_ok=True)
-    atomic_write(paths["metrics.jsonl"], lambda f: None)
+    writer = comm.rank == 0     # the one gate of every write into the run folder
+    if writer:
+        atomic_write(paths["metrics.jsonl"], lambda f: None)
     config = {**dataclasses.asdict(s), "visible": visible_size, "noise_std": NOISE_STD,
               "image_shape": train_images.shape[1:], "loss_floor": loss_floor(visible_size),
-              "test_split": test_split}
+              "test_split": test_split, "world_size": comm.size}
     weights = init_weights(visible_size, s.hidden, s.seed)
     optimizer = AdamW(weight_decay=0.0)  # plain Adam, as the notebook's optax.adam(lr)
     opt_state, gen = optimizer.init(weights), rng(s.seed)
-    test_clean = asarray(clean_test)
-    test_noise = asarray(NOISE_STD * rng(s.seed + 1).standard_normal(clean_test.shape))
+    if comm.size > 1:
+        weights, opt_state = broadcast_state(comm, weights, opt_state)
+    rows = shard(len(clean_test), comm)
+    test_clean = asarray(clean_test[rows])
+    test_noise = asarray(NOISE_STD * rng(s.seed + 1).standard_normal(clean_test.shape)[rows])
 
     def evaluate():
-        return denoising_losses(weights, test_clean, test_noise, s.steps, s.alpha)
+        losses = denoising_losses(weights, test_clean, test_noise, s.steps, s.alpha)
+        if comm.size == 1:
+            return losses
+        share = (rows.stop - rows.start) / len(clean_test)
+        return dict(zip(TARGETS, comm.sum([losses[t] * share for t in TARGETS])))
 
     history, started = [{"epoch": 0, **_prefixed(evaluate())}], time.perf_counter()
     for epoch in range(1, s.epochs + 1):
         order, loss_sum = gen.permutation(len(clean_train)), 0.0
-        for start in tqdm(range(0, len(order), s.batch_size), disable=not s.progress,
+        for start in tqdm(range(0, len(order), s.batch_size), disable=not (s.progress and writer),
                           desc=f"epoch {epoch}/{s.epochs}", leave=False, dynamic_ncols=True):
-            clean = asarray(clean_train[order[start:start + s.batch_size]])
-            noise = asarray(NOISE_STD * gen.standard_normal(clean.shape))
-            loss, grads = loss_and_grads(weights, clean, noise, s.steps, s.alpha, s.target)
+            batch = clean_train[order[start:start + s.batch_size]]
+            part = shard(len(batch), comm)
+            draw = gen if comm.size == 1 else ShardedGenerator(gen, len(batch), part)
+            clean = asarray(batch[part])
+            noise = asarray(NOISE_STD * draw.standard_normal(clean.shape))
+            if len(clean):
+                loss, grads = loss_and_grads(weights, clean, noise, s.steps, s.alpha, s.target)
+            else:   # a last batch smaller than the number of ranks leaves this rank no image
+                loss, grads = 0.0, {name: xp.zeros_like(w) for name, w in weights.items()}
+            if comm.size > 1:
+                grads, (batch_sum,) = combine_gradients(comm, grads, len(clean), len(batch),
+                                                        (loss * len(clean),))
+                loss = float(batch_sum) / len(batch)
             if not math.isfinite(loss):
                 raise _diverged(epoch, f"loss {loss}")
             updated = optimizer.update(weights, grads, opt_state, s.lr)
@@ -294,9 +325,11 @@ def _train_in_locked_folder(settings, echo):
             if overflowed:
                 raise _diverged(epoch, f"the update made {describe_names(overflowed)} NaN/inf")
             weights, opt_state = updated
-            loss_sum += loss * clean.shape[0]
+            loss_sum += loss * len(batch)
         history.append({"epoch": epoch, "train_loss": loss_sum / len(order),
                         **_prefixed(evaluate()), "seconds": time.perf_counter() - started})
+        if not writer:
+            continue
         with open(paths["metrics.jsonl"], "a", encoding="utf-8") as f:
             f.write(json.dumps(history[-1]) + "\n")
         save_checkpoint(paths["last.npz"], weights, opt_state, step=opt_state["step"],

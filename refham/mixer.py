@@ -397,9 +397,15 @@ class Mixer:
         logits, cache = self.forward(params, images, drop_rng)
         loss, loss_cache = cross_entropy_forward(logits, labels, label_smoothing)
         grads = self.backward(params, cache, cross_entropy_backward(loss_cache))
+        return float(to_numpy(loss)) + penalty, logits, self.add_penalty_grad(params, grads, lam)
+
+    def add_penalty_grad(self, params, grads, lam):
+        """`grads` (changed in place and returned) plus ∂(λ Σ ‖W₂‖²)/∂W₂ = 2λW₂ on the
+        penalised W₂, :eq:`X-objective`: data-parallel training adds it once, after summing the
+        ranks' cross-entropy gradients."""
         for name in self._penalized if lam else ():
             grads[name] = grads[name] + (2.0 * lam) * params[name]
-        return float(to_numpy(loss)) + penalty, logits, grads
+        return grads
 
 
 # ---------------------------------------------------------------------------------------------

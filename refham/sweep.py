@@ -15,6 +15,7 @@ import math
 import os
 
 from refham.checkpoint import atomic_write, read_json_lines
+from refham.distributed import get_communicator
 from refham.mixer import MODELS
 from refham.runlock import RunLock
 from refham.train import TrainingDiverged, train
@@ -25,7 +26,7 @@ SWEEP_SETTINGS = dict(data="digits", train_fraction=0.25, input_noise=0.6, size=
                       warmup=0.05, label_smoothing=0.1, progress=False)
 SWEEP_LAMS = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 0.0)
 SWEEP_SEEDS = (0, 1, 2, 3)
-PER_RUN = ("model", "lam", "seed", "out")      # set by the sweep for each run
+PER_RUN = ("model", "lam", "seed", "out", "comm")      # set by the sweep for each run
 LABELS = {"vanilla": "vanilla", "paramixer": "ParaMixer", "symmixer": "SymMixer",
           "asymmixer": "AsymMixer"}
 
@@ -68,7 +69,9 @@ def run_sweep(out, settings=None, models=MODELS, lams=SWEEP_LAMS, seeds=SWEEP_SE
     """Train every run of `sweep_runs` not yet in `out`/results.jsonl, then write the table
     and the plot. `settings`: TrainConfig fields overriding SWEEP_SETTINGS (not model, lam,
     seed, out); evaluation happens once, after the last epoch, unless eval_every is given.
-    Returns (results, finished) — finished is False when a signal stopped the sweep."""
+    Returns (results, finished) — finished is False when a signal stopped the sweep.
+    Under mpiexec the runs go round-robin to the ranks, each run on one rank (one process);
+    rank 0 writes results.jsonl, the table and the plot, the same as a serial sweep's."""
     settings = {**SWEEP_SETTINGS, **(settings or {})}
     clash = sorted(set(settings) & set(PER_RUN))
     if clash:
@@ -76,13 +79,16 @@ def run_sweep(out, settings=None, models=MODELS, lams=SWEEP_LAMS, seeds=SWEEP_SE
     settings.setdefault("eval_every", settings["epochs"])
     runs = sweep_runs(models, lams, seeds)
     TrainConfig(**settings)                                  # fail fast on bad settings
+    comm = get_communicator("auto")
+    if comm.rank:                     # rank 0 alone writes in `out`
+        return _sweep_in_locked_folder(out, settings, runs, models, lams, log, comm)
     os.makedirs(out, exist_ok=True)
     with RunLock(out):                # one sweep per folder: results.jsonl has one writer
-        return _sweep_in_locked_folder(out, settings, runs, models, lams, log)
+        return _sweep_in_locked_folder(out, settings, runs, models, lams, log, comm)
 
 
-def _sweep_in_locked_folder(out, settings, runs, models, lams, log):
-    """`run_sweep` once it holds the lock on `out` and has checked its arguments."""
+def _sweep_in_locked_folder(out, settings, runs, models, lams, log, comm):
+    """`run_sweep` once it holds the lock on `out` (rank 0) and has checked its arguments."""
     results_path = os.path.join(out, "results.jsonl")
     results = {(r["model"], r["lam"], r["seed"]): r for r in _read_results(results_path)}
     for key, previous in results.items():
@@ -92,34 +98,47 @@ def _sweep_in_locked_folder(out, settings, runs, models, lams, log):
         if changed:
             raise SweepError(f"{out} holds results of a sweep with other settings (differing: "
                              f"{changed}, run {run_name(*key)}); choose another --out")
-    for number, (model, lam, seed) in enumerate(runs, start=1):
-        if (model, lam, seed) in results:
-            continue
-        cfg = TrainConfig(**settings, model=model, lam=lam, seed=seed,
-                          out=os.path.join(out, "runs", run_name(model, lam, seed)))
-        try:
-            summary = train(cfg, resume=os.path.exists(os.path.join(cfg.out, "last.npz")))
-        except TrainingDiverged as exc:
-            summary = {"status": "diverged", "error": str(exc), "test_acc": None}
-        if summary["status"] == "interrupted":
-            log(f"sweep stopped by {summary['signal']} during {run_name(model, lam, seed)}; "
-                f"run it again to continue")
+    todo = [run for run in runs if run not in results]
+    log = log if comm.rank == 0 else lambda line: None
+    for first in range(0, len(todo), comm.size):          # one run per rank at a time
+        mine = todo[first + comm.rank:first + comm.rank + 1]
+        records = comm.allgather(_train_run(out, settings, *mine[0]) if mine else None)
+        for record in filter(None, records):
+            key = (record["model"], record["lam"], record["seed"])
+            if record["status"] == "interrupted":
+                log(f"sweep stopped by {record['signal']} during {run_name(*key)}; "
+                    f"run it again to continue")
+                continue
+            if comm.rank == 0:
+                with open(results_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            results[key] = record
+            accuracy = ("diverged" if record["test_acc"] is None
+                        else f"test top-1 {100 * record['test_acc']:.2f}%")
+            log(f"[{runs.index(key) + 1}/{len(runs)}] {run_name(*key)}: {accuracy} "
+                f"({record['wall_time'] or 0:.0f} s)")
+        if any(record and record["status"] == "interrupted" for record in records):
             return list(results.values()), False
-        record = {"model": model, "lam": lam, "seed": seed, "settings": settings,
-                  **{k: summary.get(k) for k in ("status", "test_acc", "test_loss", "train_loss",
-                                                 "wall_time", "symmetry", "error")}}
-        with open(results_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        results[(model, lam, seed)] = record
-        accuracy = ("diverged" if record["test_acc"] is None
-                    else f"test top-1 {100 * record['test_acc']:.2f}%")
-        log(f"[{number}/{len(runs)}] {run_name(model, lam, seed)}: {accuracy} "
-            f"({record['wall_time'] or 0:.0f} s)")
     chosen = [results[run] for run in runs]
-    write_report(out, chosen, models, lams, log)
+    if comm.rank == 0:
+        write_report(out, chosen, models, lams, log)
     return chosen, True
+
+
+def _train_run(out, settings, model, lam, seed):
+    """Train (or resume) one run of the sweep in one process → its results.jsonl record."""
+    cfg = TrainConfig(**settings, model=model, lam=lam, seed=seed, comm="none",
+                      out=os.path.join(out, "runs", run_name(model, lam, seed)))
+    try:
+        summary = train(cfg, resume=os.path.exists(os.path.join(cfg.out, "last.npz")))
+    except TrainingDiverged as exc:
+        summary = {"status": "diverged", "error": str(exc), "test_acc": None}
+    stopped = {"signal": summary["signal"]} if summary["status"] == "interrupted" else {}
+    return {"model": model, "lam": lam, "seed": seed, "settings": settings, **stopped,
+            **{k: summary.get(k) for k in ("status", "test_acc", "test_loss", "train_loss",
+                                           "wall_time", "symmetry", "error")}}
 
 
 def _mean_breaking_ratio(record):

@@ -13,6 +13,10 @@ Every random draw of step t (noise, crop, flip, drop-path masks) comes from rng(
 the RNG state of a run IS its step counter: restoring the step restores the exact random stream
 and a resumed run reproduces an uninterrupted one bit for bit (on NumPy).
 
+Under `mpiexec -n N` (refham.distributed) each rank draws step t's randomness for the whole global
+batch as above, keeps its 1/N shard, and one allreduce per step combines the gradients: the
+numbers do not depend on N (up to rounding), and a run resumes under any N. Only rank 0 writes.
+
 The output folder holds `config.json` (written at start), `metrics.jsonl` (one line per epoch),
 `last.npz` (end of every epoch, every `checkpoint_every` steps, and on SIGINT/SIGTERM) and
 `best.npz` (best test accuracy so far), all written atomically. A NaN/inf loss or gradient, or an
@@ -38,6 +42,9 @@ from refham.checkpoint import (
     save_checkpoint)
 from refham.data import (
     DataError, add_gaussian_noise, batches, horizontal_flip, load_dataset, normalise, random_crop)
+from refham.distributed import (
+    CommError, ShardedGenerator, SingleProcess, broadcast_state, combine_gradients,
+    get_communicator, shard)
 from refham.layers import InputError, cross_entropy_forward
 from refham.mixer import ConfigError, Mixer, MixerConfig, ParamError
 from refham.optim import OptimizerError, clip_by_global_norm, cosine_lr, make_optimizer
@@ -59,7 +66,7 @@ class TrainingDiverged(RuntimeError):
 
 # what bad settings, data or files raise: the CLI reports these as errors, not as crashes
 USER_ERRORS = (TrainConfigError, ResumeError, CheckpointError, DataError, ConfigError,
-               OptimizerError, BackendError, InputError, ParamError, RunLocked)
+               OptimizerError, BackendError, InputError, ParamError, RunLocked, CommError)
 
 
 def prepare_batch(images, dataset, cfg, gen):
@@ -73,16 +80,24 @@ def prepare_batch(images, dataset, cfg, gen):
     return images
 
 
-def evaluate(model, params, dataset, batch_size=256):
+def evaluate(model, params, dataset, batch_size=256, comm=SingleProcess()):
     """Plain cross-entropy (no smoothing, no penalty) and top-1 accuracy over `dataset`, whose
-    images are normalised with its own per-channel mean/std. → {"loss", "acc", "n"}."""
+    images are normalised with its own per-channel mean/std. → {"loss", "acc", "n"}.
+    Under a communicator of N ranks each rank evaluates its shard (`distributed.shard`) and the
+    sums of loss and correct are reduced, so that every rank gets the whole set's numbers."""
     total_loss, correct = 0.0, 0
-    for images, labels in batches(dataset, batch_size):
+    rows = shard(len(dataset), comm)
+    part = dataset if comm.size == 1 else dataclasses.replace(
+        dataset, images=dataset.images[rows], labels=dataset.labels[rows])
+    for images, labels in batches(part, batch_size) if rows.stop > rows.start else ():
         logits, _ = model.forward(params, normalise(images, dataset.mean, dataset.std))
         loss, _ = cross_entropy_forward(logits, labels)
         total_loss += float(to_numpy(loss)) * len(labels)
         correct += int(to_numpy((logits.argmax(axis=-1) == labels).sum()))
-    return {"loss": total_loss / len(dataset), "acc": correct / len(dataset), "n": len(dataset)}
+    if comm.size > 1:
+        total_loss, correct = comm.sum([total_loss, correct])
+    return {"loss": total_loss / len(dataset), "acc": int(correct) / len(dataset),
+            "n": len(dataset)}
 
 
 def symmetry_log(config, params):
@@ -153,10 +168,15 @@ class _Progress:
 class _Run:
     """One training run in its output folder: data, model, optimiser and the loop."""
 
-    def __init__(self, cfg, resume):
-        """Load the data, build model and optimiser, lock cfg.out (`self.lock`, which the caller
-        releases), then start fresh or resume there."""
-        self.cfg = cfg
+    def __init__(self, cfg, resume, comm):
+        """Load the data, build model and optimiser, lock cfg.out (rank 0: `self.lock`, which
+        the caller releases), then start fresh or resume there; under several ranks (`comm`),
+        all start from rank 0's parameters and optimiser state."""
+        if cfg.batch_size % comm.size:
+            raise TrainConfigError(f"batch_size {cfg.batch_size} is the global batch, split evenly "
+                                   f"over the {comm.size} ranks: choose a multiple of {comm.size}")
+        self.cfg, self.comm, self.stop_agreed = cfg, comm, False
+        self.writer = comm.rank == 0    # the one gate of every write into the run folder
         self.paths = {name: os.path.join(cfg.out, name)
                       for name in ("config.json", "metrics.jsonl", "last.npz", "best.npz")}
         self.train_set, self.test_set = load_dataset(
@@ -170,15 +190,20 @@ class _Run:
         if self.warmup_steps >= self.total_steps:
             raise TrainConfigError(f"warm-up of {self.warmup_steps} steps leaves no training in "
                                    f"{self.total_steps} steps: lower warmup or add epochs")
-        os.makedirs(cfg.out, exist_ok=True)
-        self.lock = RunLock(cfg.out).acquire()      # held until train() ends, however it ends
+        self.lock = None
+        if self.writer:
+            os.makedirs(cfg.out, exist_ok=True)
+            self.lock = RunLock(cfg.out).acquire()      # held until train() ends, however it ends
         try:
             if resume:
                 self._resume()
             else:
                 self._start_fresh()
+            if comm.size > 1:
+                self.params, self.opt_state = broadcast_state(comm, self.params, self.opt_state)
         except BaseException:
-            self.lock.release()
+            if self.lock:
+                self.lock.release()
             raise
 
     # ------------------------------------------------------------------ start, resume, save
@@ -190,10 +215,14 @@ class _Run:
         self.params = self.model.init(self.cfg.seed)
         self.opt_state = self.optimizer.init(self.params)
         self.step, self.progress, self.last_record = 0, _Progress(), None
-        config = {"train": self.cfg.to_dict(), "model": dataclasses.asdict(self.model.config)}
-        atomic_write(self.paths["config.json"],
-                     lambda f: f.write(json.dumps(config, indent=2).encode()))
-        atomic_write(self.paths["metrics.jsonl"], lambda f: None)
+        if self.writer:
+            atomic_write(self.paths["config.json"],
+                         lambda f: f.write(json.dumps(self._config(), indent=2).encode()))
+            atomic_write(self.paths["metrics.jsonl"], lambda f: None)
+
+    def _config(self):
+        """What config.json and checkpoints record of the run: its settings and model."""
+        return {"train": self.cfg.to_dict(), "model": dataclasses.asdict(self.model.config)}
 
     def _resume(self):
         """Parameters, optimiser state, step and progress from last.npz, once refham.resume has
@@ -202,7 +231,8 @@ class _Run:
         ck = load_checkpoint(path)
         check_resumable(ck, path, self.cfg, self.model.config, self.optimizer,
                         self.steps_per_epoch, self._rng_state)
-        check_same_run(ck, path, self.paths["config.json"])
+        if self.writer:     # it may write config.json again; a mismatch on rank 0 ends all
+            check_same_run(ck, path, self.paths["config.json"])
         self.progress = checked_progress(ck, path, _Progress)
         self.params = {k: asarray(v, dtype=v.dtype) for k, v in ck.params.items()}
         self.opt_state = {k: asarray(v, dtype=v.dtype) if hasattr(v, "shape") else v
@@ -216,7 +246,8 @@ class _Run:
         of them is the run's latest record."""
         records = finished_records(self.paths["metrics.jsonl"], epochs_done)
         text = "".join(json.dumps(r) + "\n" for r in records)
-        atomic_write(self.paths["metrics.jsonl"], lambda f: f.write(text.encode()))
+        if self.writer:
+            atomic_write(self.paths["metrics.jsonl"], lambda f: f.write(text.encode()))
         self.last_record = records[-1] if records else None
 
     def _rng_state(self, step):
@@ -226,23 +257,37 @@ class _Run:
     def _save(self, name):
         """Write checkpoint `name` (last.npz or best.npz) of the current state, atomically."""
         self._tick()
-        save_checkpoint(self.paths[name], self.params, self.opt_state, step=self.step,
-                        epoch=self.step // self.steps_per_epoch,
-                        rng_state=self._rng_state(self.step),
-                        config={"train": self.cfg.to_dict(),
-                                "model": dataclasses.asdict(self.model.config)},
-                        metrics=dataclasses.asdict(self.progress))
+        if self.writer:
+            save_checkpoint(self.paths[name], self.params, self.opt_state, step=self.step,
+                            epoch=self.step // self.steps_per_epoch,
+                            rng_state=self._rng_state(self.step),
+                            config={**self._config(), "world_size": self.comm.size},
+                            metrics=dataclasses.asdict(self.progress))
 
     # ------------------------------------------------------------------------------ the loop
     def _train_step(self, images, labels):
-        """One optimiser step on a raw batch → (loss, number correct). Raises TrainingDiverged,
-        leaving parameters and optimiser state as they were, if the loss, the gradient or the
-        updated parameters/optimiser state are not finite."""
-        cfg, gen = self.cfg, rng((self.cfg.seed, STEP_STREAM, self.step))
-        x = prepare_batch(images, self.train_set, cfg, gen)
-        loss, logits, grads = self.model.loss_and_grads(
-            self.params, x, labels, lam=cfg.lam, label_smoothing=cfg.label_smoothing,
-            drop_rng=gen)
+        """One optimiser step on a raw global batch → (loss, number correct). Raises
+        TrainingDiverged, leaving parameters and optimiser state as they were, if the loss, the
+        gradient or the updated parameters/optimiser state are not finite. Under N ranks each
+        takes its shard of the batch and of its random draws; one allreduce combines the
+        gradients, loss, correct and the ranks' stop requests."""
+        cfg, comm, n = self.cfg, self.comm, len(labels)
+        gen, rows = rng((cfg.seed, STEP_STREAM, self.step)), shard(n, comm)
+        if comm.size > 1:
+            gen, images, labels = ShardedGenerator(gen, n, rows), images[rows], labels[rows]
+        if len(labels):
+            x = prepare_batch(images, self.train_set, cfg, gen)
+            loss, logits, grads = self.model.loss_and_grads(
+                self.params, x, labels, label_smoothing=cfg.label_smoothing, drop_rng=gen)
+            correct = int(to_numpy((logits.argmax(axis=-1) == labels).sum()))
+        else:   # a last batch smaller than the number of ranks leaves this rank no sample
+            loss, correct, grads = 0.0, 0, {k: xp.zeros_like(p) for k, p in self.params.items()}
+        if comm.size > 1:
+            grads, (loss_sum, correct, stops) = combine_gradients(
+                comm, grads, len(labels), n, (loss * len(labels), correct, bool(self.stop["signal"])))
+            loss, correct, self.stop_agreed = float(loss_sum) / n, int(correct), stops > 0
+        grads = self.model.add_penalty_grad(self.params, grads, cfg.lam)
+        loss += self.model.penalty(self.params, cfg.lam)
         grads, grad_norm = clip_by_global_norm(grads, cfg.clip_grad)
         lr = cosine_lr(self.step, self.total_steps, cfg.lr, self.warmup_steps, cfg.min_lr)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -254,7 +299,6 @@ class _Run:
                                      f"but the update made {describe_names(overflowed)} NaN/inf")
         self.params, self.opt_state = params, opt_state
         self.step += 1
-        correct = int(to_numpy((logits.argmax(axis=-1) == labels).sum()))
         return loss, correct
 
     def _diverged(self, lr, what):
@@ -270,16 +314,17 @@ class _Run:
     def run(self, stop, echo):
         """Train from the current step to the last epoch → summary. `stop` is _stop_requests'
         dict: when a signal sets it, save last.npz at the next step boundary and return."""
-        self._clock = time.perf_counter()
+        self._clock, self.stop = time.perf_counter(), stop
         for epoch in range(self.step // self.steps_per_epoch, self.cfg.epochs):
             if not self._train_epoch(epoch, stop):
                 self._save("last.npz")
-                return self._summary("interrupted", stop["signal"])
+                return self._summary("interrupted", stop["signal"] or "a signal to another rank")
             record = self._end_epoch(epoch)
-            with open(self.paths["metrics.jsonl"], "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")   # before the checkpoint: see _truncate_metrics
+            if self.writer:
+                with open(self.paths["metrics.jsonl"], "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")   # before the checkpoint: _truncate_metrics
             self._save("last.npz")
-            if echo:
+            if echo and self.writer:
                 tqdm.write(_epoch_line(record, self.cfg.epochs))
         return self._summary("finished", None)
 
@@ -295,12 +340,15 @@ class _Run:
         cfg, p = self.cfg, self.progress
         skip = self.step - epoch * self.steps_per_epoch
         order = batches(self.train_set, cfg.batch_size, rng((cfg.seed, ORDER_STREAM, epoch)))
-        with tqdm(total=self.steps_per_epoch, initial=skip, disable=not cfg.progress, leave=False,
+        with tqdm(total=self.steps_per_epoch, initial=skip, disable=not (cfg.progress and
+                                                                         self.writer), leave=False,
                   desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True) as bar:
             for index, (images, labels) in enumerate(order):
                 if index < skip:
                     continue
-                if stop["signal"]:
+                # one process stops at its own signal; ranks stop after the step whose allreduce
+                # carried one, all at the same step boundary
+                if self.stop_agreed if self.comm.size > 1 else stop["signal"]:
                     return False
                 started = time.perf_counter()
                 loss, correct = self._train_step(images, labels)
@@ -327,7 +375,7 @@ class _Run:
                   "img_per_s": p.epoch_seen / max(p.epoch_train_time, 1e-9),
                   "test_loss": None, "test_acc": None}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            result = evaluate(self.model, self.params, self.test_set, cfg.batch_size)
+            result = evaluate(self.model, self.params, self.test_set, cfg.batch_size, self.comm)
             record.update(test_loss=result["loss"], test_acc=result["acc"])
             if result["acc"] > p.best_test_acc:
                 p.best_test_acc, p.best_epoch = result["acc"], epoch + 1
@@ -370,11 +418,12 @@ def train(cfg, resume=False, echo=False):
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"train needs a TrainConfig, got {type(cfg).__name__}")
     with _active_backend(cfg.backend, cfg.dtype, cfg.threads), _stop_requests() as stop:
-        run = _Run(cfg, resume)
+        run = _Run(cfg, resume, get_communicator(cfg.comm, cfg.backend))
         try:
             return run.run(stop, echo)
         finally:
-            run.lock.release()
+            if run.lock:
+                run.lock.release()
 
 
 def evaluate_checkpoint(path, data_path=None, batch_size=256, backend="numpy", threads=1):

@@ -12,13 +12,14 @@ import math
 import numbers
 
 from refham.data import DATASETS
+from refham.distributed import COMMS
 from refham.mixer import MODELS, NORMS, SIZES, ConfigError, make_config
 from refham.optim import OPTIMIZERS
 
 CROP_PAD = 4                          # random-crop padding for `augment` (the CIFAR recipe)
 
 # settings that may differ on resume: they do not change the numbers a run computes
-RESUMABLE_CHANGES = ("out", "progress", "backend", "eval_every", "checkpoint_every")
+RESUMABLE_CHANGES = ("out", "progress", "backend", "eval_every", "checkpoint_every", "comm")
 
 
 class TrainConfigError(ValueError):
@@ -43,7 +44,8 @@ class TrainConfig:
               "the training split kept")
     data_seed: int = _setting(0, "seed of the train/test split (kept fixed across --seed)")
     epochs: int = _setting(20, "passes over the training set")
-    batch_size: int = _setting(64, "images per optimiser step")
+    batch_size: int = _setting(64, "images per optimiser step (under mpiexec: the global batch, "
+                                   "split evenly over the ranks)")
     optimizer: str = _setting("adamw", "optimiser", choices=OPTIMIZERS)
     lr: float = _setting(2e-3, "peak learning rate")
     min_lr: float = _setting(0.0, "learning rate at the end of the cosine decay")
@@ -70,6 +72,9 @@ class TrainConfig:
     threads: int = _setting(1, "BLAS threads on the CPU, 0: the BLAS default. 1 is as fast for "
                                "models this small, and OpenBLAS threads slow down 10-40x when "
                                "the cores are busy")
+    comm: str = _setting("auto", "data parallelism: auto (MPI when started by mpiexec with more "
+                               "than one rank, NCCL for the gradients with --backend cupy), "
+                               "none, mpi or nccl", choices=COMMS)
     dtype: str = _setting("float32", "float dtype of parameters and data",
                           choices=("float32", "float64"))
     out: str = _setting("runs/train", "output folder (config, metrics, checkpoints)")

@@ -216,7 +216,7 @@ def test_divergence_stops_before_the_bad_update_and_keeps_the_last_checkpoint(
 
 def test_divergence_before_any_checkpoint_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(Mixer, "loss_and_grads",
-                        lambda self, *a, **k: (float("inf"), None, {}))
+                        lambda self, params, x, labels, **k: (float("inf"), x[:, 0, 0], {}))
     with pytest.raises(TrainingDiverged, match="step 0 .*no checkpoint was written yet"):
         train(_cfg(tmp_path))
 
