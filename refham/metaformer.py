@@ -28,12 +28,14 @@ import time
 import numpy
 from tqdm import tqdm
 
-from refham.backend import asarray, rng, to_numpy, xp
+from refham.backend import asarray, get_dtype, rng, to_numpy, xp
 from refham.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from refham.data import load_digits, load_mnist, make_synthetic
 from refham.ham import HAM, Dense, Layer
 from refham.lagrangians import LayerNorm, ReLU
+from refham.memory import MemoryLimitError, check_limit, metaformer_bytes, require
 from refham.optim import AdamW
+from refham.outputs import check_output_file, prepare_folder
 
 NOISE_STD = 0.3
 ALPHA = 0.1
@@ -201,6 +203,7 @@ class TrainSettings:
     seed: int = 0
     out: str = "runs/metaformer"
     progress: bool = True
+    max_memory: float = None  # GiB the run may use (default: the memory available)
 
     def __post_init__(self):
         _check_choice("data", self.data, DATASETS)
@@ -208,10 +211,17 @@ class TrainSettings:
         if (self.data == "mnist") != (self.data_path is not None):
             raise MetaFormerError("--data mnist needs --data-path DIR (the folder with "
                                   "train-images-idx3-ubyte[.gz]); the other datasets take none")
-        for name in ("hidden", "steps", "batch_size", "epochs"):
+        for name, least in (("hidden", 1), ("steps", 1), ("batch_size", 1), ("epochs", 1),
+                            ("seed", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise MetaFormerError(f"{name} must be an integer >= 1, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise MetaFormerError(f"{name} must be an integer >= {least}, got {value!r}")
+        if not isinstance(self.out, str) or not self.out.strip():
+            raise MetaFormerError(f"out must name the run's folder, got {self.out!r}")
+        try:
+            check_limit(self.max_memory)
+        except MemoryLimitError as exc:
+            raise MetaFormerError(str(exc)) from None
         for name in ("alpha", "lr"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
@@ -238,7 +248,11 @@ def load_images(data, data_path=None, seed=0):
     train, _ = load_mnist(data_path, "train")
     folder = data_path if os.path.isdir(data_path) else os.path.dirname(data_path) or "."
     if any(name.startswith("t10k-images") for name in os.listdir(folder)):
-        return train, load_mnist(folder, "test")[0], "MNIST t10k"
+        test = load_mnist(folder, "test")[0]
+        if test.shape[1:] != train.shape[1:]:
+            raise MetaFormerError(f"{folder}: test images are {test.shape[1:]}, training images "
+                                  f"{train.shape[1:]}; both splits need one image size")
+        return train, test, "MNIST t10k"
     held_out = rng(seed).permutation(len(train))[:len(train) // 10]
     keep = numpy.setdiff1d(numpy.arange(len(train)), held_out)
     return train[keep], train[held_out], "10% of the training images, held out (no t10k file)"
@@ -249,13 +263,18 @@ def train(settings, echo=False):
     test losses (fixed noise), a line in `metrics.jsonl` and `last.npz` in `settings.out`.
     Raises MetaFormerError if `out` already holds a run or the loss stops being finite."""
     s = settings
-    train_images, test_images, test_split = load_images(s.data, s.data_path, s.seed)
-    clean_train, clean_test = normalise_images(train_images), normalise_images(test_images)
-    visible_size = clean_train.shape[1]
     paths = {name: os.path.join(s.out, name) for name in ("metrics.jsonl", "last.npz")}
     if os.path.exists(paths["last.npz"]):
         raise MetaFormerError(f"{s.out} already holds a run (last.npz); choose another --out")
-    os.makedirs(s.out, exist_ok=True)
+    train_images, test_images, test_split = load_images(s.data, s.data_path, s.seed)
+    clean_train, clean_test = normalise_images(train_images), normalise_images(test_images)
+    visible_size = clean_train.shape[1]
+    require(metaformer_bytes(visible_size, s.hidden, max(s.batch_size, EVAL_CHUNK), s.steps,
+                             get_dtype()(0).itemsize),
+            f"training the Energy MetaFormer (D = {visible_size}, N_h = {s.hidden}, T = "
+            f"{s.steps}, batch {s.batch_size})", s.max_memory,
+            advice="lower --hidden, --steps or --batch-size")
+    prepare_folder(s.out)
     atomic_write(paths["metrics.jsonl"], lambda f: None)
     config = {**dataclasses.asdict(s), "visible": visible_size, "noise_std": NOISE_STD,
               "image_shape": train_images.shape[1:], "loss_floor": loss_floor(visible_size),
@@ -353,12 +372,19 @@ def _matplotlib():
     return Figure, colormaps
 
 
-def write_figures(checkpoint, out, samples=8, seed=0, steps=28, alpha=0.5, state_scale=10.0):
+def write_figures(checkpoint, out, samples=8, seed=0, steps=28, alpha=0.5, state_scale=10.0,
+                  force=False):
     """From a `train` checkpoint write into `out`: receptive_fields.png, energy_descent.png,
     energy_descent.json (the energies, E[t][sample], and the settings) and
     energy_descent_start.npz (the start states x⁰, for independent re-evaluation of (H1)).
-    Raises PlottingUnavailable first when matplotlib is missing. Returns (paths, energies)."""
+    Raises PlottingUnavailable first when matplotlib is missing, OutputError when a file
+    exists and `force` is not given. Returns (paths, energies)."""
     Figure, colormaps = _matplotlib()
+    paths = {name: os.path.join(prepare_folder(out), name) for name in (
+        "receptive_fields.png", "energy_descent.png", "energy_descent.json",
+        "energy_descent_start.npz")}
+    for path in paths.values():
+        check_output_file(path, force)
     saved = load_checkpoint(checkpoint)
     weights = {name: asarray(w) for name, w in saved.params.items()}
     image_shape = tuple(saved.config.get("image_shape") or ())
@@ -368,10 +394,6 @@ def write_figures(checkpoint, out, samples=8, seed=0, steps=28, alpha=0.5, state
                               f"not W_sv, W_vc and the shape of their D pixels")
     trajectory = energy_descent(weights, samples, seed, steps, alpha, state_scale)
     energies = to_numpy(trajectory.energies)
-    os.makedirs(out, exist_ok=True)
-    paths = {name: os.path.join(out, name) for name in (
-        "receptive_fields.png", "energy_descent.png", "energy_descent.json",
-        "energy_descent_start.npz")}
 
     fields = receptive_fields(weights, image_shape)
     figure = Figure(figsize=(9.2, 4.6), layout="constrained")

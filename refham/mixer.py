@@ -26,6 +26,7 @@ import numpy
 import scipy.stats
 
 from refham.backend import asarray, rng, to_numpy, xp
+from refham.safefiles import short_list
 from refham.layers import (
     CHANNEL_AXIS, TOKEN_AXIS, InputError, cross_entropy_backward, cross_entropy_forward,
     layernorm_backward, layernorm_forward, linear_backward, linear_forward, mlp_backward,
@@ -201,13 +202,21 @@ def _initial_value(name, shape, generator):
 
 
 def check_params(shapes, params):
-    """Raise ParamError naming every missing, unexpected and wrongly shaped parameter."""
+    """Raise ParamError naming the missing, unexpected, non-array and wrongly shaped parameters
+    (the first few of each kind, and how many more)."""
+    if not hasattr(params, "keys"):  # a dict, or autograd's boxed one
+        raise ParamError(f"parameters must be a dict {{name: array}}, got {type(params).__name__}")
     missing = [name for name in shapes if name not in params]
     unexpected = sorted(name for name in params if name not in shapes)
-    wrong = [f"{name}: {tuple(params[name].shape)}, expected {shapes[name]}"
-             for name in shapes if name in params and tuple(params[name].shape) != shapes[name]]
-    problems = [f"{title}: {', '.join(items)}" for title, items in
-                (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
+    present = [name for name in shapes if name in params]
+    not_arrays = [f"{name} ({type(params[name]).__name__})" for name in present
+                  if not hasattr(params[name], "shape") or not hasattr(params[name], "dtype")]
+    wrong = [f"{name}: {tuple(params[name].shape)}, expected {shapes[name]}" for name in present
+             if hasattr(params[name], "shape") and tuple(params[name].shape) != shapes[name]]
+    problems = [f"{title}: {short_list(items)}" for title, items in
+                (("missing", missing), ("unexpected", unexpected),
+                 ("not arrays (convert with numpy.asarray)", not_arrays), ("wrong shape", wrong))
+                if items]
     if problems:
         raise ParamError("parameters do not match the config; " + "; ".join(problems))
 
@@ -302,7 +311,12 @@ class Mixer:
 
     def _check_images(self, images, dtype):
         cfg = self.config
-        images = xp.asarray(images, dtype=dtype)
+        images = xp.asarray(images)
+        if images.dtype.kind not in "biuf":
+            raise InputError(f"images must be real numbers, got dtype {images.dtype} (complex "
+                             f"images are refused rather than silently losing their imaginary "
+                             f"part)")
+        images = images.astype(dtype, copy=False)
         expected = (cfg.in_chans, cfg.image_size, cfg.image_size)
         shape = tuple(images.shape)
         channels_last = expected[1:] + expected[:1]  # (H, W, C_in)
@@ -312,6 +326,8 @@ class Mixer:
         if images.ndim != 4 or shape[1:] != expected:
             raise InputError(f"images must be (B, C_in, H, W) = (B, {', '.join(map(str, expected))}"
                              f") for this config, got shape {shape}")
+        if shape[0] == 0:
+            raise InputError(f"images of shape {shape} are an empty batch: pass at least one")
         if not bool(xp.all(xp.isfinite(images))):
             raise InputError("images contain NaN or inf")
         return images

@@ -16,6 +16,7 @@ import os
 
 from refham.checkpoint import atomic_write
 from refham.mixer import MODELS
+from refham.outputs import prepare_folder
 from refham.train import TrainingDiverged, train
 from refham.train_config import RESUMABLE_CHANGES, TrainConfig
 
@@ -77,7 +78,7 @@ def run_sweep(out, settings=None, models=MODELS, lams=SWEEP_LAMS, seeds=SWEEP_SE
     settings.setdefault("eval_every", settings["epochs"])
     runs = sweep_runs(models, lams, seeds)
     TrainConfig(**settings)                                  # fail fast on bad settings
-    os.makedirs(out, exist_ok=True)
+    prepare_folder(out, "sweep folder")
     results_path = os.path.join(out, "results.jsonl")
     results = {(r["model"], r["lam"], r["seed"]): r for r in _read_results(results_path)}
     for key, previous in results.items():

@@ -37,6 +37,8 @@ from refham.data import (
     DataError, add_gaussian_noise, batches, horizontal_flip, load_dataset, normalise, random_crop)
 from refham.layers import InputError, cross_entropy_forward
 from refham.mixer import ConfigError, Mixer, MixerConfig, ParamError
+from refham.memory import mixer_bytes, require
+from refham.outputs import prepare_folder
 from refham.optim import OptimizerError, clip_by_global_norm, cosine_lr, make_optimizer
 from refham.train_config import (
     CROP_PAD, RESUMABLE_CHANGES, TrainConfig, TrainConfigError, model_config)
@@ -174,7 +176,7 @@ class _Run:
         if self.warmup_steps >= self.total_steps:
             raise TrainConfigError(f"warm-up of {self.warmup_steps} steps leaves no training in "
                                    f"{self.total_steps} steps: lower warmup or add epochs")
-        os.makedirs(cfg.out, exist_ok=True)
+        prepare_folder(cfg.out)
         if resume:
             self._resume()
         else:
@@ -375,6 +377,9 @@ def train(cfg, resume=False, echo=False):
 def evaluate_checkpoint(path, data_path=None, batch_size=256, backend="numpy", threads=1):
     """Test loss and accuracy of the checkpoint at `path`, rebuilding its model and test split
     from the settings stored in it (`data_path` overrides where the CIFAR archive now lives)."""
+    for name, value, least in (("batch_size", batch_size, 1), ("threads", threads, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise TrainConfigError(f"{name} must be an integer >= {least}, got {value!r}")
     ck = load_checkpoint(path)
     try:
         cfg = TrainConfig.from_dict(ck.config["train"])
@@ -382,6 +387,8 @@ def evaluate_checkpoint(path, data_path=None, batch_size=256, backend="numpy", t
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: no usable training/model settings ({exc})") from exc
     dtype = next(iter(ck.params.values())).dtype
+    require(mixer_bytes(config, batch_size, dtype.itemsize, training=False),
+            f"evaluating {path} on batches of {batch_size}", advice="lower --batch-size")
     with _active_backend(backend, dtype, threads):
         _, test = load_dataset(cfg.data, data_path or cfg.data_path,
                                train_fraction=cfg.train_fraction, seed=cfg.data_seed)
