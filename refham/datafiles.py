@@ -107,7 +107,7 @@ def _choose_layout(available, num_classes, where):
 def _read_cifar_archive(path, num_classes, verify_md5):
     """One pass over the tar members, keeping the regular files that some layout names."""
     wanted = {p for lay in _LAYOUTS for p in lay.paths()}
-    files = {}
+    files, archive_bytes, total = {}, os.path.getsize(path), 0
     try:
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
@@ -117,6 +117,8 @@ def _read_cifar_archive(path, num_classes, verify_md5):
                 if member.size > _MAX_MEMBER_BYTES:
                     raise DataError(f"{path}: member {name} claims {member.size} bytes, more "
                                     f"than any official CIFAR file")
+                total += member.size
+                check_compression(archive_bytes, total, path, DataError)
                 files[name] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: not a readable tar archive ({exc}); pass the official "

@@ -8,7 +8,8 @@ user has is silently replaced.
 Rules: a path must be non-empty; an output file's folder must exist and be writable and the
 file must not be a folder; an existing file is replaced only with `force`, and a refham training
 checkpoint (an .npz with a `meta/json` entry) only by another checkpoint — never by an export, a
-golden file or a plot, even with `force`, because it may be a run's only copy of its weights.
+golden file or a plot, even with `force`, because it may be a run's only copy of its weights;
+what is not a regular file (/dev/null, a pipe) is never replaced: the rename would remove it.
 This module imports nothing from refham.
 """
 import os
@@ -57,7 +58,7 @@ def check_output_file(path, force=False, checkpoint=False, what="output file"):
     existing writable folder, and either absent, or present with `force` and not a refham
     checkpoint (unless `checkpoint`: the new file is one too). Returns the path as a str."""
     text = _text(path, what)
-    if os.path.isdir(text):
+    if os.path.isdir(text) or text.endswith((os.sep, "/")):
         raise OutputError(f"{what} {text} is a folder; give the name of a file to write")
     folder = os.path.dirname(os.path.abspath(text))
     _check_ancestors(folder, f"{what} {text}")
@@ -65,6 +66,9 @@ def check_output_file(path, force=False, checkpoint=False, what="output file"):
         raise OutputError(f"{what} {text}: the folder {folder} does not exist; create it first "
                           f"(mkdir -p {folder})")
     if os.path.lexists(text):
+        if os.path.exists(text) and not os.path.isfile(text):
+            raise OutputError(f"{text} is not a regular file (a device, pipe or socket); "
+                              f"refham replaces only files, even with --force")
         if is_checkpoint(text) and not checkpoint:
             raise OutputError(f"{text} is a refham training checkpoint; it is never replaced by "
                               f"another kind of file, even with --force: choose another path")

@@ -82,6 +82,15 @@ def test_an_existing_file_is_replaced_only_with_force(trained, run, argv):
     assert run(*argv, "--force")[0] == 0 and out.read_bytes() != b"precious"
 
 
+def test_only_regular_files_are_replaced_and_a_trailing_slash_means_a_folder(tmp_path, run):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    status, err = run(*GOLDEN, "--out", str(fifo), "--force")
+    assert status == 2 and "not a regular file" in err and fifo.is_fifo()
+    status, err = run(*GOLDEN, "--out", f"{tmp_path}/new/")
+    assert status == 2 and "is a folder" in err and not (tmp_path / "new").exists()
+
+
 def test_import_as_checkpoint_may_replace_a_checkpoint_with_force(trained, run):
     assert run("export", "--format", "npz", "--checkpoint", f"{trained}/last.npz", "--out",
                f"{trained}/timm.npz")[0] == 0

@@ -6,6 +6,7 @@ import io
 import json
 import pickle
 import struct
+import tarfile
 import tracemalloc
 import zipfile
 
@@ -186,3 +187,15 @@ def test_mixer_estimate_is_within_a_small_factor_of_the_measured_peak(model, ove
     tracemalloc.stop()
     estimate = memory.mixer_bytes(config, batch, 8)
     assert peak / 1.5 < estimate < 1.5 * peak, (estimate, peak)
+
+
+def test_cifar_archive_expanding_beyond_the_ratio_is_refused(tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    zeros = b"\0" * (100 << 20)                                    # 100 MB → ~100 KB
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+        info.size = len(zeros)
+        tar.addfile(info, io.BytesIO(zeros))
+    assert archive.stat().st_size < 500_000
+    with pytest.raises(DataError, match="decompression bomb"):
+        read_cifar(archive)
