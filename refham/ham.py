@@ -29,7 +29,7 @@ import types
 from refham.backend import asarray, get_dtype, rng, xp
 from refham.dynamics import euler_step, integrate, is_tree, iterate
 from refham.lagrangians import Lagrangian, LagrangianError
-from refham.memory import ham_descent_bytes, require
+from refham.memory import elements, ham_descent_bytes, require
 
 
 class HAMError(ValueError):
@@ -81,6 +81,9 @@ class Layer:
             raise HAMError(f"a layer needs a refham.lagrangians.Lagrangian (e.g. ReLU()), got "
                            f"{self.lagrangian!r}")
         object.__setattr__(self, "tau", _positive("layer time constant tau", self.tau))
+        # the probe and the Lagrangian's temporaries: ~4 arrays of one float64 state
+        require(4 * 8 * elements(self.shape), f"a layer of shape {self.shape}",
+                advice="use a smaller layer")
         probe = xp.zeros((1,) + self.shape)
         try:  # axes reaching beyond the layer, a delta of the wrong shape, …
             self.lagrangian.value(probe, event_ndim=len(self.shape))

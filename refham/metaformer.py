@@ -253,6 +253,9 @@ def load_images(data, data_path=None, seed=0):
             raise MetaFormerError(f"{folder}: test images are {test.shape[1:]}, training images "
                                   f"{train.shape[1:]}; both splits need one image size")
         return train, test, "MNIST t10k"
+    if len(train) < 10:
+        raise MetaFormerError(f"{data_path}: {len(train)} training images and no t10k file; "
+                              f"at least 10 are needed to hold out a test split")
     held_out = rng(seed).permutation(len(train))[:len(train) // 10]
     keep = numpy.setdiff1d(numpy.arange(len(train)), held_out)
     return train[keep], train[held_out], "10% of the training images, held out (no t10k file)"
@@ -269,8 +272,8 @@ def train(settings, echo=False):
     train_images, test_images, test_split = load_images(s.data, s.data_path, s.seed)
     clean_train, clean_test = normalise_images(train_images), normalise_images(test_images)
     visible_size = clean_train.shape[1]
-    require(metaformer_bytes(visible_size, s.hidden, max(s.batch_size, EVAL_CHUNK), s.steps,
-                             get_dtype()(0).itemsize),
+    batch = max(min(s.batch_size, len(clean_train)), min(EVAL_CHUNK, len(clean_test)))
+    require(metaformer_bytes(visible_size, s.hidden, batch, s.steps, get_dtype()(0).itemsize),
             f"training the Energy MetaFormer (D = {visible_size}, N_h = {s.hidden}, T = "
             f"{s.steps}, batch {s.batch_size})", s.max_memory,
             advice="lower --hidden, --steps or --batch-size")

@@ -387,11 +387,11 @@ def evaluate_checkpoint(path, data_path=None, batch_size=256, backend="numpy", t
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: no usable training/model settings ({exc})") from exc
     dtype = next(iter(ck.params.values())).dtype
-    require(mixer_bytes(config, batch_size, dtype.itemsize, training=False),
-            f"evaluating {path} on batches of {batch_size}", advice="lower --batch-size")
     with _active_backend(backend, dtype, threads):
         _, test = load_dataset(cfg.data, data_path or cfg.data_path,
                                train_fraction=cfg.train_fraction, seed=cfg.data_seed)
+        require(mixer_bytes(config, min(batch_size, len(test)), dtype.itemsize, training=False),
+                f"evaluating {path} on batches of {batch_size}", advice="lower --batch-size")
         params = {k: asarray(v, dtype=v.dtype) for k, v in ck.params.items()}
         result = evaluate(Mixer(config), params, test, batch_size)
     return {**result, "step": ck.step, "epoch": ck.epoch, "data": cfg.data, "model": cfg.model}

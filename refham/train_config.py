@@ -169,11 +169,12 @@ def model_config(cfg, dataset):
     except ConfigError as exc:
         raise TrainConfigError(f"size {cfg.size!r} on {dataset.name} images "
                                f"{dataset.image_shape}: {exc}") from exc
-    need = mixer_bytes(config, cfg.batch_size, numpy.dtype(cfg.dtype).itemsize,
+    batch = min(cfg.batch_size, len(dataset))  # a batch never holds more than the data
+    need = mixer_bytes(config, batch, numpy.dtype(cfg.dtype).itemsize,
                        optimizer_slots=2 if cfg.optimizer == "adamw" else 1)
     require(need, f"training this {cfg.model} (depth {config.depth}, dim {config.dim}, hidden "
-                  f"{config.token_hidden}/{config.channel_hidden}) on batches of "
-                  f"{cfg.batch_size}", cfg.max_memory,
+                  f"{config.token_hidden}/{config.channel_hidden}) on batches of {batch}",
+            cfg.max_memory,
             advice="lower depth, dim, hidden_ratio or batch_size")
     return config
 

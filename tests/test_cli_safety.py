@@ -116,12 +116,12 @@ def test_metaformer_figures_are_not_overwritten_without_force(tmp_path, run):
 # --------------------------------------------------------------------------------- §4 memory
 @pytest.mark.parametrize("argv", [
     ["train", "--depth", "100000"], ["train", "--hidden-ratio", "1e6"],
-    ["train", "--dim", "1000000"], ["train", "--batch-size", "100000000"],
+    ["train", "--dim", "1000000"], ["train", "--n-iter", "100000"],
     ["descend", "--hidden", "10000000", "--out", ""],
     ["descend", "--batch", "100000000", "--out", ""],
     ["descend", "--steps", "100000000", "--out", ""],
     ["metaformer", "train", "--hidden", "100000000"],
-    ["metaformer", "train", "--batch-size", "100000000", "--steps", "1000"],
+    ["metaformer", "train", "--batch-size", "100000000", "--steps", "1000000"],
     ["oracle", "write", "--model", "paramixer", "--batch", "100000000"],
     ["oracle", "write", "--ham", "metaformer", "--hidden", "1000000000"],
     ["oracle", "write", "--model", "vanilla", "--set", "depth=1000000"],
@@ -277,6 +277,14 @@ def test_mnist_test_images_must_match_the_training_size(tmp_path, run):
     status, err = run("metaformer", "train", "--data", "mnist", "--data-path", str(tmp_path),
                       "--out", str(tmp_path / "o"))
     assert status == 2 and "both splits need one image size" in err
+
+
+def test_mnist_too_small_to_hold_out_a_test_split(tmp_path, run):
+    header = bytes([0, 0, 8, 3]) + np.array((3, 28, 28), ">u4").tobytes()
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(header + bytes(3 * 28 * 28))
+    status, err = run("metaformer", "train", "--data", "mnist", "--data-path", str(tmp_path),
+                      "--out", str(tmp_path / "o"))
+    assert status == 2 and "at least 10" in err
 
 
 def test_python_api_refuses_complex_images_empty_batches_and_list_parameters():
