@@ -311,8 +311,8 @@ def expected_errors():
 
 def main(argv=None):
     """Run one command; an expected error (see `expected_errors`) becomes one line on stderr
-    and exit status 2 (1 for a diverged run or a missing plotting library). Anything else is a
-    bug and keeps its traceback."""
+    and exit status 2 (1 for a diverged run or a missing plotting library; 130 for Ctrl-C).
+    Anything else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     import numpy
 
@@ -321,6 +321,9 @@ def main(argv=None):
         # training guard, golden files), which say what to do; numpy's warnings add only noise
         with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
             return args.run(args) or 0
+    except KeyboardInterrupt:  # outputs are written atomically: nothing half-written remains
+        print(f"refham {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:
         if not isinstance(exc, expected_errors()):
             raise

@@ -224,6 +224,10 @@ def test_every_expected_error_class_is_one_line_and_others_keep_their_traceback(
         monkeypatch.setitem(cli.COMMANDS, "eval", (*cli.COMMANDS["eval"][:2], fail))
         status, err = run("eval", "--checkpoint", "x")
         assert status in (1, 2) and "what went wrong" in err
+    def interrupt(args):
+        raise KeyboardInterrupt
+    monkeypatch.setitem(cli.COMMANDS, "eval", (*cli.COMMANDS["eval"][:2], interrupt))
+    assert run("eval", "--checkpoint", "x") == (130, "refham eval: interrupted\n")
     monkeypatch.setitem(cli.COMMANDS, "eval", (*cli.COMMANDS["eval"][:2], lambda args: 1 / 0))
     with pytest.raises(ZeroDivisionError):
         main(["eval", "--checkpoint", "x"])
