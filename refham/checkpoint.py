@@ -142,7 +142,8 @@ def load_checkpoint(path):
         raise CheckpointError(f"{path}: metadata lacks {missing}")
     unknown = sorted(k for k in arrays if not k.startswith(("param/", "optim/")))
     if unknown or not any(k.startswith("param/") for k in arrays):
-        raise CheckpointError(f"{path}: unexpected entries {unknown} or no parameters")
+        raise CheckpointError(f"{path}: unexpected entries [{safefiles.short_list(unknown)}] or "
+                              f"no parameters")
     if _digest(arrays) != meta["sha256"]:
         raise CheckpointError(
             f"{path}: SHA-256 of the arrays does not match the one recorded at save time — the "

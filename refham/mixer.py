@@ -150,7 +150,7 @@ def make_config(model, size="digits", **overrides):
     fields = [f.name for f in dataclasses.fields(MixerConfig) if f.name != "model"]
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown config field(s) {', '.join(unknown)}: valid are "
+        raise ConfigError(f"unknown config field(s) {short_list(unknown)}: valid are "
                           f"{', '.join(fields)}")
     return MixerConfig(model=model, **{**SIZES[size], **overrides})
 
@@ -457,5 +457,5 @@ def from_timm_state(config, state):
     check_params(shapes, arrays)
     bad = [name for name in shapes if not numpy.all(numpy.isfinite(arrays[name]))]
     if bad:
-        raise ParamError(f"state holds NaN or inf in {', '.join(bad)}")
+        raise ParamError(f"state holds NaN or inf in {short_list(bad)}")
     return {name: asarray(arrays[name]) for name in shapes}

@@ -199,3 +199,14 @@ def test_cifar_archive_expanding_beyond_the_ratio_is_refused(tmp_path):
     assert archive.stat().st_size < 500_000
     with pytest.raises(DataError, match="decompression bomb"):
         read_cifar(archive)
+
+
+def test_checkpoint_with_thousands_of_unexpected_entries_is_a_short_error(tmp_path):
+    path = tmp_path / "c.npz"
+    save_checkpoint(path, {"w": np.zeros(2)}, {}, step=1, epoch=1, rng_state={}, config={})
+    with zipfile.ZipFile(path, "a") as archive:
+        for i in range(3000):
+            archive.writestr(f"junk/{i}.npy", _npy(np.zeros(1)))
+    with pytest.raises(CheckpointError, match="and 2992 more") as info:
+        load_checkpoint(path)
+    assert len(str(info.value)) < 500
