@@ -23,14 +23,12 @@ import hashlib
 import json
 import math
 import os
-import struct
 import tempfile
-import zipfile
-import zlib
 from dataclasses import dataclass, field
 
 import numpy
 
+from refham import safefiles
 from refham.backend import to_numpy
 
 FORMAT = "refham-checkpoint"
@@ -179,7 +177,8 @@ def load_checkpoint(path):
         raise CheckpointError(f"{path}: metadata lacks {missing}")
     unknown = sorted(k for k in arrays if not k.startswith(("param/", "optim/")))
     if unknown or not any(k.startswith("param/") for k in arrays):
-        raise CheckpointError(f"{path}: unexpected entries {unknown} or no parameters")
+        raise CheckpointError(f"{path}: unexpected entries [{safefiles.short_list(unknown)}] or "
+                              f"no parameters")
     if _digest(arrays) != meta["sha256"]:
         raise CheckpointError(
             f"{path}: SHA-256 of the arrays does not match the one recorded at save time — the "
@@ -254,19 +253,7 @@ def read_json_lines(path, is_record, error=CheckpointError):
 
 def read_npz(path, error=CheckpointError):
     """{name: array} of every entry of the .npz at `path`, read without pickle, decompressed and
-    CRC-checked; `error` (an exception class) for a missing, truncated or corrupted file, one
-    that is not an .npz, or one that holds objects."""
-    if not os.path.isfile(path):
-        raise error(f"no file at {path}")
-    # what a truncated or corrupted zip, a CRC mismatch, a non-NumPy file or an object array raise
-    unreadable = (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, NotImplementedError,
-                  zlib.error, struct.error)
-    try:
-        archive = numpy.load(path, allow_pickle=False)
-        if isinstance(archive, numpy.lib.npyio.NpzFile):
-            with archive:
-                return {name: archive[name] for name in archive.files}
-    except unreadable as exc:
-        raise error(f"{path} is truncated, corrupted or not an .npz of plain arrays: "
-                    f"{type(exc).__name__}: {exc}") from exc
-    raise error(f"{path} holds a single .npy array, not an .npz archive")
+    CRC-checked, every declared size checked before it is read (refham.safefiles.read_npz);
+    `error` (an exception class) for a missing, truncated, corrupted or hostile file, one that
+    is not an .npz, or one that holds objects."""
+    return safefiles.read_npz(path, error)

@@ -4,6 +4,9 @@ functions so that `refham --help` is instant."""
 import argparse
 import sys
 
+from refham.cli_files import (
+    FORCE_HELP, add_export, add_import, add_oracle, run_export, run_import, run_oracle)
+
 
 def _add_descend(p):
     p.add_argument("--visible", type=int, default=784, help="D, the visible layer's size (784)")
@@ -16,24 +19,23 @@ def _add_descend(p):
     p.add_argument("--seed", type=int, default=0, help="weights use seed, states seed + 1 (0)")
     p.add_argument("--out", default="energy_descent.png", help="PNG of E per step, if "
                    "matplotlib is installed (energy_descent.png); '' for none")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
 
 
 def _run_descend(args):
     """DESIGN §4 energy descent: the HAM s — v — c (relu — layernorm — relu, dense synapses)
     with random weights, all states from 10·N(0,1), 28 steps of α = 0.5; prints E per step."""
-    import os
     from refham.backend import to_numpy
-    from refham.ham import HAMError
+    from refham.checkpoint import atomic_write
     from refham.metaformer import three_layer_ham
+    from refham.outputs import check_output_file
 
-    try:
-        ham = three_layer_ham(args.visible, args.hidden)
-        weights = ham.init_weights(args.seed, scale=args.weight_scale)
-        states = ham.init_states(args.batch, seed=args.seed + 1, scale=args.state_scale)
-        trajectory = ham.descend(states, weights, args.alpha, max_steps=args.steps)
-    except HAMError as exc:
-        print(f"refham descend: {exc}", file=sys.stderr)
-        return 2
+    if args.out:
+        check_output_file(args.out, args.force)
+    ham = three_layer_ham(args.visible, args.hidden)
+    weights = ham.init_weights(args.seed, scale=args.weight_scale)
+    states = ham.init_states(args.batch, seed=args.seed + 1, scale=args.state_scale)
+    trajectory = ham.descend(states, weights, args.alpha, max_steps=args.steps)
     energies = to_numpy(trajectory.energies)  # (steps + 1, batch)
     print(f"HAM s—v—c, D={args.visible}, N_h={args.hidden}, alpha={args.alpha}, "
           f"batch={args.batch}: energy per step (mean over the batch; ΔE: largest over it)")
@@ -53,9 +55,7 @@ def _run_descend(args):
     ax = fig.add_subplot()
     ax.plot(energies, marker="o", markersize=3)
     ax.set(xlabel="step", ylabel="energy E", title=f"HAM energy descent (α = {args.alpha})")
-    temporary = f"{args.out}.tmp"
-    fig.savefig(temporary, format="png", dpi=120)
-    os.replace(temporary, args.out)  # atomic: a reader never sees half a PNG
+    atomic_write(args.out, lambda f: fig.savefig(f, format="png", dpi=120))
     print(f"plot written to {args.out}")
     return 0
 
@@ -191,7 +191,10 @@ def _add_metaformer(p):
                              ("--alpha", float, "step size α"), ("--lr", float, "Adam lr"),
                              ("--batch-size", int, "images per batch"),
                              ("--epochs", int, "passes over the training images"),
-                             ("--seed", int, "weights, batch order and noise")):
+                             ("--seed", int, "weights, batch order and noise"),
+                             ("--max-memory", float, "GiB the run may use; refused before "
+                              "allocating when its estimate exceeds this or the memory "
+                              "available")):
         name = flag[2:].replace("-", "_")
         t.add_argument(flag, type=kind, help=f"{what} ({getattr(default, name)})")
     t.add_argument("--target", choices=TARGETS, help="denoise towards the clean image (the "
@@ -212,6 +215,7 @@ def _add_metaformer(p):
     f.add_argument("--alpha", type=float, default=0.5, help="step size α (0.5)")
     f.add_argument("--state-scale", type=float, default=10.0, help="x⁰ = s·N(0,1) (10)")
     f.add_argument("--seed", type=int, default=0, help="seed of the start states (0)")
+    f.add_argument("--force", action="store_true", help="replace the figures if they exist")
 
 
 def _run_metaformer(args):
@@ -245,7 +249,8 @@ def _run_metaformer(args):
             return 0
         out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
         paths, energies = mf.write_figures(args.checkpoint, out, args.samples, args.seed,
-                                           args.steps, args.alpha, args.state_scale)
+                                           args.steps, args.alpha, args.state_scale,
+                                           force=args.force)
     except mf.PlottingUnavailable as exc:
         print(f"refham metaformer {args.action}: {exc}", file=sys.stderr)
         return 1
@@ -264,146 +269,6 @@ def _run_metaformer(args):
     return 0
 
 
-def _add_oracle(p):
-    from refham.mixer import MODELS, NORMS, SIZES
-    from refham.oracle import HAMS, ham_golden, mixer_golden, setting_defaults
-
-    sub = p.add_subparsers(dest="oracle_command", metavar="SUBCOMMAND")
-    sub.required = True
-    w = sub.add_parser("write", help="write a float64 golden file (.npz, keys by tensor name)",
-                       description="Write a float64 golden file of a Mixer (--model) or of the "
-                                   "Energy MetaFormer's HAM (--ham); see refham/oracle.py.")
-    which = w.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", choices=MODELS, help="a Mixer golden file")
-    which.add_argument("--ham", choices=HAMS, help="a HAM golden file")
-    mixer, ham = setting_defaults(mixer_golden), setting_defaults(ham_golden)
-    options = [  # (flag, type, choices, help); defaults None: given ones are checked and passed
-        ("--size", str, tuple(SIZES), f"Mixer size ({mixer['size']})"),
-        ("--n-iter", int, None, f"iterations per block ({mixer['n_iter']})"),
-        ("--norm", str, NORMS, f"block norm ({mixer['norm']})"),
-        ("--lam", float, None, f"AsymMixer penalty λ ({mixer['lam']})"),
-        ("--label-smoothing", float, None, f"label smoothing ({mixer['label_smoothing']})"),
-        ("--steps", int, None, f"AdamW steps on the batch for train/… ({mixer['steps']})"),
-        ("--lr", float, None, f"AdamW learning rate, constant ({mixer['lr']})"),
-        ("--weight-decay", float, None, f"AdamW weight decay ({mixer['weight_decay']})"),
-        ("--perturb", float, None, f"params = init + s·N(0,1) ({mixer['perturb']})"),
-        ("--visible", int, None, f"HAM: D, the visible layer's size ({ham['visible']})"),
-        ("--hidden", int, None, f"HAM: N_h, units per hidden layer ({ham['hidden']})"),
-        ("--alpha", float, None, f"HAM: step size of the descent step ({ham['alpha']})"),
-        ("--state-scale", float, None, f"HAM: states s·N(0,1) ({ham['state_scale']})"),
-        ("--weight-scale", float, None, f"HAM: weights s·N(0,1) ({ham['weight_scale']})"),
-        ("--batch", int, None, f"batch size ({mixer['batch']})"),
-        ("--seed", int, None, f"seed ({mixer['seed']})"),
-    ]
-    for flag, kind, choices, help_text in options:
-        w.add_argument(flag, type=kind, choices=choices, default=None, help=help_text)
-    w.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
-                   help="further Mixer config fields, e.g. depth=2 dim=6 bias=true")
-    w.add_argument("--out", required=True, help="the golden .npz to write")
-    c = sub.add_parser("check", help="compare a candidate .npz with a golden file, by name",
-                       description="Compare CANDIDATE with GOLDEN tensor by tensor (see "
-                                   "refham/oracle_check.py); exit 0 only if all pass.")
-    c.add_argument("golden")
-    c.add_argument("candidate")
-    c.add_argument("--rtol", type=float, default=None, help="rtol for every tensor")
-    c.add_argument("--atol", type=float, default=None, help="atol for every tensor")
-    c.add_argument("--tol", action="append", default=[], metavar="PATTERN=RTOL,ATOL",
-                   help="tolerance for the names matching PATTERN (e.g. 'grad/*=1e-6,1e-9'); "
-                        "repeatable, the last match wins")
-
-
-def _run_oracle(args):
-    """`oracle write`: a golden file; `oracle check`: a candidate against one."""
-    from refham.interop import USER_ERRORS, config_overrides
-    from refham.oracle import (
-        GoldenError, ham_golden, mixer_golden, read_meta, setting_defaults, write_golden)
-    from refham.oracle_check import check
-
-    try:
-        if args.oracle_command == "check":
-            report = check(args.golden, args.candidate, args.rtol, args.atol, args.tol)
-            print(report)
-            return 0 if report.ok else 1
-        settings = setting_defaults(mixer_golden if args.model else ham_golden)
-        given = {k: v for k, v in vars(args).items() if v is not None and k in
-                 {**setting_defaults(mixer_golden), **setting_defaults(ham_golden)}}
-        wrong = sorted(k for k in given if k not in settings)
-        wrong += ["set"] if args.set and args.ham else []
-        overrides = config_overrides(args.set)
-        wrong += sorted(set(overrides) & set(given))
-        if wrong:
-            raise GoldenError(f"option(s) {', '.join('--' + k.replace('_', '-') for k in wrong)}"
-                              f" do not apply to a {'Mixer' if args.model else 'HAM'} golden "
-                              f"file, or are given twice")
-        if args.model:
-            tensors = mixer_golden(args.model, **given, **overrides)
-        else:
-            tensors = ham_golden(args.ham, **given)
-        write_golden(args.out, tensors)
-    except USER_ERRORS as exc:
-        print(f"refham oracle: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}: {len(tensors) - 1} float64 tensors of {args.model or args.ham}, "
-          f"settings {read_meta(tensors)['settings']}")
-    return 0
-
-
-def _add_export(p):
-    from refham.interop import FORMATS
-
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a refham checkpoint, params .npz or Mixer golden file")
-    p.add_argument("--format", choices=FORMATS, default="safetensors",
-                   help="safetensors (needs the `safetensors` extra) or npz (safetensors)")
-    p.add_argument("--out", required=True, help="the file to write")
-
-
-def _run_export(args):
-    """Mixer weights → a timm state dict (timm names, PyTorch layouts)."""
-    from refham.interop import USER_ERRORS, export_weights
-
-    try:
-        config = export_weights(args.checkpoint, args.out, args.format)
-    except USER_ERRORS as exc:
-        print(f"refham export: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}: the {config.model} weights as a timm state dict ({args.format}); "
-          f"load with model.load_state_dict(..., strict=True)")
-    return 0
-
-
-def _add_import(p):
-    from refham.interop import IMPORT_AS
-    from refham.mixer import MODELS, SIZES
-
-    p.add_argument("file", help="a timm state dict: .npz or .safetensors")
-    p.add_argument("--out", required=True, help="the refham file to write")
-    p.add_argument("--as", dest="as_", choices=IMPORT_AS, default="params",
-                   help="a params .npz or a refham checkpoint (params)")
-    p.add_argument("--model", choices=MODELS,
-                   help="the model, unless the file carries refham's metadata")
-    p.add_argument("--size", choices=tuple(SIZES), default="digits",
-                   help="with --model: its size (digits)")
-    p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
-                   help="with --model: further config fields, e.g. num_classes=100 n_iter=2")
-
-
-def _run_import(args):
-    """A timm state dict → refham params (names, shapes and finiteness checked)."""
-    from refham.interop import USER_ERRORS, InteropError, config_overrides, import_weights
-
-    try:
-        if args.set and not args.model:
-            raise InteropError("--set needs --model (it modifies that model's config)")
-        config = (args.model, args.size, config_overrides(args.set)) if args.model else None
-        config = import_weights(args.file, args.out, config, args.as_)
-    except USER_ERRORS as exc:
-        print(f"refham import: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}: {config.model} weights as a refham {args.as_} file")
-    return 0
-
-
 COMMANDS = {
     # name: (help, add_arguments, run)
     "descend": ("energy descent of the paper's three-layer HAM (DESIGN §4): prints E per "
@@ -417,11 +282,11 @@ COMMANDS = {
     "sweep": ("the symmetry-breaking experiment (DESIGN §9): all four models, AsymMixer over "
               "λ, several seeds; a markdown table and a plot", _add_sweep, _run_sweep),
     "oracle": ("golden files for testing other implementations: `write` one (float64, "
-               "tensors by name), `check` a candidate against it", _add_oracle, _run_oracle),
+               "tensors by name), `check` a candidate against it", add_oracle, run_oracle),
     "export": ("Mixer weights → a timm state dict (safetensors or npz) for the paper's PyTorch "
-               "models", _add_export, _run_export),
+               "models", add_export, run_export),
     "import": ("a timm state dict (safetensors or npz) → refham params or checkpoint",
-               _add_import, _run_import),
+               add_import, run_import),
 }
 
 
@@ -437,11 +302,48 @@ def build_parser():
     return parser
 
 
+def expected_errors():
+    """The exception classes that mean bad input, files or settings, or a machine without the
+    resources asked for — never a bug in refham — as a tuple for `except`."""
+    from refham import (
+        backend, checkpoint, datafiles, dynamics, ham, interop, lagrangians, layers, memory,
+        metaformer, mixer, mixer_energy, optim, oracle, outputs, sweep, train, train_config)
+    return (backend.BackendError, checkpoint.CheckpointError, datafiles.DataError,
+            dynamics.DynamicsError, ham.HAMError, interop.InteropError,
+            lagrangians.LagrangianError, layers.InputError, memory.MemoryLimitError,
+            metaformer.MetaFormerError, metaformer.PlottingUnavailable, mixer.ConfigError,
+            mixer.ParamError, mixer_energy.EnergyError, optim.OptimizerError,
+            oracle.GoldenError, outputs.OutputError, sweep.SweepError, train.ResumeError,
+            train.TrainingDiverged, train_config.TrainConfigError, *train.USER_ERRORS,
+            MemoryError, OSError)
+
+
 def main(argv=None):
+    """Run one command; an expected error (see `expected_errors`) becomes one line on stderr
+    and exit status 2 (1 for a diverged run or a missing plotting library; 130 for Ctrl-C).
+    Anything else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
-    code = args.run(args) or 0
+    import numpy
     from refham.distributed import exit_status
-    return exit_status(code)
+
+    try:
+        # overflow is reported by refham's own finiteness checks (the diverged dynamics, the
+        # training guard, golden files), which say what to do; numpy's warnings add only noise
+        with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            code = args.run(args) or 0
+    except KeyboardInterrupt:  # outputs are written atomically: nothing half-written remains
+        print(f"refham {args.command}: interrupted", file=sys.stderr)
+        code = 130
+    except Exception as exc:
+        if not isinstance(exc, expected_errors()):
+            raise
+        from refham.metaformer import PlottingUnavailable
+        from refham.train import TrainingDiverged
+        code = 1 if isinstance(exc, (TrainingDiverged, PlottingUnavailable)) else 2
+        if isinstance(exc, MemoryError):
+            exc = f"out of memory ({exc or 'MemoryError'}): use a smaller model, batch or file"
+        print(f"refham {args.command}: error: {exc}", file=sys.stderr)
+    return exit_status(code)      # under MPI, a failing rank ends the whole job
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ version, either as the .tar.gz archive (read in memory, never extracted) or its 
 `read_cifar` returns the raw uint8 pixels and labels, which refham.data wraps into `Dataset`s.
 MNIST-format IDX files (DESIGN §4), plain or gzip, are read by `load_idx` and `load_mnist`.
 Every malformed, hostile or mismatched file raises `DataError` naming the file and the problem.
-This module imports no other part of refham: refham.data builds on it, never the reverse.
+Every size a file declares is checked against its real size, refham.safefiles.MAX_RATIO and
+the memory budget before it is read. This module imports only refham.safefiles: refham.data
+builds on it, never the reverse.
 """
 import gzip
 import hashlib
@@ -20,6 +22,8 @@ import zlib
 from dataclasses import dataclass
 
 import numpy
+
+from refham.safefiles import check_compression, check_fits
 
 
 class DataError(ValueError):
@@ -103,7 +107,7 @@ def _choose_layout(available, num_classes, where):
 def _read_cifar_archive(path, num_classes, verify_md5):
     """One pass over the tar members, keeping the regular files that some layout names."""
     wanted = {p for lay in _LAYOUTS for p in lay.paths()}
-    files = {}
+    files, archive_bytes, total = {}, os.path.getsize(path), 0
     try:
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
@@ -113,6 +117,8 @@ def _read_cifar_archive(path, num_classes, verify_md5):
                 if member.size > _MAX_MEMBER_BYTES:
                     raise DataError(f"{path}: member {name} claims {member.size} bytes, more "
                                     f"than any official CIFAR file")
+                total += member.size
+                check_compression(archive_bytes, total, path, DataError)
                 files[name] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: not a readable tar archive ({exc}); pass the official "
@@ -143,7 +149,11 @@ def _read_cifar_folder(path, num_classes, verify_md5):
 
 
 def _read_bytes(path):
-    """The whole file as bytes."""
+    """The whole file as bytes, after checking it is no larger than any official CIFAR file."""
+    size = os.path.getsize(path)
+    if size > _MAX_MEMBER_BYTES:
+        raise DataError(f"{path}: {size} bytes, more than any official CIFAR file "
+                        f"({_MAX_MEMBER_BYTES} at most); not a CIFAR batch file")
     with open(path, "rb") as f:
         return f.read()
 
@@ -180,8 +190,10 @@ def _parse_cifar_file(raw, layout, where):
                         f"{getattr(pixels, 'dtype', type(pixels).__name__)} "
                         f"{getattr(pixels, 'shape', '')}")
     if not (isinstance(labels, (list, numpy.ndarray))
-            and all(isinstance(v, (int, numpy.integer)) and v >= 0 for v in labels)):
-        raise DataError(f"{where}: {layout.label_key!r} must be a list of non-negative integers")
+            and all(isinstance(v, (int, numpy.integer)) and 0 <= v < layout.num_classes
+                    for v in labels)):
+        raise DataError(f"{where}: {layout.label_key!r} must be a list of integers in "
+                        f"[0, {layout.num_classes})")
     if len(labels) != len(pixels):
         raise DataError(f"{where}: {len(pixels)} images but {len(labels)} labels")
     return pixels, numpy.asarray(labels, dtype=numpy.int64)
@@ -248,13 +260,15 @@ def load_idx(path):
         gzipped = f.read(2) == b"\x1f\x8b"
     try:
         with (gzip.open if gzipped else open)(path, "rb") as stream:
-            return _read_idx(stream, path)
+            return _read_idx(stream, path, os.path.getsize(path), gzipped)
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: cannot decompress ({exc}); the .gz file is damaged") from exc
 
 
-def _read_idx(stream, path):
-    """Header, dims and data of one IDX stream, each checked against what the header claims."""
+def _read_idx(stream, path, size, gzipped):
+    """Header, dims and data of one IDX stream, each checked against what the header claims;
+    the claimed length against the file's `size` in bytes (for a gzip file: against the
+    compression ratio, to refuse a decompression bomb) and the memory budget before reading."""
     header = stream.read(4)
     if len(header) < 4 or header[:2] != b"\0\0":
         raise DataError(f"{path}: bad magic {header.hex()!r}, not an IDX file (IDX starts with "
@@ -274,6 +288,12 @@ def _read_idx(stream, path):
     if nbytes > _IDX_MAX_BYTES:
         raise DataError(f"{path}: the header claims dims {dims} = {nbytes} bytes, more than the "
                         f"{_IDX_MAX_BYTES} refham reads; the header is corrupt")
+    if gzipped:
+        check_compression(size, nbytes, path, DataError)
+    elif nbytes > size - 4 - 4 * ndim:
+        raise DataError(f"{path}: truncated: {max(size - 4 - 4 * ndim, 0)} of the {nbytes} "
+                        f"data bytes that dims {dims} need")
+    check_fits(nbytes, path, DataError)
     data = stream.read(nbytes)
     if len(data) < nbytes:
         raise DataError(f"{path}: truncated: {len(data)} of the {nbytes} data bytes that dims "
@@ -304,9 +324,9 @@ def load_mnist(path, split="train"):
     renamed = labels_stem == base.removesuffix(".gz")  # no labels name to derive
     labels_path = None if renamed else _find_idx(folder, labels_stem)
     images = load_idx(images_path)
-    if images.ndim != 3 or images.dtype != numpy.uint8:
-        raise DataError(f"{images_path}: MNIST images are uint8 with 3 dims (N, H, W), got "
-                        f"{images.dtype} {images.shape}")
+    if images.ndim != 3 or images.dtype != numpy.uint8 or 0 in images.shape:
+        raise DataError(f"{images_path}: MNIST images are uint8 with 3 dims (N, H, W), none of "
+                        f"them 0, got {images.dtype} {images.shape}")
     labels = None
     if labels_path is not None:
         labels = load_idx(labels_path)

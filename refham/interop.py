@@ -18,16 +18,16 @@ safetensors is the optional `safetensors` extra.
 """
 import dataclasses
 import json
+import os
 
 import numpy
 
 from refham.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
-from refham.ham import HAMError
-from refham.layers import InputError
-from refham.mixer import ConfigError, MixerConfig, ParamError, from_timm_state, make_config, \
-    to_timm_state
-from refham.optim import OptimizerError
+from refham.memory import mixer_bytes, require
+from refham.mixer import MixerConfig, from_timm_state, make_config, to_timm_state
 from refham.oracle import META_KEY, GoldenError, load_npz
+from refham.outputs import check_output_file
+from refham.safefiles import check_safetensors_header, short_list
 
 FORMATS = ("safetensors", "npz")
 IMPORT_AS = ("params", "checkpoint")
@@ -38,11 +38,6 @@ VERSION = 1
 
 class InteropError(ValueError):
     """A weights file that cannot be exported or imported as asked."""
-
-
-# what bad settings or files raise in golden writing, checking, export and import (CLI: exit 2)
-USER_ERRORS = (InteropError, GoldenError, ConfigError, ParamError, InputError, OptimizerError,
-               HAMError)
 
 
 def _safetensors():
@@ -113,13 +108,19 @@ def read_refham_weights(path):
     return _mixer_config(meta["model"], path), params
 
 
-def export_weights(source, out, fmt="safetensors"):
+def export_weights(source, out, fmt="safetensors", force=False):
     """Write the Mixer weights of `source` (see read_refham_weights) to `out` as a timm state
-    dict in `fmt` ('safetensors' | 'npz'), atomically. Returns the MixerConfig."""
+    dict in `fmt` ('safetensors' | 'npz'), atomically; an existing `out` only with `force`,
+    never over a training checkpoint. Non-finite weights are refused. Returns the MixerConfig."""
     if fmt not in FORMATS:
         raise InteropError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    check_output_file(out, force)
     config, params = read_refham_weights(source)
     state = to_timm_state(config, params)
+    bad = [name for name, value in state.items() if not numpy.all(numpy.isfinite(value))]
+    if bad:
+        raise InteropError(f"{source} holds NaN or inf in {short_list(bad)}: a diverged model; "
+                           f"export a checkpoint from before the divergence")
     if fmt == "npz":
         atomic_write(out, lambda f: numpy.savez(f, **state))
     else:
@@ -137,6 +138,8 @@ def export_weights(source, out, fmt="safetensors"):
 def read_state(path):
     """({timm name: array}, MixerConfig or None) of a state-dict file: .npz (by its zip
     signature) or safetensors (the MixerConfig when refham's metadata carries one)."""
+    if not os.path.isfile(path):
+        raise InteropError(f"no file at {path}")
     with open(path, "rb") as f:
         signature = f.read(4)
     if signature == b"PK\x03\x04":
@@ -145,6 +148,7 @@ def read_state(path):
         except GoldenError as exc:
             raise InteropError(str(exc)) from exc
     safetensors = _safetensors()
+    check_safetensors_header(path, InteropError)
     try:
         with safetensors.safe_open(path, framework="numpy") as handle:
             metadata = handle.metadata() or {}
@@ -161,14 +165,22 @@ def read_state(path):
     return state, _mixer_config(fields, path)
 
 
-def import_weights(source, out, config=None, as_="params"):
+def import_weights(source, out, config=None, as_="params", force=False):
     """Read a timm state dict (.npz or .safetensors) and write it as a refham params .npz or a
     training checkpoint (`as_`), atomically. `config`: a MixerConfig, or (model, size,
     overrides) for make_config; needed unless the file carries refham's metadata. Names,
-    shapes and finiteness are checked (mixer.ParamError). Returns the MixerConfig."""
+    shapes and finiteness are checked (mixer.ParamError), complex tensors refused (their
+    imaginary part would be lost). `out` is replaced only with `force`, and a training
+    checkpoint only by a checkpoint. Returns the MixerConfig."""
     if as_ not in IMPORT_AS:
         raise InteropError(f"unknown output kind {as_!r}: choose one of {', '.join(IMPORT_AS)}")
+    check_output_file(out, force, checkpoint=as_ == "checkpoint")
     state, file_config = read_state(source)
+    unreal = [name for name, value in state.items() if numpy.asarray(value).dtype.kind
+              not in "biuf"]
+    if unreal:
+        raise InteropError(f"{source}: {short_list(unreal)} are not real numbers (complex or "
+                           f"other dtypes); a Mixer's weights are real: convert them first")
     if isinstance(config, tuple):
         model, size, overrides = config
         config = make_config(model, size, **overrides)
@@ -176,6 +188,8 @@ def import_weights(source, out, config=None, as_="params"):
     if config is None:
         raise InteropError(f"{source} does not say which model it holds: give the model and "
                            f"size (refham import … --model NAME --size SIZE [--set FIELD=VALUE])")
+    require(mixer_bytes(config, 0, 8, training=False), f"the weights of this {config.model} "
+            f"(depth {config.depth}, dim {config.dim})", advice="check the model config")
     params = from_timm_state(config, state)
     model = dataclasses.asdict(config)
     if as_ == "checkpoint":

@@ -28,7 +28,7 @@ import time
 import numpy
 from tqdm import tqdm
 
-from refham.backend import asarray, backend_name, rng, to_numpy, xp
+from refham.backend import asarray, backend_name, get_dtype, rng, to_numpy, xp
 from refham.checkpoint import (
     atomic_write, describe_names, load_checkpoint, nonfinite_entries, save_checkpoint)
 from refham.data import load_digits, load_mnist, make_synthetic
@@ -36,7 +36,9 @@ from refham.distributed import (
     COMMS, ShardedGenerator, broadcast_state, combine_gradients, get_communicator, shard)
 from refham.ham import HAM, Dense, Layer
 from refham.lagrangians import LayerNorm, ReLU
+from refham.memory import MemoryLimitError, check_limit, metaformer_bytes, require
 from refham.optim import AdamW
+from refham.outputs import check_output_file, prepare_folder
 from refham.runlock import RunLock
 
 NOISE_STD = 0.3
@@ -206,6 +208,7 @@ class TrainSettings:
     out: str = "runs/metaformer"
     progress: bool = True
     comm: str = "auto"      # data parallelism under mpiexec (refham.distributed.get_communicator)
+    max_memory: float = None  # GiB the run may use (default: the memory available)
 
     def __post_init__(self):
         _check_choice("data", self.data, DATASETS)
@@ -214,10 +217,17 @@ class TrainSettings:
         if (self.data == "mnist") != (self.data_path is not None):
             raise MetaFormerError("--data mnist needs --data-path DIR (the folder with "
                                   "train-images-idx3-ubyte[.gz]); the other datasets take none")
-        for name in ("hidden", "steps", "batch_size", "epochs"):
+        for name, least in (("hidden", 1), ("steps", 1), ("batch_size", 1), ("epochs", 1),
+                            ("seed", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise MetaFormerError(f"{name} must be an integer >= 1, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise MetaFormerError(f"{name} must be an integer >= {least}, got {value!r}")
+        if not isinstance(self.out, str) or not self.out.strip():
+            raise MetaFormerError(f"out must name the run's folder, got {self.out!r}")
+        try:
+            check_limit(self.max_memory)
+        except MemoryLimitError as exc:
+            raise MetaFormerError(str(exc)) from None
         for name in ("alpha", "lr"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
@@ -244,7 +254,14 @@ def load_images(data, data_path=None, seed=0):
     train, _ = load_mnist(data_path, "train")
     folder = data_path if os.path.isdir(data_path) else os.path.dirname(data_path) or "."
     if any(name.startswith("t10k-images") for name in os.listdir(folder)):
-        return train, load_mnist(folder, "test")[0], "MNIST t10k"
+        test = load_mnist(folder, "test")[0]
+        if test.shape[1:] != train.shape[1:]:
+            raise MetaFormerError(f"{folder}: test images are {test.shape[1:]}, training images "
+                                  f"{train.shape[1:]}; both splits need one image size")
+        return train, test, "MNIST t10k"
+    if len(train) < 10:
+        raise MetaFormerError(f"{data_path}: {len(train)} training images and no t10k file; "
+                              f"at least 10 are needed to hold out a test split")
     held_out = rng(seed).permutation(len(train))[:len(train) // 10]
     keep = numpy.setdiff1d(numpy.arange(len(train)), held_out)
     return train[keep], train[held_out], "10% of the training images, held out (no t10k file)"
@@ -261,7 +278,7 @@ def train(settings, echo=False):
     comm = get_communicator(settings.comm, backend_name())
     if comm.rank:
         return _train_in_locked_folder(settings, echo, comm)
-    os.makedirs(settings.out, exist_ok=True)
+    prepare_folder(settings.out)
     with RunLock(settings.out):
         return _train_in_locked_folder(settings, echo, comm)
 
@@ -275,6 +292,11 @@ def _train_in_locked_folder(settings, echo, comm):
     train_images, test_images, test_split = load_images(s.data, s.data_path, s.seed)
     clean_train, clean_test = normalise_images(train_images), normalise_images(test_images)
     visible_size = clean_train.shape[1]
+    batch = max(min(s.batch_size, len(clean_train)), min(EVAL_CHUNK, len(clean_test)))
+    require(metaformer_bytes(visible_size, s.hidden, batch, s.steps, get_dtype()(0).itemsize),
+            f"training the Energy MetaFormer (D = {visible_size}, N_h = {s.hidden}, T = "
+            f"{s.steps}, batch {s.batch_size})", s.max_memory,
+            advice="lower --hidden, --steps or --batch-size")
     paths = {name: os.path.join(s.out, name) for name in ("metrics.jsonl", "last.npz")}
     if os.path.exists(paths["last.npz"]):
         raise MetaFormerError(f"{s.out} already holds a run (last.npz); choose another --out")
@@ -407,12 +429,19 @@ def _matplotlib():
     return Figure, colormaps
 
 
-def write_figures(checkpoint, out, samples=8, seed=0, steps=28, alpha=0.5, state_scale=10.0):
+def write_figures(checkpoint, out, samples=8, seed=0, steps=28, alpha=0.5, state_scale=10.0,
+                  force=False):
     """From a `train` checkpoint write into `out`: receptive_fields.png, energy_descent.png,
     energy_descent.json (the energies, E[t][sample], and the settings) and
     energy_descent_start.npz (the start states x⁰, for independent re-evaluation of (H1)).
-    Raises PlottingUnavailable first when matplotlib is missing. Returns (paths, energies)."""
+    Raises PlottingUnavailable first when matplotlib is missing, OutputError when a file
+    exists and `force` is not given. Returns (paths, energies)."""
     Figure, colormaps = _matplotlib()
+    paths = {name: os.path.join(prepare_folder(out), name) for name in (
+        "receptive_fields.png", "energy_descent.png", "energy_descent.json",
+        "energy_descent_start.npz")}
+    for path in paths.values():
+        check_output_file(path, force)
     saved = load_checkpoint(checkpoint)
     weights = {name: asarray(w) for name, w in saved.params.items()}
     image_shape = tuple(saved.config.get("image_shape") or ())
@@ -422,10 +451,6 @@ def write_figures(checkpoint, out, samples=8, seed=0, steps=28, alpha=0.5, state
                               f"not W_sv, W_vc and the shape of their D pixels")
     trajectory = energy_descent(weights, samples, seed, steps, alpha, state_scale)
     energies = to_numpy(trajectory.energies)
-    os.makedirs(out, exist_ok=True)
-    paths = {name: os.path.join(out, name) for name in (
-        "receptive_fields.png", "energy_descent.png", "energy_descent.json",
-        "energy_descent_start.npz")}
 
     fields = receptive_fields(weights, image_shape)
     figure = Figure(figsize=(9.2, 4.6), layout="constrained")

@@ -25,6 +25,7 @@ from refham.blocks import (
     BLOCK_LAYERS, parallel_block_backward, parallel_block_forward, parallel_branches_forward,
     serial_block_backward, serial_block_forward)
 from refham.init_rules import initial_value
+from refham.safefiles import short_list
 from refham.layers import (
     InputError, cross_entropy_backward, cross_entropy_forward, layernorm_backward,
     layernorm_forward, linear_backward, linear_forward, mlp_param_shapes, patch_embed_backward,
@@ -145,7 +146,7 @@ def make_config(model, size="digits", **overrides):
     fields = [f.name for f in dataclasses.fields(MixerConfig) if f.name != "model"]
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown config field(s) {', '.join(unknown)}: valid are "
+        raise ConfigError(f"unknown config field(s) {short_list(unknown)}: valid are "
                           f"{', '.join(fields)}")
     return MixerConfig(model=model, **{**SIZES[size], **overrides})
 
@@ -175,13 +176,21 @@ def param_shapes(config):
 
 
 def check_params(shapes, params):
-    """Raise ParamError naming every missing, unexpected and wrongly shaped parameter."""
+    """Raise ParamError naming the missing, unexpected, non-array and wrongly shaped parameters
+    (the first few of each kind, and how many more)."""
+    if not hasattr(params, "keys"):  # a dict, or autograd's boxed one
+        raise ParamError(f"parameters must be a dict {{name: array}}, got {type(params).__name__}")
     missing = [name for name in shapes if name not in params]
     unexpected = sorted(name for name in params if name not in shapes)
-    wrong = [f"{name}: {tuple(params[name].shape)}, expected {shapes[name]}"
-             for name in shapes if name in params and tuple(params[name].shape) != shapes[name]]
-    problems = [f"{title}: {', '.join(items)}" for title, items in
-                (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
+    present = [name for name in shapes if name in params]
+    not_arrays = [f"{name} ({type(params[name]).__name__})" for name in present
+                  if not hasattr(params[name], "shape") or not hasattr(params[name], "dtype")]
+    wrong = [f"{name}: {tuple(params[name].shape)}, expected {shapes[name]}" for name in present
+             if hasattr(params[name], "shape") and tuple(params[name].shape) != shapes[name]]
+    problems = [f"{title}: {short_list(items)}" for title, items in
+                (("missing", missing), ("unexpected", unexpected),
+                 ("not arrays (convert with numpy.asarray)", not_arrays), ("wrong shape", wrong))
+                if items]
     if problems:
         raise ParamError("parameters do not match the config; " + "; ".join(problems))
 
@@ -308,7 +317,12 @@ class Mixer:
 
     def _check_images(self, images, dtype):
         cfg = self.config
-        images = xp.asarray(images, dtype=dtype)
+        images = xp.asarray(images)
+        if images.dtype.kind not in "biuf":
+            raise InputError(f"images must be real numbers, got dtype {images.dtype} (complex "
+                             f"images are refused rather than silently losing their imaginary "
+                             f"part)")
+        images = images.astype(dtype, copy=False)
         expected = (cfg.in_chans, cfg.image_size, cfg.image_size)
         shape = tuple(images.shape)
         channels_last = expected[1:] + expected[:1]  # (H, W, C_in)
@@ -318,6 +332,8 @@ class Mixer:
         if images.ndim != 4 or shape[1:] != expected:
             raise InputError(f"images must be (B, C_in, H, W) = (B, {', '.join(map(str, expected))}"
                              f") for this config, got shape {shape}")
+        if shape[0] == 0:
+            raise InputError(f"images of shape {shape} are an empty batch: pass at least one")
         if not bool(xp.all(xp.isfinite(images))):
             raise InputError("images contain NaN or inf")
         return images
@@ -434,5 +450,5 @@ def from_timm_state(config, state):
     check_params(shapes, arrays)
     bad = [name for name in shapes if not numpy.all(numpy.isfinite(arrays[name]))]
     if bad:
-        raise ParamError(f"state holds NaN or inf in {', '.join(bad)}")
+        raise ParamError(f"state holds NaN or inf in {short_list(bad)}")
     return {name: asarray(arrays[name]) for name in shapes}

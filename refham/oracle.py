@@ -51,8 +51,11 @@ import numpy
 from refham import __version__
 from refham.backend import asarray, get_dtype, rng, set_dtype, to_numpy
 from refham.checkpoint import atomic_write, read_npz
+from refham.memory import mixer_bytes, require
 from refham.mixer import Mixer, make_config
 from refham.optim import AdamW
+from refham.outputs import check_output_file
+from refham.safefiles import short_list
 
 FORMAT = "refham-golden"
 FORMAT_VERSION = 1
@@ -127,6 +130,9 @@ def mixer_golden(model, *, size="digits", n_iter=1, norm="joint", lam=0.0, label
     optimizer = AdamW(weight_decay=_require_real("weight_decay", weight_decay))
     with _float64():
         config = make_config(model, size, n_iter=n_iter, norm=norm, **overrides)
+        require(mixer_bytes(config, batch, 8, optimizer_slots=2), f"a {model} golden file "
+                f"(batch {batch}, depth {config.depth}, dim {config.dim})",
+                advice="lower --batch or the model's size")
         if config.drop_path:
             raise GoldenError(f"golden files are deterministic: drop_path must be 0, got "
                               f"{config.drop_path}")
@@ -222,13 +228,21 @@ def ham_golden(ham="metaformer", *, visible=64, hidden=100, batch=2, seed=0, alp
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
-def write_golden(path, tensors):
-    """Write {name: array} to `path` as a plain .npz, atomically (temp file + rename)."""
+def write_golden(path, tensors, force=False):
+    """Write {name: array} to `path` as a plain .npz, atomically (temp file + rename). Every
+    tensor must be numeric and finite (a golden value of inf or NaN tests nothing), and an
+    existing file is replaced only with `force` (refham.outputs.check_output_file)."""
+    check_output_file(path, force)
     for name, value in tensors.items():
         kind = numpy.asarray(value).dtype.kind
         if kind not in "iuf" and not (name == META_KEY and kind == "U"):
             raise GoldenError(f"{name}: golden tensors must be numeric arrays, got dtype "
                               f"{numpy.asarray(value).dtype}")
+    bad = [name for name, value in tensors.items() if name != META_KEY
+           and not numpy.all(numpy.isfinite(value))]
+    if bad:
+        raise GoldenError(f"NaN or inf in {short_list(bad)}: the settings overflow float64 "
+                          f"(e.g. --perturb or a scale too large); nothing was written")
     atomic_write(path, lambda f: numpy.savez(f, **tensors))
 
 

@@ -30,6 +30,7 @@ of the PyTorch peer examples/torch_mixer.py against refham are 100× or more bel
 import dataclasses
 import fnmatch
 import math
+import numbers
 
 import numpy
 
@@ -97,9 +98,17 @@ def parse_tolerance(spec):
     except ValueError:
         raise GoldenError(f"tolerance {spec!r} must read PATTERN=RTOL,ATOL, e.g. "
                           f"'grad/*=1e-6,1e-9'") from None
-    if not (rtol >= 0 and atol >= 0 and math.isfinite(rtol) and math.isfinite(atol)):
-        raise GoldenError(f"tolerance {spec!r}: rtol and atol must be finite and >= 0")
-    return pattern, rtol, atol
+    return pattern, *_checked_tolerances(rtol, atol, f"tolerance {spec!r}")
+
+
+def _checked_tolerances(rtol, atol, what):
+    """(rtol, atol) after checking each is None (the default) or a finite number >= 0."""
+    for value in (rtol, atol):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                  or not 0 <= value < math.inf):
+            raise GoldenError(f"{what}: rtol and atol must be finite and >= 0, got rtol "
+                              f"{rtol!r}, atol {atol!r}")
+    return rtol, atol
 
 
 def tolerance(name, rtol=None, atol=None, overrides=()):
@@ -155,6 +164,7 @@ def check(golden, candidate, rtol=None, atol=None, overrides=()):
     """Compare `candidate` with `golden` (paths to .npz files or {name: array}) tensor by tensor
     → Report. rtol/atol, if given, replace every default tolerance; `overrides` is a sequence
     of (pattern, rtol, atol) or 'PATTERN=RTOL,ATOL' strings applied after them."""
+    rtol, atol = _checked_tolerances(rtol, atol, "--rtol/--atol")
     golden = _tensors(golden, "golden file")
     read_meta(golden, "the golden file (first argument)")
     candidate = _tensors(candidate, "candidate")

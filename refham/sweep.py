@@ -17,6 +17,7 @@ import os
 from refham.checkpoint import atomic_write, read_json_lines
 from refham.distributed import get_communicator
 from refham.mixer import MODELS
+from refham.outputs import prepare_folder
 from refham.runlock import RunLock
 from refham.train import TrainingDiverged, train
 from refham.train_config import RESUMABLE_CHANGES, TrainConfig
@@ -82,7 +83,7 @@ def run_sweep(out, settings=None, models=MODELS, lams=SWEEP_LAMS, seeds=SWEEP_SE
     comm = get_communicator("auto")
     if comm.rank:                     # rank 0 alone writes in `out`
         return _sweep_in_locked_folder(out, settings, runs, models, lams, log, comm)
-    os.makedirs(out, exist_ok=True)
+    prepare_folder(out, "sweep folder")
     with RunLock(out):                # one sweep per folder: results.jsonl has one writer
         return _sweep_in_locked_folder(out, settings, runs, models, lams, log, comm)
 

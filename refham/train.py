@@ -47,6 +47,8 @@ from refham.distributed import (
     get_communicator, shard)
 from refham.layers import InputError, cross_entropy_forward
 from refham.mixer import ConfigError, Mixer, MixerConfig, ParamError
+from refham.memory import mixer_bytes, require
+from refham.outputs import prepare_folder
 from refham.optim import OptimizerError, clip_by_global_norm, cosine_lr, make_optimizer
 from refham.resume import (
     ResumeError, check_parameters, check_resumable, check_same_run, checked_progress,
@@ -192,7 +194,7 @@ class _Run:
                                    f"{self.total_steps} steps: lower warmup or add epochs")
         self.lock = None
         if self.writer:
-            os.makedirs(cfg.out, exist_ok=True)
+            prepare_folder(cfg.out)
             self.lock = RunLock(cfg.out).acquire()      # held until train() ends, however it ends
         try:
             if resume:
@@ -429,6 +431,9 @@ def train(cfg, resume=False, echo=False):
 def evaluate_checkpoint(path, data_path=None, batch_size=256, backend="numpy", threads=1):
     """Test loss and accuracy of the checkpoint at `path`, rebuilding its model and test split
     from the settings stored in it (`data_path` overrides where the CIFAR archive now lives)."""
+    for name, value, least in (("batch_size", batch_size, 1), ("threads", threads, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise TrainConfigError(f"{name} must be an integer >= {least}, got {value!r}")
     ck = load_checkpoint(path)
     try:
         cfg = TrainConfig.from_dict(ck.config["train"])
@@ -440,6 +445,9 @@ def evaluate_checkpoint(path, data_path=None, batch_size=256, backend="numpy", t
     with _active_backend(backend, dtype, threads):
         _, test = load_dataset(cfg.data, data_path or cfg.data_path,
                                train_fraction=cfg.train_fraction, seed=cfg.data_seed)
+        require(mixer_bytes(config, min(batch_size, len(test)), get_dtype()(0).itemsize,
+                            training=False),
+                f"evaluating {path} on batches of {batch_size}", advice="lower --batch-size")
         params = {k: asarray(v, dtype=v.dtype) for k, v in ck.params.items()}
         result = evaluate(Mixer(config), params, test, batch_size)
     if not math.isfinite(result["loss"]):

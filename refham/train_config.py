@@ -11,15 +11,19 @@ import dataclasses
 import math
 import numbers
 
+import numpy
+
 from refham.data import DATASETS
 from refham.distributed import COMMS
+from refham.memory import mixer_bytes, require
 from refham.mixer import MODELS, NORMS, SIZES, ConfigError, make_config
 from refham.optim import OPTIMIZERS
 
 CROP_PAD = 4                          # random-crop padding for `augment` (the CIFAR recipe)
 
 # settings that may differ on resume: they do not change the numbers a run computes
-RESUMABLE_CHANGES = ("out", "progress", "backend", "eval_every", "checkpoint_every", "comm")
+RESUMABLE_CHANGES = ("out", "progress", "backend", "eval_every", "checkpoint_every", "comm",
+                     "max_memory")
 
 
 class TrainConfigError(ValueError):
@@ -75,6 +79,10 @@ class TrainConfig:
     comm: str = _setting("auto", "data parallelism: auto (MPI when started by mpiexec with more "
                                "than one rank, NCCL for the gradients with --backend cupy), "
                                "none, mpi or nccl", choices=COMMS)
+    max_memory: float = _setting(
+        None, "GiB of memory the run may use; it is refused before allocating anything when its "
+              "estimate (parameters, optimiser state, activations) exceeds this or the memory "
+              "available (default: the memory available)")
     dtype: str = _setting("float32", "float dtype of parameters and data",
                           choices=("float32", "float64"))
     out: str = _setting("runs/train", "output folder (config, metrics, checkpoints)")
@@ -96,8 +104,12 @@ class TrainConfig:
         for key in positive:
             if not getattr(self, key) > 0:
                 raise TrainConfigError(f"{key} must be > 0, got {getattr(self, key)!r}")
+        if not self.out.strip():
+            raise TrainConfigError("out is empty: name the run's folder")
+        if self.max_memory is not None and not self.max_memory > 0:
+            raise TrainConfigError(f"max_memory must be > 0 GiB, got {self.max_memory!r}")
         for key in ("min_lr", "weight_decay", "lam", "input_noise", "checkpoint_every",
-                    "threads"):
+                    "threads", "seed", "data_seed"):
             if not getattr(self, key) >= 0:
                 raise TrainConfigError(f"{key} must be >= 0, got {getattr(self, key)!r}")
         for key, upper in (("warmup", 1), ("label_smoothing", 1), ("drop_path", 1),
@@ -156,12 +168,20 @@ def model_config(cfg, dataset):
         raise TrainConfigError(
             f"Mixers take square images; {dataset.name} has {image_size}×{width}")
     try:
-        return make_config(cfg.model, cfg.size, image_size=image_size, in_chans=in_chans,
-                           num_classes=dataset.num_classes, n_iter=cfg.n_iter, norm=cfg.norm,
-                           drop_path=cfg.drop_path, **overrides)
+        config = make_config(cfg.model, cfg.size, image_size=image_size, in_chans=in_chans,
+                             num_classes=dataset.num_classes, n_iter=cfg.n_iter, norm=cfg.norm,
+                             drop_path=cfg.drop_path, **overrides)
     except ConfigError as exc:
         raise TrainConfigError(f"size {cfg.size!r} on {dataset.name} images "
                                f"{dataset.image_shape}: {exc}") from exc
+    batch = min(cfg.batch_size, len(dataset))  # a batch never holds more than the data
+    need = mixer_bytes(config, batch, numpy.dtype(cfg.dtype).itemsize,
+                       optimizer_slots=2 if cfg.optimizer == "adamw" else 1)
+    require(need, f"training this {cfg.model} (depth {config.depth}, dim {config.dim}, hidden "
+                  f"{config.token_hidden}/{config.channel_hidden}) on batches of {batch}",
+            cfg.max_memory,
+            advice="lower depth, dim, hidden_ratio or batch_size")
+    return config
 
 
 # --------------------------------------------------------------------------- command line
