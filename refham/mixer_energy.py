@@ -164,7 +164,7 @@ class MixerBlock:
         self._check_state(x)
         self._require_lagrangian()
         g = self.activation(x)
-        energy = self.lagrangian.energy(x, event_ndim=2) - self.hidden_lagrangian(g)
+        energy = self.lagrangian.neuron_energy(x, event_ndim=2) - self.hidden_lagrangian(g)
         return energy if self.symmetric else energy + 0.5 * _inner(g, self._breaking_update(g))
 
     def _breaking_update(self, g):
@@ -179,7 +179,8 @@ class MixerBlock:
         return -self.hidden_lagrangian(self.activation(x))
 
     def dEdg(self, x):
-        """(H2) ∂E/∂g = x − u(g) (the Legendre term gives x, −F gives −∇F = −u)."""
+        """∂E/∂g = x − u(g) of the block energy :eq:`M2` (the Legendre term gives x, −F gives
+        −∇F = −u; the HAM's :eq:`H2` with the hidden layers eliminated)."""
         self._check_state(x)
         self._require_symmetric()
         self._require_lagrangian()

@@ -68,6 +68,21 @@ class Case:
 
 
 @st.composite
+def hidden_layers(draw, name, S, C, kinds, partners):
+    """(shape, synapse) of a hidden layer `name` joined by a synapse of a kind drawn from
+    `kinds` to the visible (S, C) layer "v" (token, channel mixing) or, dense, to one of
+    `partners` in either orientation."""
+    kind = draw(st.sampled_from(kinds))
+    if kind == "token":
+        return (draw(st.integers(1, 3)), C), TokenMixing(name, "v")
+    if kind == "channel":
+        return (S, draw(st.integers(4, 6))), ChannelMixing(name, "v")
+    other = draw(st.sampled_from(partners))
+    shape = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=2)))
+    return shape, Dense(name, other) if draw(st.booleans()) else Dense(other, name)
+
+
+@st.composite
 def cases(draw, names=CONVEX, batch=2):
     """A connected HAM of 2–4 layers around a visible (S, C) layer "v" (S ≠ C): the first hidden
     layer joins v by token or channel mixing, later ones by any synapse kind, plus an optional
@@ -76,17 +91,8 @@ def cases(draw, names=CONVEX, batch=2):
     shapes, synapses = {"v": (S, C)}, {}
     for i in range(draw(st.integers(1, 3))):
         kinds = ("token", "channel") if i == 0 else ("token", "channel", "dense")
-        kind = draw(st.sampled_from(kinds))
-        name = f"h{i}"
-        if kind == "token":
-            shapes[name], synapses[f"s{i}"] = (draw(st.integers(1, 3)), C), TokenMixing(name, "v")
-        elif kind == "channel":
-            shapes[name], synapses[f"s{i}"] = (S, draw(st.integers(4, 6))), ChannelMixing(name, "v")
-        else:
-            shapes[name] = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=2)))
-            other = draw(st.sampled_from(sorted(set(shapes) - {name})))
-            ends = (name, other) if draw(st.booleans()) else (other, name)
-            synapses[f"s{i}"] = Dense(*ends)
+        shapes[f"h{i}"], synapses[f"s{i}"] = draw(hidden_layers(f"h{i}", S, C, kinds,
+                                                                sorted(shapes)))
     if len(shapes) > 2 and draw(st.booleans()):
         a, b = draw(st.lists(st.sampled_from(sorted(shapes)), min_size=2, max_size=2, unique=True))
         synapses["cycle"] = Dense(a, b)
@@ -109,7 +115,7 @@ def energy_of_x_and_g(ham, xs, gs, weights):
     """(H1) with x and g independent: Σ_A [⟨x_A, g_A⟩ − L_A(x_A)] + Σ_s E_s(g)."""
     legendre = sum(inner(xs[n], gs[n]) - layer.lagrangian.value(xs[n], layer.event_ndim)
                    for n, layer in ham.layers.items())
-    return legendre + sum(s.energy(gs, weights[n]) for n, s in ham.synapses.items())
+    return legendre + sum(s.synapse_energy(gs, weights[n]) for n, s in ham.synapses.items())
 
 
 @given(cases(names=CONVEX + ("gelu",)))
@@ -122,16 +128,34 @@ def test_dEdg_is_the_gradient_of_H1_in_g_with_x_fixed(case):
     actual = ham.dEdg(on_backend(xs), on_backend(weights))
     for name in ham.layers:
         assert rel_err(actual[name], expected[name]) <= TOL, name
-    assert rel_err(ham.energy(on_backend(xs), on_backend(weights)), at_g_of_x) <= TOL
+    assert rel_err(ham.total_energy(on_backend(xs), on_backend(weights)), at_g_of_x) <= TOL
     given_gs = ham.dEdg(on_backend(xs), on_backend(weights), gs=on_backend(gs))
     assert all(rel_err(given_gs[n], expected[n]) <= TOL for n in ham.layers)
+    energy, grads = ham.total_energy_and_dEdg(on_backend(xs), on_backend(weights))
+    assert rel_err(energy, at_g_of_x) <= TOL
+    assert all(rel_err(grads[n], expected[n]) <= TOL for n in ham.layers)
+
+
+@given(cases(names=CONVEX + ("gelu",)))
+def test_the_combined_pass_equals_the_separate_functions(case):
+    """total_energy_and_dEdg shares activations and W·g products; it must change no digit
+    that matters: equal to total_energy and dEdg to float64 rounding."""
+    xs, weights = on_backend(case.xs), on_backend(case.weights)
+    energy, grads = case.ham.total_energy_and_dEdg(xs, weights)
+    tree = case.ham.energy_tree(xs, weights)
+    parts = [*tree["layers"].values(), *tree["synapses"].values()]
+    scale = sum(np.abs(to_numpy(part)) for part in parts)  # E may cancel to ~0: use its parts
+    difference = to_numpy(energy) - to_numpy(tree["total"])
+    assert np.all(np.abs(difference) <= 1e-13 * scale)
+    separate = case.ham.dEdg(xs, weights)
+    assert all(rel_err(grads[n], separate[n]) <= 1e-14 for n in case.ham.layers)
 
 
 @given(cases(names=CONVEX + ("gelu",)))
 def test_dEdt_is_the_chain_rule_and_nonpositive_for_convex_layers(case):
     ham, xs, weights = case.ham, case.xs, case.weights
     with autograd_numpy():
-        grad_x = autograd.grad(lambda x: ham.energy(x, weights).sum())(xs)
+        grad_x = autograd.grad(lambda x: ham.total_energy(x, weights).sum())(xs)
     velocity = on_host(ham.velocity(on_backend(xs), on_backend(weights)))
     expected = sum(inner(grad_x[n], velocity[n]) for n in ham.layers)
     dEdt = ham.dEdt(on_backend(xs), on_backend(weights))
@@ -165,7 +189,7 @@ def test_synapse_grad_and_vjp_match_autograd(case):
     synapse, gs, W, cot = case
     p, q = synapse.layers
     with autograd_numpy():
-        d_energy = autograd.grad(lambda g: synapse.energy(g, W).sum())(gs)
+        d_energy = autograd.grad(lambda g: synapse.synapse_energy(g, W).sum())(gs)
 
         def pulled_back(g, w):
             grads = synapse.grad(g, w)
@@ -199,7 +223,7 @@ def test_synapse_energies_equal_explicit_index_sums(case):
         else:  # ChannelMixing: h[s, m] ← Σ_c W[m, c] v[s, c]
             expected[b] = -sum(g_p[b][s, m] * W[m, c] * g_q[b][s, c] for m in range(W.shape[0])
                                for c in range(W.shape[1]) for s in range(g_q.shape[1]))
-    assert rel_err(synapse.energy(on_backend(gs), asarray(W)), expected) <= TOL
+    assert rel_err(synapse.synapse_energy(on_backend(gs), asarray(W)), expected) <= TOL
 
 
 @given(cases(names=CONVEX + ("gelu",)), st.floats(0.01, 0.5))
@@ -216,6 +240,56 @@ def test_step_vjp_matches_autograd(case, alpha):
     actual_xs, actual_ws = ham.step_vjp(on_backend(xs), on_backend(weights), alpha, on_backend(cot))
     assert all(rel_err(actual_xs[n], d_xs[n]) <= TOL for n in ham.layers)
     assert all(rel_err(actual_ws[n], d_ws[n]) <= TOL for n in ham.synapses)
+
+
+# ---------------------------------------------------------------- the adiabatic limit (H6)
+
+@st.composite
+def star_cases(draw, batch=2):
+    """A visible (S, C) layer "v" (S ≠ C) and 1–3 hidden layers, each joined to v alone by a
+    token, channel or dense synapse (dense in either orientation); any Lagrangian, gelu too;
+    weights 0.5·N(0,1), visible states N(0,1)."""
+    S, C = draw(st.lists(st.integers(2, 5), min_size=2, max_size=2, unique=True))
+    shapes, synapses = {"v": (S, C)}, {}
+    for i in range(draw(st.integers(1, 3))):
+        shapes[f"h{i}"], synapses[f"s{i}"] = draw(hidden_layers(
+            f"h{i}", S, C, ("token", "channel", "dense"), ["v"]))
+    specs = {n: draw(lagrangian_specs(len(shape), CONVEX + ("gelu",)))
+             for n, shape in shapes.items()}
+    ham = HAM({n: Layer(shape, get_lagrangian(specs[n][0], **specs[n][1]))
+               for n, shape in shapes.items()}, synapses)
+    gen = rng(draw(st.integers(0, 2**31)))
+    weights = {n: 0.5 * gen.standard_normal(shape) for n, shape in ham.weight_shapes().items()}
+    return ham, gen.standard_normal((batch, S, C)), weights
+
+
+def at_fixed_points(ham, x, weights):
+    """{v: x, h: x_h*} with every hidden x_h* = −∂E_s/∂g_h, read off the HAM's own (H2) at
+    x_h = 0 (so ∂E/∂g_h = 0 at x_h*): the hidden layers' fixed points for this visible state."""
+    zeros = {n: np.zeros((x.shape[0],) + layer.shape) for n, layer in ham.layers.items()}
+    grads = on_host(ham.dEdg(on_backend({**zeros, "v": x}), on_backend(weights)))
+    return {**{n: -grads[n] for n in ham.layers if n != "v"}, "v": x}
+
+
+@given(star_cases())
+def test_adiabatic_energy_is_H1_with_the_hidden_layers_at_their_fixed_points(case):
+    """Equal energies, and equal ∂E/∂x_v (the hidden states held fixed in H1: at a fixed point
+    ∂E/∂x_h = H_h·∂E/∂g_h = 0, so moving them with x_v changes nothing to first order)."""
+    ham, x, weights = case
+    full = at_fixed_points(ham, x, weights)
+    residual = on_host(ham.dEdg(on_backend(full), on_backend(weights)))
+    assert all(np.abs(residual[n]).max() <= 1e-12 * (1 + np.abs(full[n]).max())
+               for n in ham.layers if n != "v")
+    tree = ham.energy_tree(on_backend(full), on_backend(weights))
+    parts = [to_numpy(part) for part in [*tree["layers"].values(), *tree["synapses"].values()]]
+    scale = sum(np.abs(part) for part in parts)  # E may cancel to ~0: bound by its parts
+    adiabatic = to_numpy(ham.adiabatic_energy(asarray(x), on_backend(weights), "v"))
+    assert adiabatic.shape == (2,)
+    assert np.all(np.abs(adiabatic - to_numpy(tree["total"])) <= 1e-12 * scale)
+    with autograd_numpy():
+        expected = autograd.grad(lambda v: ham.total_energy({**full, "v": v}, weights).sum())(x)
+        actual = autograd.grad(lambda v: ham.adiabatic_energy(v, weights, "v").sum())(x)
+    assert rel_err(actual, expected) <= TOL
 
 
 # ---------------------------------------------------------------- the energy descends
@@ -285,10 +359,10 @@ def descend_provably(case, alpha, n_steps):
     """n_steps of (H5) from case.xs, each of size min(alpha, safe_alpha): (states, energies)."""
     ham, weights = case.ham, on_backend(case.weights)
     xs = on_backend(case.xs)
-    energies = [to_numpy(ham.energy(xs, weights))]
+    energies = [to_numpy(ham.total_energy(xs, weights))]
     for _ in range(n_steps):
         xs = ham.step(xs, weights, min(alpha, safe_alpha(case, on_host(xs), case.weights)))
-        energies.append(to_numpy(ham.energy(xs, weights)))
+        energies.append(to_numpy(ham.total_energy(xs, weights)))
     return xs, np.stack(energies)
 
 
@@ -323,8 +397,9 @@ class MismatchedDense(Dense):
     ∂E/∂g_b is replaced by −V g_a. No energy has this pair of updates when V ≠ Wᵀ."""
     backward: np.ndarray = None
 
-    def grad(self, gs, W):
-        return {**super().grad(gs, W), self.b: -(gs[self.a] @ self.backward.T)}
+    def synapse_energy_and_grad(self, gs, W):
+        energy, grads = super().synapse_energy_and_grad(gs, W)
+        return energy, {**grads, self.b: -(gs[self.a] @ self.backward.T)}
 
 
 @given(st.integers(1, 5), st.floats(0.1, 0.9), st.integers(0, 1000))
@@ -370,7 +445,7 @@ def test_step_is_H5_and_descend_repeats_it():
     assert all(rel_err(trajectory.final[n], again[n]) <= 1e-14 for n in ham.layers)
     euler = ham.integrate(xs, weights, dt=0.1, n_steps=3, method="euler")
     assert all(rel_err(euler.final[n], again[n]) <= 1e-14 for n in ham.layers)
-    assert rel_err(trajectory.energies[-1], ham.energy(again, weights)) <= 1e-14
+    assert rel_err(trajectory.energies[-1], ham.total_energy(again, weights)) <= 1e-14
 
 
 def test_descend_stops_at_tolerance():
@@ -460,20 +535,24 @@ def first_sample(xs):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda h, x, w: h.energy({"v": x["v"]}, w), r"missing \['h', 'c'\]"),
-    (lambda h, x, w: h.energy({**x, "z": x["v"]}, w), r"unknown \['z'\]"),
-    (lambda h, x, w: h.energy({**x, "v": x["v"][0]}, w), "leading batch axis"),
-    (lambda h, x, w: h.energy({**x, "v": x["v"][:1]}, w), "batch size"),
-    (lambda h, x, w: h.energy({**x, "h": x["h"] * np.nan}, w), r"\['h'\] contain NaN"),
-    (lambda h, x, w: h.energy(x, {**w, "t": w["t"].T}), r"weights\['t'\] has shape \(3, 4\)"),
-    (lambda h, x, w: h.energy(x, {**w, "m": w["m"] * np.inf}), "NaN or inf"),
-    (lambda h, x, w: h.energy(x, {"t": w["t"]}), r"missing \['m'\]"),
+    (lambda h, x, w: h.total_energy({"v": x["v"]}, w), r"missing \['h', 'c'\]"),
+    (lambda h, x, w: h.total_energy({**x, "z": x["v"]}, w), r"unknown \['z'\]"),
+    (lambda h, x, w: h.total_energy({**x, "v": x["v"][0]}, w), "leading batch axis"),
+    (lambda h, x, w: h.total_energy({**x, "v": x["v"][:1]}, w), "batch size"),
+    (lambda h, x, w: h.total_energy({**x, "h": x["h"] * np.nan}, w), r"\['h'\] contain NaN"),
+    (lambda h, x, w: h.total_energy(x, {**w, "t": w["t"].T}), r"weights\['t'\] has shape \(3, 4\)"),
+    (lambda h, x, w: h.total_energy(x, {**w, "m": w["m"] * np.inf}), "NaN or inf"),
+    (lambda h, x, w: h.total_energy(x, {"t": w["t"]}), r"missing \['m'\]"),
     (lambda h, x, w: h.step(x, w, alpha=-0.1), "alpha"),
     (lambda h, x, w: h.descend(x, w, 0.1, max_steps=2.5), "max_steps"),
     (lambda h, x, w: h.descend(x, w, 0.1, tol=0), "tol"),
     (lambda h, x, w: h.step_vjp(x, w, 0.1, {"v": x["v"]}), "cotangents"),
     (lambda h, x, w: h.step_vjp(x, w, 0.1, first_sample(x)), "cotangents disagree"),
     (lambda h, x, w: h.dEdg(x, w, gs=first_sample(x)), "activations disagree"),
+    (lambda h, x, w: h.adiabatic_energy(x["v"], w, "z"), "'z' is not a layer"),
+    (lambda h, x, w: h.adiabatic_energy(x["h"], w, "h"), "'m' .* does not"),
+    (lambda h, x, w: h.adiabatic_energy(x["v"][0], w, "v"), "visible states have shape"),
+    (lambda h, x, w: h.adiabatic_energy(x["v"] * np.nan, w, "v"), "NaN"),
     (lambda h, x, w: h.init_states(0), "batch"),
     (lambda h, x, w: h.init_states(2, scale=1.0), "needs a seed"),
     (lambda h, x, w: h.init_weights(0, scale=-1), "scale"),
