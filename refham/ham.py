@@ -297,8 +297,44 @@ class HAM:
         return energy
 
     # -- dynamics
+    def descent_step_bound(self, weights, curvature):
+        """The step size up to which a step of :eq:`H5` provably does not raise E:
+
+            α ≤ min_A τ_A / (1 + K_A ρ_A),   ρ_A = ½ Σ_{s ∋ A} ‖W_s‖₂,
+
+        where `curvature` = {A: K_A} bounds the largest eigenvalue of the Hessian H_A along the
+        step, from x_A to x'_A: 1 for identity and relu, β for tanh, β/4 for sigmoid, β/2 for
+        softmax; state-dependent for repu ((n−1)·max relu(x)^{n−2}), layernorm (γ/σ, σ its
+        smallest value on the step) and spherical (γ/r). Every layer must be convex.
+
+        Proof: E = Σ_A L*_A(g_A) + Σ_s E_s(g) with L*_A(g_A) = ⟨x_A, g_A⟩ − L_A(x_A) convex
+        and x_A ∈ ∂L*_A(g_A), so L*_A(g'_A) − L*_A(g_A) ≤ ⟨x'_A, Δg_A⟩; a bilinear E_s changes
+        by its linear term plus −⟨Δg_p, M_W Δg_q⟩ ≤ ‖W_s‖₂(‖Δg_p‖² + ‖Δg_q‖²)/2. With
+        x'_A + ∂E_syn/∂g_A = ∂E/∂g_A + Δx_A = −(τ_A/α − 1)Δx_A and ⟨Δx_A, Δg_A⟩ ≥ ‖Δg_A‖²/K_A
+        (Δg_A = H̄_A Δx_A, H̄_A the mean Hessian on the step, 0 ⪯ H̄_A ⪯ K_A):
+            ΔE ≤ Σ_A [ρ_A − (τ_A/α − 1)/K_A] ‖Δg_A‖²,  ≤ 0 within the bound.
+        The bound is sufficient, not necessary, and E can rise beyond it: on the paper's
+        relu–layernorm–relu HAM (examples/step_sizes.py) no step up to α = 0.9 raised E, 9% of
+        steps did at α = 1 and about half at α = 1.1–2."""
+        self._check_weights(weights)
+        _check_keys("curvature", curvature, self.layers, "layer")
+        nonconvex = [n for n, layer in self.layers.items() if not layer.lagrangian.convex]
+        if nonconvex:
+            raise HAMError(f"layer(s) {nonconvex} have a Lagrangian that is not convex: no step "
+                           f"size guarantees that E falls")
+        norms = {name: float(xp.max(xp.linalg.svd(W, compute_uv=False)))
+                 for name, W in weights.items()}
+        bound = math.inf
+        for name, layer in self.layers.items():
+            k = _positive(f"curvature[{name!r}]", curvature[name], allow_zero=True)
+            rho = 0.5 * sum(norms[s] for s, synapse in self.synapses.items()
+                            if name in synapse.layers)
+            bound = min(bound, layer.tau / (1 + k * rho))
+        return bound
+
     def step(self, xs, weights, alpha):
-        """(H5) x_A ← x_A − (α/τ_A) ∂E/∂g_A for all layers at once."""
+        """x_A ← x_A − (α/τ_A) ∂E/∂g_A for all layers at once, :eq:`H5`. E does not rise for
+        any α within `descent_step_bound`; beyond it, it may."""
         self._check(xs, weights)
         return self._step(xs, weights, _positive("alpha", alpha))
 

@@ -335,24 +335,15 @@ def hessian_bound(spec, x, dx):
 
 
 def safe_alpha(case, xs, weights):
-    """The largest α ≤ ALPHA_MAX for which a (H5) step from xs provably does not raise E.
-
-    E depends on x only through g (⟨x, g⟩ − L(x) = L*(g)), and for a step x' = x + Δx:
-    L*(g') − L*(g) ≤ ⟨x', Δg⟩ (convexity), each bilinear E_s changes by its linear term plus
-    −⟨Δg_p, M_W Δg_q⟩ ≤ ‖W‖(‖Δg_p‖² + ‖Δg_q‖²)/2, and ⟨Δx, Δg⟩ ≥ ‖Δg‖²/K_A (H_A averaged
-    over the segment is ⪯ K_A). With x'_A + ∂_A E_syn = (1 − α/τ_A)·∂E/∂g_A = −(τ_A/α − 1)Δx_A:
-        ΔE ≤ Σ_A [ρ_A − (τ_A/α − 1)/K_A]·‖Δg_A‖²,   ρ_A = ½ Σ_{s ∋ A} ‖W_s‖₂,
-    which is ≤ 0 when α ≤ τ_A/(1 + K_A ρ_A) for every layer. K_A is bounded on the segment of
-    the largest step (α = ALPHA_MAX), which contains every smaller one."""
+    """The largest α ≤ ALPHA_MAX for which a (H5) step from xs provably does not raise E:
+    `HAM.descent_step_bound` with each K_A bounded on the segment of the largest step
+    (α = ALPHA_MAX), which contains every smaller one, and over the batch."""
     ham = case.ham
-    rho = {n: 0.5 * sum(np.linalg.norm(weights[s], 2) for s, syn in ham.synapses.items()
-                        if n in syn.layers) for n in ham.layers}
     grads = on_host(ham.dEdg(on_backend(xs), on_backend(weights)))
-    bounds = [ALPHA_MAX]
-    for n, layer in ham.layers.items():
-        K = hessian_bound(case.specs[n], xs[n], ALPHA_MAX / layer.tau * grads[n])
-        bounds.append(np.min(layer.tau / (1 + K * rho[n])))
-    return min(bounds)
+    curvature = {n: float(np.max(hessian_bound(case.specs[n], xs[n],
+                                               ALPHA_MAX / layer.tau * grads[n])))
+                 for n, layer in ham.layers.items()}
+    return min(ALPHA_MAX, ham.descent_step_bound(on_backend(weights), curvature))
 
 
 def descend_provably(case, alpha, n_steps):
@@ -384,6 +375,43 @@ def test_energy_never_increases_along_rk4_trajectories(case, dt):
     trajectory = case.ham.integrate(warm, on_backend(case.weights), dt, 10)
     assert trajectory.energies.shape == (11, 2)
     assert_energy_never_increases(trajectory.energies)
+
+
+@given(st.integers(1, 4), st.integers(1, 4), st.floats(0.2, 5.0), st.integers(0, 2**31))
+def test_the_step_bound_lies_within_a_factor_two_of_where_E_rises(n_a, n_b, norm, seed):
+    """Identity layers a, b (τ = 1) and W of spectral norm w: E = ½xᵀQx, Q = [[I, −W], [−Wᵀ, I]],
+    whose largest eigenvalue λ = 1 + w has the eigenvector (u, −v) (u, v: W's top singular
+    pair). A step x ← (I − αQ)x multiplies that component by 1 − αλ, so E rises there exactly
+    when α > 2/(1 + w). The bound is 1/(1 + w/2) = 2/(2 + w), below that by (2 + w)/(1 + w) ≤ 2:
+    a step of the bound lowers E, a step 1% beyond 2/(1 + w) raises it."""
+    W = rng(seed).standard_normal((n_a, n_b))
+    W *= norm / np.linalg.norm(W, 2)
+    u, _, vt = np.linalg.svd(W)
+    ham = HAM({"a": Layer((n_a,), get_lagrangian("identity")),
+               "b": Layer((n_b,), get_lagrangian("identity"))}, {"ab": Dense("a", "b")})
+    weights, xs = {"ab": asarray(W)}, on_backend({"a": u[:, :1].T, "b": -vt[:1]})
+    bound = ham.descent_step_bound(weights, {"a": 1.0, "b": 1.0})
+    assert abs(bound - 2 / (2 + norm)) <= 1e-12
+
+    def rise(alpha):
+        energies = to_numpy(ham.descend(xs, weights, alpha, max_steps=1).energies)
+        return energies[1, 0] - energies[0, 0]
+    assert rise(bound) < 0 < rise(1.01 * 2 / (1 + norm))
+
+
+def test_the_step_bound_takes_tau_and_refuses_nonconvex_layers():
+    """τ_b = 0.5 halves b's bound: min(1, 0.5)/(1 + 1·3/2) = 0.2 for W = 3·I; a gelu layer has
+    no bound, and every layer needs its K."""
+    layers = {"a": Layer((2,), get_lagrangian("identity")),
+              "b": Layer((2,), get_lagrangian("identity"), tau=0.5)}
+    ham = HAM(layers, {"ab": Dense("a", "b")})
+    weights = {"ab": asarray(3 * np.eye(2))}
+    assert abs(ham.descent_step_bound(weights, {"a": 1.0, "b": 1.0}) - 0.2) <= 1e-15
+    gelu = HAM({**layers, "b": Layer((2,), get_lagrangian("gelu"))}, {"ab": Dense("a", "b")})
+    with pytest.raises(HAMError, match="not convex"):
+        gelu.descent_step_bound(weights, {"a": 1.0, "b": 1.0})
+    with pytest.raises(HAMError, match="curvature"):
+        ham.descent_step_bound(weights, {"a": 1.0})
 
 
 def identity_pair(n):
@@ -605,6 +633,20 @@ def test_descend_command_without_matplotlib_says_so(capsys, tmp_path, monkeypatc
     assert cli.main(["descend", *DEMO_ARGS, "--out", str(tmp_path / "x.png")]) == 0
     printed = capsys.readouterr().out
     assert "matplotlib is not installed" in printed and not (tmp_path / "x.png").exists()
+
+
+def test_step_sizes_example_finds_no_rise_within_the_bound(capsys):
+    """examples/step_sizes.py on a small s — v — c HAM: its table has a row per α, and no step
+    within the proven bound raised E, while α = 2 (far beyond it) raised E somewhere."""
+    path = pathlib.Path(__file__).parents[1] / "examples" / "step_sizes.py"
+    spec = importlib.util.spec_from_file_location("step_sizes", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(["--visible", "12", "--hidden", "10", "--batch", "4", "--steps", "10",
+                         "--seeds", "2", "--weight-scale", "0.3", "--alphas", "0.05", "2"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]  # after 2 headers
+    assert [float(r[0]) for r in rows] == [0.05, 2.0]
+    assert all(int(r[2]) == 0 for r in rows) and int(rows[0][1]) > 0 and int(rows[1][4]) > 0
 
 
 def test_example_main_runs_the_same_demo(capsys):
