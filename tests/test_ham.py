@@ -649,6 +649,30 @@ def test_step_sizes_example_finds_no_rise_within_the_bound(capsys):
     assert all(int(r[2]) == 0 for r in rows) and int(rows[0][1]) > 0 and int(rows[1][4]) > 0
 
 
+def test_energy_and_dEdg_agree_with_hamux(monkeypatch):
+    """An independent implementation as oracle (where the bench extra is installed): hamux
+    0.2.2 differentiates its own energy with jax; examples/bench_ham.py's v — h1 — h2 HAM
+    (layernorm, relu, softmax) must give the same E and ∂E/∂g in float64."""
+    jax = pytest.importorskip("jax")
+    pytest.importorskip("hamux")
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parents[1] / "examples"))
+    bench_ham = importlib.import_module("bench_ham")
+    previous = jax.config.read("jax_enable_x64")
+    jax.config.update("jax_enable_x64", True)
+    try:
+        sizes, gen = (7, 6, 5), rng(0)
+        ham = bench_ham.refham_ham(sizes)
+        weights = {n: 0.5 * gen.standard_normal(shape) for n, shape in ham.weight_shapes().items()}
+        xs = {n: 2 * gen.standard_normal((3,) + layer.shape) for n, layer in ham.layers.items()}
+        their_energy, their_grads = bench_ham.hamux_evaluation(sizes, weights)(
+            {n: jax.numpy.asarray(x) for n, x in xs.items()})
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+    energy, grads = ham.total_energy_and_dEdg(on_backend(xs), on_backend(weights))
+    assert rel_err(energy, np.asarray(their_energy)) <= 1e-12
+    assert all(rel_err(grads[n], np.asarray(their_grads[n])) <= 1e-12 for n in ham.layers)
+
+
 def test_example_main_runs_the_same_demo(capsys):
     path = pathlib.Path(__file__).parents[1] / "examples" / "energy_descent.py"
     spec = importlib.util.spec_from_file_location("energy_descent", path)
