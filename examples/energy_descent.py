@@ -4,7 +4,9 @@ Three neuron layers s — v — c: v holds a D = 784 "image" with the layernorm 
 activation g_v is LayerNorm(x_v)), s and c hold N_h = 900 relu units each, and two dense synapses
 join them with energies −⟨g_s, W_sv g_v⟩ and −⟨g_v, W_vc g_c⟩. Every state starts at 10·N(0,1),
 the weights at 0.02·N(0,1), and 28 steps of x_A ← x_A − α ∂E/∂g_A (α = 0.5) follow. Because one
-matrix serves both directions of each synapse, the energy E goes down step after step.
+matrix serves both directions of each synapse, the energy E goes down step after step — for
+steps this small: HAM.descent_step_bound gives the proven bound, and examples/step_sizes.py
+shows E rising in a share of the steps from α = 1 on.
 
 In the library's terms (this is what `refham descend` runs, see refham/cli.py):
 

@@ -44,14 +44,15 @@ def _combine(x, terms):
     return x + sum(c * v for c, v in terms)
 
 
-def euler_step(f, x, dt):
-    """x + dt·f(x)."""
-    return _combine(x, [(dt, f(x))])
+def euler_step(f, x, dt, fx=None):
+    """x + dt·f(x); `fx`: f(x), when already computed."""
+    return _combine(x, [(dt, f(x) if fx is None else fx)])
 
 
-def rk4_step(f, x, dt):
-    """Classical Runge–Kutta: x + dt/6·(k₁ + 2k₂ + 2k₃ + k₄)."""
-    k1 = f(x)
+def rk4_step(f, x, dt, fx=None):
+    """Classical Runge–Kutta: x + dt/6·(k₁ + 2k₂ + 2k₃ + k₄); `fx`: k₁ = f(x), when already
+    computed."""
+    k1 = f(x) if fx is None else fx
     k2 = f(_combine(x, [(dt / 2, k1)]))
     k3 = f(_combine(x, [(dt / 2, k2)]))
     k4 = f(_combine(x, [(dt, k3)]))
@@ -69,30 +70,40 @@ def _largest_change(x_old, x_new):
     return float(xp.max(xp.sqrt(xp.sum(diff * diff, axis=1))))
 
 
+def _check_finite(energy, step):
+    if not bool(xp.all(xp.isfinite(energy))):
+        raise DynamicsError(f"the dynamics diverged: the energy is not finite after step {step}; "
+                            f"use a smaller step (alpha or dt)")
+
+
 def iterate(advance, x0, n_steps, energy, tol=None):
     """Apply `advance` up to n_steps times, recording states and energies; stop early when the
-    largest state change falls below `tol`. Raises DynamicsError when the energy stops being
-    finite (a step too large for the weights), instead of recording NaN."""
+    largest state change falls below `tol`. `advance(x)` returns (next state, E(x)), E(x) None
+    when no energy is recorded: a step that computes E(x) on its way (a HAM's combined pass)
+    shares that work; `energy` (state -> (B,), or None) then gives only the last state's E.
+    Raises DynamicsError when the energy stops being finite (a step too large for the
+    weights), instead of recording NaN."""
     states, energies, converged = [x0], [], False
-    if energy is not None:
-        energies.append(energy(x0))
     for step in range(1, n_steps + 1):
-        states.append(advance(states[-1]))
-        if energy is not None:
-            energies.append(energy(states[-1]))
-            if not bool(xp.all(xp.isfinite(energies[-1]))):
-                raise DynamicsError(f"the dynamics diverged: the energy is not finite after step "
-                                    f"{step}; use a smaller step (alpha or dt)")
+        new, e = advance(states[-1])
+        if e is not None:
+            _check_finite(e, step - 1)
+            energies.append(e)
+        states.append(new)
         if tol is not None and _largest_change(states[-2], states[-1]) < tol:
             converged = True
             break
+    if energy is not None:
+        energies.append(energy(states[-1]))
+        _check_finite(energies[-1], len(states) - 1)
     return Trajectory(states, xp.stack(energies) if energies else None, len(states) - 1,
                       converged)
 
 
-def integrate(f, x0, dt, n_steps, method="rk4", energy=None):
+def integrate(f, x0, dt, n_steps, method="rk4", energy=None, f_and_energy=None):
     """n_steps fixed steps of dx/dt = f(x) by `method` ("euler" | "rk4"); `energy`
-    (state -> (B,)) is recorded along the way when given."""
+    (state -> (B,)) is recorded along the way when given. `f_and_energy(x)` → (f(x), E(x)),
+    when given, computes both in one pass at the start of each step."""
     if method not in STEPPERS:
         raise DynamicsError(f"unknown integration method {method!r}: choose one of "
                             f"{', '.join(STEPPERS)}")
@@ -105,5 +116,12 @@ def integrate(f, x0, dt, n_steps, method="rk4", energy=None):
         count = -1
     if isinstance(n_steps, bool) or count < 0:
         raise DynamicsError(f"n_steps must be an integer >= 0, got {n_steps!r}")
-    stepper = STEPPERS[method]
-    return iterate(lambda x: stepper(f, x, float(dt)), x0, count, energy)
+    stepper, dt = STEPPERS[method], float(dt)
+    if f_and_energy is None:
+        def f_and_energy(x):
+            return f(x), None if energy is None else energy(x)
+
+    def advance(x):
+        fx, e = f_and_energy(x)
+        return stepper(f, x, dt, fx), e
+    return iterate(advance, x0, count, energy)

@@ -6,6 +6,7 @@ its energy, the closed-form gradient ∂E/∂g, and the dynamics that descend th
     (H3)  τ_A dx_A/dt = −∂E/∂g_A
     (H4)  dE/dt = −Σ_A τ_A ⟨ẋ_A, H_A ẋ_A⟩ ≤ 0   (every H_A ⪰ 0)
     (H5)  x_A ← x_A − (α/τ_A) ∂E/∂g_A           (the Euler step of H3 with dt = α)
+    (H6)  E(x) = ⟨x, g⟩ − L_v(x) − Σ_h L_h(W_h g)  (hidden layers at their fixed points)
 
     ham = HAM({"v": Layer((S, C), LayerNorm(axes=(-2, -1))), "h": Layer((N_s, C), ReLU())},
               {"token": TokenMixing(hidden="h", visible="v")})
@@ -15,11 +16,10 @@ its energy, the closed-form gradient ∂E/∂g, and the dynamics that descend th
 Conventions. States x, activations g and gradients are plain dicts {layer name: (B, *shape)}
 with one leading batch axis; weights are {synapse name: matrix}. Dicts (not objects) so that the
 Energy MetaFormer can backprop through `step` by hand, and autograd can differentiate everything.
-Every synapse is bilinear, E_s = −⟨g_p, M_W(g_q)⟩ with one matrix W serving both directions, so
-the weights are symmetric by construction. A layer connected to no synapse is an error: alone it
+Every synapse (refham.synapses) is bilinear, E_s = −⟨g_p, M_W(g_q)⟩ with one matrix W serving
+both directions, so the weights are symmetric by construction. A layer connected to no synapse is an error: alone it
 only decays to x = 0 and is almost surely a wiring mistake (a misspelt name in a synapse).
 """
-import abc
 import dataclasses
 import math
 import numbers
@@ -30,10 +30,8 @@ from refham.backend import asarray, get_dtype, rng, xp
 from refham.dynamics import euler_step, integrate, is_tree, iterate
 from refham.lagrangians import Lagrangian, LagrangianError
 from refham.memory import elements, ham_descent_bytes, require
-
-
-class HAMError(ValueError):
-    """A HAM graph, or a call on one, is invalid (unknown names, shapes, NaN states, …)."""
+from refham.synapses import (  # noqa: F401  (the synapses are part of the HAM's interface)
+    ChannelMixing, Dense, HAMError, Synapse, TokenMixing, batch_inner)
 
 
 def _positive(name, value, allow_zero=False):
@@ -54,11 +52,6 @@ def _count(name, value, minimum):
     if isinstance(value, bool) or count < minimum:
         raise HAMError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return count
-
-
-def _batch_inner(a, b):
-    """⟨a, b⟩ per sample: Σ over every axis but the leading batch axis; shape (B,)."""
-    return xp.sum(xp.reshape(a * b, (a.shape[0], -1)), axis=1)
 
 
 # ---------------------------------------------------------------- layers
@@ -96,147 +89,6 @@ class Layer:
     def event_ndim(self):
         """The number of the layer's own axes (all but the batch axis)."""
         return len(self.shape)
-
-
-# ---------------------------------------------------------------- synapses
-
-def _contract(subscripts, a, b):
-    """einsum of two operands; optimize=True routes it through BLAS (10× faster than without)."""
-    return xp.einsum(subscripts, a, b, optimize=True)
-
-
-class Synapse(abc.ABC):
-    """A bilinear synapse E_s = −⟨g_p, M_W(g_q)⟩ between layers p and q = `self.layers`.
-
-    A subclass names the axes of W, g_p and g_q in `subscripts` (einsum letters, b = batch);
-    then M_W(g_q) = einsum(w,q→p), its adjoint M_Wᵀ(g_p) = einsum(w,p→q), and
-    ∂⟨u, M_W(v)⟩/∂W = einsum(p,q→w) give the energy, both gradients and every VJP.
-    """
-    subscripts = None      # (w, p, q)
-    flattens = False       # True: layer axes are flattened to one before contracting (dense)
-
-    def __post_init__(self):
-        names = self.layers
-        if not all(isinstance(n, str) and n for n in names):
-            raise HAMError(f"{type(self).__name__} needs layer names as non-empty strings, "
-                           f"got {names!r}")
-        if names[0] == names[1]:
-            raise HAMError(f"{type(self).__name__} connects layer {names[0]!r} to itself; a "
-                           f"synapse joins two different layers (add a hidden layer instead)")
-
-    @property
-    @abc.abstractmethod
-    def layers(self):
-        """The connected layer names (p, q)."""
-
-    @abc.abstractmethod
-    def _weight_shape(self, p_shape, q_shape):
-        """W's shape for layers of these shapes; raises HAMError if they cannot be connected."""
-
-    def weight_shape(self, layers):
-        """W's shape given {name: Layer}; raises HAMError for unknown names or unfit shapes."""
-        unknown = [n for n in self.layers if n not in layers]
-        if unknown:
-            raise HAMError(f"{self!r} names unknown layer(s) {', '.join(map(repr, unknown))}; "
-                           f"the layers are {', '.join(map(repr, layers))}")
-        return self._weight_shape(*(layers[n].shape for n in self.layers))
-
-    def _view(self, g):
-        """g as the contraction sees it: (B, N) for a flattening synapse, else unchanged."""
-        return xp.reshape(g, (g.shape[0], -1)) if self.flattens else g
-
-    def _map(self, W, g_q, p_shape):
-        """M_W(g_q), shaped like g_p."""
-        w, p, q = self.subscripts
-        return xp.reshape(_contract(f"{w},{q}->{p}", W, self._view(g_q)), p_shape)
-
-    def _adjoint(self, W, g_p, q_shape):
-        """M_Wᵀ(g_p), shaped like g_q."""
-        w, p, q = self.subscripts
-        return xp.reshape(_contract(f"{w},{p}->{q}", W, self._view(g_p)), q_shape)
-
-    def _outer(self, u_p, v_q):
-        """∂⟨u_p, M_W(v_q)⟩/∂W, summed over the batch; W's shape."""
-        w, p, q = self.subscripts
-        return _contract(f"{p},{q}->{w}", self._view(u_p), self._view(v_q))
-
-    def energy(self, gs, W):
-        """E_s = −⟨g_p, M_W(g_q)⟩ per sample, shape (B,)."""
-        p, q = self.layers
-        return -_batch_inner(gs[p], self._map(W, gs[q], gs[p].shape))
-
-    def grad(self, gs, W):
-        """{p: ∂E_s/∂g_p = −M_W(g_q),  q: ∂E_s/∂g_q = −M_Wᵀ(g_p)}."""
-        p, q = self.layers
-        return {p: -self._map(W, gs[q], gs[p].shape), q: -self._adjoint(W, gs[p], gs[q].shape)}
-
-    def vjp(self, gs, W, cotangents):
-        """VJP of (g_p, g_q, W) ↦ grad: for cotangents c_p, c_q of the two gradients,
-        dW = −(∂⟨c_p, M_W g_q⟩ + ∂⟨g_p, M_W c_q⟩)/∂W,  d g_p = −M_W(c_q),  d g_q = −M_Wᵀ(c_p).
-        `cotangents` needs both layers' entries (zeros for none); other entries are ignored."""
-        p, q = self.layers
-        missing = [n for n in (p, q) if n not in cotangents]
-        if missing:
-            raise HAMError(f"{self!r}.vjp needs a cotangent for layer(s) {missing} (pass zeros)")
-        c_p, c_q = cotangents[p], cotangents[q]
-        dW = -(self._outer(c_p, gs[q]) + self._outer(gs[p], c_q))
-        return dW, {p: -self._map(W, c_q, gs[p].shape), q: -self._adjoint(W, c_p, gs[q].shape)}
-
-
-@dataclasses.dataclass(frozen=True)
-class Dense(Synapse):
-    """E = −⟨g_a, W g_b⟩ with the layers flattened: W ∈ R^{N_a×N_b}, N = prod(layer shape)."""
-    a: str
-    b: str
-    subscripts = ("ij", "bi", "bj")
-    flattens = True
-
-    @property
-    def layers(self):
-        return (self.a, self.b)
-
-    def _weight_shape(self, a_shape, b_shape):
-        return (math.prod(a_shape), math.prod(b_shape))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Mixing(Synapse):
-    """A hidden layer that mixes one axis of a visible (S, C) layer: it keeps the other axis
-    (`kept_axis`) and replaces the mixed one by its own size N; W ∈ R^{N×(mixed size)}."""
-    hidden: str
-    visible: str
-    kept_axis = None
-    hidden_form = None  # the hidden shape for the error message, e.g. "(N_s, {C})"
-
-    @property
-    def layers(self):
-        return (self.hidden, self.visible)
-
-    def _weight_shape(self, hidden_shape, visible_shape):
-        if len(visible_shape) != 2 or len(hidden_shape) != 2:
-            raise HAMError(f"{self!r} needs 2-D layers, a visible (S, C) one and a hidden one; "
-                           f"got visible {visible_shape} and hidden {hidden_shape}")
-        kept, mixed = self.kept_axis, 1 - self.kept_axis
-        if hidden_shape[kept] != visible_shape[kept]:
-            S, C = visible_shape
-            raise HAMError(f"{self!r}: for a visible layer of shape (S, C) = {visible_shape} the "
-                           f"hidden layer must be {self.hidden_form.format(S=S, C=C)}, got "
-                           f"{hidden_shape}")
-        return (hidden_shape[mixed], visible_shape[mixed])
-
-
-class TokenMixing(_Mixing):
-    """Visible v (S, C), hidden h (N_s, C): E = −⟨g_h, W g_v⟩, W ∈ R^{N_s×S} (mixes tokens,
-    the same W for every channel column)."""
-    subscripts = ("ns", "bnc", "bsc")
-    kept_axis, hidden_form = 1, "(N_s, C) = (N_s, {C})"
-
-
-class ChannelMixing(_Mixing):
-    """Visible v (S, C), hidden h (S, N_c): E = −⟨g_h, g_v Wᵀ⟩, W ∈ R^{N_c×C} (mixes channels,
-    the same W for every token row)."""
-    subscripts = ("mc", "bsm", "bsc")
-    kept_axis, hidden_form = 0, "(S, N_c) = ({S}, N_c)"
 
 
 # ---------------------------------------------------------------- the HAM
@@ -335,10 +187,11 @@ class HAM:
         return {name: layer.lagrangian.activation(xs[name]) for name, layer in self.layers.items()}
 
     def _energy_tree(self, xs, weights):
-        gs = self._activations(xs)
-        layers = {name: layer.lagrangian.energy(xs[name], event_ndim=layer.event_ndim)
-                  for name, layer in self.layers.items()}
-        synapses = {name: s.energy(gs, weights[name]) for name, s in self.synapses.items()}
+        gs, layers = {}, {}
+        for name, layer in self.layers.items():
+            gs[name], layers[name] = layer.lagrangian.activation_and_neuron_energy(
+                xs[name], layer.event_ndim)
+        synapses = {name: s.synapse_energy(gs, weights[name]) for name, s in self.synapses.items()}
         total = sum(layers.values()) + sum(synapses.values())
         return {"layers": layers, "synapses": synapses, "total": total}
 
@@ -350,8 +203,30 @@ class HAM:
                 grads[layer_name] = grads[layer_name] + g
         return grads
 
+    def _total_energy_and_dEdg(self, xs, weights):
+        gs, energy = {}, 0
+        for name, layer in self.layers.items():
+            gs[name], e = layer.lagrangian.activation_and_neuron_energy(xs[name], layer.event_ndim)
+            energy = energy + e
+        grads = dict(xs)  # the Legendre term contributes exactly x_A
+        for name, s in self.synapses.items():
+            e, synapse_grads = s.synapse_energy_and_grad(gs, weights[name])
+            energy = energy + e
+            for layer_name, g in synapse_grads.items():
+                grads[layer_name] = grads[layer_name] + g
+        return energy, grads
+
     def _velocity(self, xs, weights):
-        return {name: -g / self.layers[name].tau for name, g in self._dEdg(xs, weights).items()}
+        return self._velocity_of(self._dEdg(xs, weights))
+
+    def _velocity_of(self, grads):
+        """(H3) ẋ_A = −(∂E/∂g_A)/τ_A from the gradients."""
+        return {name: -g / self.layers[name].tau for name, g in grads.items()}
+
+    def _velocity_and_energy(self, xs, weights):
+        """(ẋ, E) from one combined pass."""
+        energy, grads = self._total_energy_and_dEdg(xs, weights)
+        return self._velocity_of(grads), energy
 
     def _step(self, xs, weights, alpha):
         return euler_step(lambda x: self._velocity(x, weights), xs, alpha)
@@ -362,25 +237,32 @@ class HAM:
         return self._activations(xs)
 
     def energy_tree(self, xs, weights):
-        """(H1) by component: {"layers": {A: ⟨x_A, g_A⟩ − L_A}, "synapses": {s: E_s},
+        """:eq:`H1` by component: {"layers": {A: ⟨x_A, g_A⟩ − L_A}, "synapses": {s: E_s},
         "total": E}, each of shape (B,)."""
         self._check(xs, weights)
         return self._energy_tree(xs, weights)
 
-    def energy(self, xs, weights):
-        """(H1) E = Σ_A [⟨x_A, g_A⟩ − L_A(x_A)] + Σ_s E_s(g), shape (B,)."""
+    def total_energy(self, xs, weights):
+        """E = Σ_A [⟨x_A, g_A⟩ − L_A(x_A)] + Σ_s E_s(g), shape (B,), :eq:`H1`."""
         return self.energy_tree(xs, weights)["total"]
 
     def dEdg(self, xs, weights, gs=None):
-        """(H2) ∂E/∂g_A = x_A + Σ_{s ∋ A} ∂E_s/∂g_A, closed form; `gs`: the activations, if
-        already computed."""
+        """∂E/∂g_A = x_A + Σ_{s ∋ A} ∂E_s/∂g_A in closed form, :eq:`H2`; `gs`: the
+        activations, if already computed."""
         self._check(xs, weights)
         if gs is not None:
             self._check_states(gs, what="activations", batch_of=xs)
         return self._dEdg(xs, weights, gs)
 
+    def total_energy_and_dEdg(self, xs, weights):
+        """(E, {A: ∂E/∂g_A}): :eq:`H1` and :eq:`H2` from one pass that evaluates each
+        activation once and each W·g product once, for loops that need both (descend,
+        integrate, value-and-gradient benchmarks). E has shape (B,)."""
+        self._check(xs, weights)
+        return self._total_energy_and_dEdg(xs, weights)
+
     def velocity(self, xs, weights):
-        """(H3) ẋ_A = −(∂E/∂g_A)/τ_A."""
+        """ẋ_A = −(∂E/∂g_A)/τ_A, :eq:`H3`."""
         self._check(xs, weights)
         return self._velocity(xs, weights)
 
@@ -388,12 +270,87 @@ class HAM:
         """(H4) dE/dt = −Σ_A τ_A ⟨ẋ_A, H_A ẋ_A⟩, shape (B,)."""
         self._check(xs, weights)
         v = self._velocity(xs, weights)
-        return -sum(layer.tau * _batch_inner(v[name], layer.lagrangian.hvp(xs[name], v[name]))
+        return -sum(layer.tau * batch_inner(v[name], layer.lagrangian.hvp(xs[name], v[name]))
                     for name, layer in self.layers.items())
 
+    def adiabatic_energy(self, x, weights, visible):
+        """The energy of the visible layer alone once every hidden layer sits at its fixed
+        point (the adiabatic limit τ_h → 0), :eq:`H6`:
+
+            E(x) = ⟨x, g⟩ − L_v(x) − Σ_h L_h(W_h g),   g = g_v(x),
+
+        where W_h g is what hidden layer h receives from its synapse (M_W(g) or M_Wᵀ(g)), so
+        that x_h = W_h g makes ∂E/∂g_h = 0 and E_h + E_s = ⟨x_h, g_h⟩ − L_h − ⟨g_h, x_h⟩ = −L_h.
+        It equals (H1) at those hidden states and has the same ∂E/∂x_v there. This HAM must be a
+        star: every other layer joined to `visible` by one synapse and to nothing else.
+        `x`: the visible states (B, *shape); returns shape (B,)."""
+        if visible not in self.layers:
+            raise HAMError(f"visible layer {visible!r} is not a layer of this HAM; the layers "
+                           f"are {', '.join(map(repr, self.layers))}")
+        hidden = {}  # hidden layer name -> its synapse's name
+        for name, s in self.synapses.items():
+            if visible not in s.layers:
+                raise HAMError(f"adiabatic_energy needs every synapse to touch the visible layer "
+                               f"{visible!r}; {name!r} ({s!r}) does not")
+            other = s.layers[1] if s.layers[0] == visible else s.layers[0]
+            if other in hidden:
+                raise HAMError(f"hidden layer {other!r} has two synapses to {visible!r} "
+                               f"({hidden[other]!r}, {name!r}); adiabatic_energy needs one each")
+            hidden[other] = name
+        layer = self.layers[visible]
+        shape = getattr(x, "shape", None)
+        if shape is None or len(shape) != 1 + layer.event_ndim or tuple(shape[1:]) != layer.shape:
+            raise HAMError(f"the visible states have shape {shape}; layer {visible!r} needs "
+                           f"(B, *{layer.shape}) with a leading batch axis")
+        _check_finite("visible states", {visible: x})
+        self._check_weights(weights)
+        g, energy = layer.lagrangian.activation_and_neuron_energy(x, layer.event_ndim)
+        for name, synapse_name in hidden.items():
+            h = self.layers[name]
+            drive = self.synapses[synapse_name].signal_to(
+                name, {visible: g}, weights[synapse_name], (x.shape[0],) + h.shape)
+            energy = energy - h.lagrangian.value(drive, h.event_ndim)
+        return energy
+
     # -- dynamics
+    def descent_step_bound(self, weights, curvature):
+        """The step size up to which a step of :eq:`H5` provably does not raise E:
+
+            α ≤ min_A τ_A / (1 + K_A ρ_A),   ρ_A = ½ Σ_{s ∋ A} ‖W_s‖₂,
+
+        where `curvature` = {A: K_A} bounds the largest eigenvalue of the Hessian H_A along the
+        step, from x_A to x'_A: 1 for identity and relu, β for tanh, β/4 for sigmoid, β/2 for
+        softmax; state-dependent for repu ((n−1)·max relu(x)^{n−2}), layernorm (γ/σ, σ its
+        smallest value on the step) and spherical (γ/r). Every layer must be convex.
+
+        Proof: E = Σ_A L*_A(g_A) + Σ_s E_s(g) with L*_A(g_A) = ⟨x_A, g_A⟩ − L_A(x_A) convex
+        and x_A ∈ ∂L*_A(g_A), so L*_A(g'_A) − L*_A(g_A) ≤ ⟨x'_A, Δg_A⟩; a bilinear E_s changes
+        by its linear term plus −⟨Δg_p, M_W Δg_q⟩ ≤ ‖W_s‖₂(‖Δg_p‖² + ‖Δg_q‖²)/2. With
+        x'_A + ∂E_syn/∂g_A = ∂E/∂g_A + Δx_A = −(τ_A/α − 1)Δx_A and ⟨Δx_A, Δg_A⟩ ≥ ‖Δg_A‖²/K_A
+        (Δg_A = H̄_A Δx_A, H̄_A the mean Hessian on the step, 0 ⪯ H̄_A ⪯ K_A):
+            ΔE ≤ Σ_A [ρ_A − (τ_A/α − 1)/K_A] ‖Δg_A‖²,  ≤ 0 within the bound.
+        The bound is sufficient, not necessary, and E can rise beyond it: on the paper's
+        relu–layernorm–relu HAM (examples/step_sizes.py, W = 0.02·N or 0.3·N) at most 0.2% of
+        steps raised E up to α = 0.9, 9–11% at α = 1 and about half at α = 1.1–2."""
+        self._check_weights(weights)
+        _check_keys("curvature", curvature, self.layers, "layer")
+        nonconvex = [n for n, layer in self.layers.items() if not layer.lagrangian.convex]
+        if nonconvex:
+            raise HAMError(f"layer(s) {nonconvex} have a Lagrangian that is not convex: no step "
+                           f"size guarantees that E falls")
+        norms = {name: float(xp.max(xp.linalg.svd(W, compute_uv=False)))
+                 for name, W in weights.items()}
+        bound = math.inf
+        for name, layer in self.layers.items():
+            k = _positive(f"curvature[{name!r}]", curvature[name], allow_zero=True)
+            rho = 0.5 * sum(norms[s] for s, synapse in self.synapses.items()
+                            if name in synapse.layers)
+            bound = min(bound, layer.tau / (1 + k * rho))
+        return bound
+
     def step(self, xs, weights, alpha):
-        """(H5) x_A ← x_A − (α/τ_A) ∂E/∂g_A for all layers at once."""
+        """x_A ← x_A − (α/τ_A) ∂E/∂g_A for all layers at once, :eq:`H5`. E does not rise for
+        any α within `descent_step_bound`; beyond it, it may."""
         self._check(xs, weights)
         return self._step(xs, weights, _positive("alpha", alpha))
 
@@ -418,22 +375,28 @@ class HAM:
         return d_xs, d_weights
 
     def integrate(self, xs, weights, dt, n_steps, method="rk4"):
-        """n_steps fixed steps of (H3) by `method` ("euler" | "rk4"), recording E."""
+        """n_steps fixed steps of (H3) by `method` ("euler" | "rk4"), recording E; E and the
+        first velocity of each step come from one `total_energy_and_dEdg` pass."""
         self._check(xs, weights)
         return integrate(lambda x: self._velocity(x, weights), xs, dt, n_steps, method,
-                         energy=lambda x: self._energy_tree(x, weights)["total"])
+                         energy=lambda x: self._energy_tree(x, weights)["total"],
+                         f_and_energy=lambda x: self._velocity_and_energy(x, weights))
 
     def descend(self, xs, weights, alpha, max_steps=100, tol=None):
-        """Repeated (H5) steps, recording states and E; stops when the largest change of a
-        layer's state (max over layers and samples of ‖Δx_A‖) is below `tol`, or at max_steps."""
+        """Repeated (H5) steps, recording states and E (one `total_energy_and_dEdg` pass per
+        step); stops when the largest change of a layer's state (max over layers and samples of
+        ‖Δx_A‖) is below `tol`, or at max_steps. E is guaranteed not to rise only for α within
+        `descent_step_bound`; see there for what larger steps do."""
         self._check(xs, weights)
         alpha = _positive("alpha", alpha)
         tol = None if tol is None else _positive("tol", tol)
-        self._require_memory(next(iter(xs.values())).shape[0], _count("max_steps", max_steps, 0),
-                             weights=False)
-        return iterate(lambda x: self._step(x, weights, alpha), xs,
-                    _count("max_steps", max_steps, 0),
-                    lambda x: self._energy_tree(x, weights)["total"], tol)
+        steps = _count("max_steps", max_steps, 0)
+        self._require_memory(next(iter(xs.values())).shape[0], steps, weights=False)
+
+        def advance(x):
+            velocity, energy = self._velocity_and_energy(x, weights)
+            return euler_step(lambda y: self._velocity(y, weights), x, alpha, velocity), energy
+        return iterate(advance, xs, steps, lambda x: self._energy_tree(x, weights)["total"], tol)
 
 
 def _checked_named(kind, items, cls):

@@ -17,7 +17,7 @@ Hv, and the neuron energy ⟨x, g⟩ − L (the Legendre transform).
 σ = √(var + ε), Pv = v − mean(v), x̂ = (x − x̄)/σ; spherical: r = √(Σ_axes x² + ε).
 
 Shapes. A layer state x has leading batch axes and then the layer's own ("event") axes; `value`
-and `energy` take `event_ndim`, the number of trailing event axes, sum over them and keep the batch
+and `neuron_energy` take `event_ndim`, the number of trailing event axes, sum over them and keep the batch
 axes. `activation` and `hvp` return arrays of x's shape. `axis`/`axes` count from the end
 (negative) and must lie inside the event axes; where they cover only part of the event axes (a
 softmax over the tokens of an (S, C) layer, say) L is summed over the remaining event axes.
@@ -131,7 +131,7 @@ def _check_axes_fit(axes, x, event_ndim=None):
 # ---------------------------------------------------------------- the interface
 
 class Lagrangian(abc.ABC):
-    """A neuron layer's Lagrangian L(x): value, activation g = ∂L/∂x, Hv = (∂²L/∂x²)v, energy."""
+    """A neuron layer's Lagrangian L(x): value, activation g = ∂L/∂x, Hv = (∂²L/∂x²)v, neuron energy."""
 
     convex = True  # is H(x) ⪰ 0 everywhere? (H4 needs it for the layers whose energy descends)
     name = None    # the registry name used by `get_lagrangian`
@@ -148,9 +148,16 @@ class Lagrangian(abc.ABC):
     def hvp(self, x, v):
         """H(x)v = (∂²L/∂x²)v, same shape as x (H is symmetric, so this is also the VJP of g)."""
 
-    def energy(self, x, event_ndim=1):
-        """Neuron energy E = ⟨x, g(x)⟩ − L(x) over the event axes (Legendre transform, H1)."""
-        return sum_over_events(x * self.activation(x), event_ndim) - self.value(x, event_ndim)
+    def neuron_energy(self, x, event_ndim=1):
+        """Neuron energy E = ⟨x, g(x)⟩ − L(x) over the event axes (the Legendre transform),
+        :eq:`L-energy`."""
+        return self.activation_and_neuron_energy(x, event_ndim)[1]
+
+    def activation_and_neuron_energy(self, x, event_ndim=1):
+        """(g(x), ⟨x, g(x)⟩ − L(x)) from one evaluation of g, :eq:`L-energy`: what the HAM's
+        combined energy-and-gradient pass needs of each layer."""
+        g = self.activation(x)
+        return g, sum_over_events(x * g, event_ndim) - self.value(x, event_ndim)
 
 
 class _Elementwise(Lagrangian):
@@ -396,12 +403,21 @@ class _Normalizer(Lagrangian):
         return sum_over_events(self.gamma * rho, event_ndim) + sum_over_events(
             self._delta_for(x, event_ndim) * x, event_ndim)
 
-    def energy(self, x, event_ndim=1):
-        """E = ⟨x, g⟩ − L = −Σ_event γc/ρ (closed form: no cancellation for large x)."""
+    @abc.abstractmethod
+    def _activation_and_radius(self, x):
+        """(g, ρ, c) from one normalisation pass over x."""
+
+    def activation(self, x):
+        """g = γ∇ρ + δ."""
+        return self._activation_and_radius(x)[0]
+
+    def activation_and_neuron_energy(self, x, event_ndim=1):
+        """(g, E) with E = ⟨x, g⟩ − L = −Σ_event γc/ρ in closed form (no cancellation for
+        large x), :eq:`L-energy`."""
         _check_axes_fit(self.axes, x, event_ndim)
         self._delta_for(x, event_ndim)  # validate δ against the event shape, as value does
-        rho, offset = self.radius(x)
-        return sum_over_events(-self.gamma * offset / rho, event_ndim)
+        g, rho, offset = self._activation_and_radius(x)
+        return g, sum_over_events(-self.gamma * offset / rho, event_ndim)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -430,10 +446,11 @@ class LayerNorm(_Normalizer):
         size = self._size(x)
         return size * sigma, size * size * self.eps
 
-    def activation(self, x):
-        """g = γx̂ + δ."""
-        x_hat, _ = self._normalised(x)
-        return self.gamma * x_hat + self._delta_for(x)
+    def _activation_and_radius(self, x):
+        """g = γx̂ + δ, ρ = Dσ, c = D²ε."""
+        x_hat, sigma = self._normalised(x)
+        size = self._size(x)
+        return self.gamma * x_hat + self._delta_for(x), size * sigma, size * size * self.eps
 
     def hvp(self, x, v):
         """Hv = (γ/σ)(Pv − x̂⟨x̂, Pv⟩/D)."""
@@ -455,10 +472,10 @@ class Spherical(_Normalizer):
         _check_axes_fit(self.axes, x)
         return xp.sqrt(xp.sum(x * x, axis=self.axes, keepdims=True) + self.eps), self.eps
 
-    def activation(self, x):
-        """g = γx/r + δ."""
-        r, _ = self.radius(x)
-        return self.gamma * x / r + self._delta_for(x)
+    def _activation_and_radius(self, x):
+        """g = γx/r + δ, ρ = r, c = ε."""
+        r, offset = self.radius(x)
+        return self.gamma * x / r + self._delta_for(x), r, offset
 
     def hvp(self, x, v):
         """Hv = (γ/r)(v − x⟨x, v⟩/r²)."""

@@ -185,7 +185,7 @@ class MixerBlock:
     def _legendre_minus_hidden(self, x):
         """⟨x, g⟩ − L_v(x) − F(g), with ⟨x, g⟩ − L_v = −γDε/σ in closed form."""
         self._require_lagrangian()
-        return self.lagrangian.energy(x, event_ndim=2) - self.hidden_lagrangian(
+        return self.lagrangian.neuron_energy(x, event_ndim=2) - self.hidden_lagrangian(
             self.activation(x))
 
     def lyapunov_energy(self, x):
@@ -220,7 +220,8 @@ class MixerBlock:
         return -self.hidden_lagrangian(self.activation(x))
 
     def dEdg(self, x):
-        """(H2) ∂E/∂g = x − u(g) (the Legendre term gives x, −F gives −∇F = −u)."""
+        """∂E/∂g = x − u(g) of the block energy :eq:`M2` (the Legendre term gives x, −F gives
+        −∇F = −u; the HAM's :eq:`H2` with the hidden layers eliminated)."""
         self._check_state(x)
         self._require_symmetric()
         self._require_lagrangian()

@@ -68,6 +68,21 @@ class Case:
 
 
 @st.composite
+def hidden_layers(draw, name, S, C, kinds, partners):
+    """(shape, synapse) of a hidden layer `name` joined by a synapse of a kind drawn from
+    `kinds` to the visible (S, C) layer "v" (token, channel mixing) or, dense, to one of
+    `partners` in either orientation."""
+    kind = draw(st.sampled_from(kinds))
+    if kind == "token":
+        return (draw(st.integers(1, 3)), C), TokenMixing(name, "v")
+    if kind == "channel":
+        return (S, draw(st.integers(4, 6))), ChannelMixing(name, "v")
+    other = draw(st.sampled_from(partners))
+    shape = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=2)))
+    return shape, Dense(name, other) if draw(st.booleans()) else Dense(other, name)
+
+
+@st.composite
 def cases(draw, names=CONVEX, batch=2):
     """A connected HAM of 2–4 layers around a visible (S, C) layer "v" (S ≠ C): the first hidden
     layer joins v by token or channel mixing, later ones by any synapse kind, plus an optional
@@ -76,17 +91,8 @@ def cases(draw, names=CONVEX, batch=2):
     shapes, synapses = {"v": (S, C)}, {}
     for i in range(draw(st.integers(1, 3))):
         kinds = ("token", "channel") if i == 0 else ("token", "channel", "dense")
-        kind = draw(st.sampled_from(kinds))
-        name = f"h{i}"
-        if kind == "token":
-            shapes[name], synapses[f"s{i}"] = (draw(st.integers(1, 3)), C), TokenMixing(name, "v")
-        elif kind == "channel":
-            shapes[name], synapses[f"s{i}"] = (S, draw(st.integers(4, 6))), ChannelMixing(name, "v")
-        else:
-            shapes[name] = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=2)))
-            other = draw(st.sampled_from(sorted(set(shapes) - {name})))
-            ends = (name, other) if draw(st.booleans()) else (other, name)
-            synapses[f"s{i}"] = Dense(*ends)
+        shapes[f"h{i}"], synapses[f"s{i}"] = draw(hidden_layers(f"h{i}", S, C, kinds,
+                                                                sorted(shapes)))
     if len(shapes) > 2 and draw(st.booleans()):
         a, b = draw(st.lists(st.sampled_from(sorted(shapes)), min_size=2, max_size=2, unique=True))
         synapses["cycle"] = Dense(a, b)
@@ -109,7 +115,7 @@ def energy_of_x_and_g(ham, xs, gs, weights):
     """(H1) with x and g independent: Σ_A [⟨x_A, g_A⟩ − L_A(x_A)] + Σ_s E_s(g)."""
     legendre = sum(inner(xs[n], gs[n]) - layer.lagrangian.value(xs[n], layer.event_ndim)
                    for n, layer in ham.layers.items())
-    return legendre + sum(s.energy(gs, weights[n]) for n, s in ham.synapses.items())
+    return legendre + sum(s.synapse_energy(gs, weights[n]) for n, s in ham.synapses.items())
 
 
 @given(cases(names=CONVEX + ("gelu",)))
@@ -122,16 +128,34 @@ def test_dEdg_is_the_gradient_of_H1_in_g_with_x_fixed(case):
     actual = ham.dEdg(on_backend(xs), on_backend(weights))
     for name in ham.layers:
         assert rel_err(actual[name], expected[name]) <= TOL, name
-    assert rel_err(ham.energy(on_backend(xs), on_backend(weights)), at_g_of_x) <= TOL
+    assert rel_err(ham.total_energy(on_backend(xs), on_backend(weights)), at_g_of_x) <= TOL
     given_gs = ham.dEdg(on_backend(xs), on_backend(weights), gs=on_backend(gs))
     assert all(rel_err(given_gs[n], expected[n]) <= TOL for n in ham.layers)
+    energy, grads = ham.total_energy_and_dEdg(on_backend(xs), on_backend(weights))
+    assert rel_err(energy, at_g_of_x) <= TOL
+    assert all(rel_err(grads[n], expected[n]) <= TOL for n in ham.layers)
+
+
+@given(cases(names=CONVEX + ("gelu",)))
+def test_the_combined_pass_equals_the_separate_functions(case):
+    """total_energy_and_dEdg shares activations and W·g products; it must change no digit
+    that matters: equal to total_energy and dEdg to float64 rounding."""
+    xs, weights = on_backend(case.xs), on_backend(case.weights)
+    energy, grads = case.ham.total_energy_and_dEdg(xs, weights)
+    tree = case.ham.energy_tree(xs, weights)
+    parts = [*tree["layers"].values(), *tree["synapses"].values()]
+    scale = sum(np.abs(to_numpy(part)) for part in parts)  # E may cancel to ~0: use its parts
+    difference = to_numpy(energy) - to_numpy(tree["total"])
+    assert np.all(np.abs(difference) <= 1e-13 * scale)
+    separate = case.ham.dEdg(xs, weights)
+    assert all(rel_err(grads[n], separate[n]) <= 1e-14 for n in case.ham.layers)
 
 
 @given(cases(names=CONVEX + ("gelu",)))
 def test_dEdt_is_the_chain_rule_and_nonpositive_for_convex_layers(case):
     ham, xs, weights = case.ham, case.xs, case.weights
     with autograd_numpy():
-        grad_x = autograd.grad(lambda x: ham.energy(x, weights).sum())(xs)
+        grad_x = autograd.grad(lambda x: ham.total_energy(x, weights).sum())(xs)
     velocity = on_host(ham.velocity(on_backend(xs), on_backend(weights)))
     expected = sum(inner(grad_x[n], velocity[n]) for n in ham.layers)
     dEdt = ham.dEdt(on_backend(xs), on_backend(weights))
@@ -165,7 +189,7 @@ def test_synapse_grad_and_vjp_match_autograd(case):
     synapse, gs, W, cot = case
     p, q = synapse.layers
     with autograd_numpy():
-        d_energy = autograd.grad(lambda g: synapse.energy(g, W).sum())(gs)
+        d_energy = autograd.grad(lambda g: synapse.synapse_energy(g, W).sum())(gs)
 
         def pulled_back(g, w):
             grads = synapse.grad(g, w)
@@ -199,7 +223,7 @@ def test_synapse_energies_equal_explicit_index_sums(case):
         else:  # ChannelMixing: h[s, m] ← Σ_c W[m, c] v[s, c]
             expected[b] = -sum(g_p[b][s, m] * W[m, c] * g_q[b][s, c] for m in range(W.shape[0])
                                for c in range(W.shape[1]) for s in range(g_q.shape[1]))
-    assert rel_err(synapse.energy(on_backend(gs), asarray(W)), expected) <= TOL
+    assert rel_err(synapse.synapse_energy(on_backend(gs), asarray(W)), expected) <= TOL
 
 
 @given(cases(names=CONVEX + ("gelu",)), st.floats(0.01, 0.5))
@@ -216,6 +240,56 @@ def test_step_vjp_matches_autograd(case, alpha):
     actual_xs, actual_ws = ham.step_vjp(on_backend(xs), on_backend(weights), alpha, on_backend(cot))
     assert all(rel_err(actual_xs[n], d_xs[n]) <= TOL for n in ham.layers)
     assert all(rel_err(actual_ws[n], d_ws[n]) <= TOL for n in ham.synapses)
+
+
+# ---------------------------------------------------------------- the adiabatic limit (H6)
+
+@st.composite
+def star_cases(draw, batch=2):
+    """A visible (S, C) layer "v" (S ≠ C) and 1–3 hidden layers, each joined to v alone by a
+    token, channel or dense synapse (dense in either orientation); any Lagrangian, gelu too;
+    weights 0.5·N(0,1), visible states N(0,1)."""
+    S, C = draw(st.lists(st.integers(2, 5), min_size=2, max_size=2, unique=True))
+    shapes, synapses = {"v": (S, C)}, {}
+    for i in range(draw(st.integers(1, 3))):
+        shapes[f"h{i}"], synapses[f"s{i}"] = draw(hidden_layers(
+            f"h{i}", S, C, ("token", "channel", "dense"), ["v"]))
+    specs = {n: draw(lagrangian_specs(len(shape), CONVEX + ("gelu",)))
+             for n, shape in shapes.items()}
+    ham = HAM({n: Layer(shape, get_lagrangian(specs[n][0], **specs[n][1]))
+               for n, shape in shapes.items()}, synapses)
+    gen = rng(draw(st.integers(0, 2**31)))
+    weights = {n: 0.5 * gen.standard_normal(shape) for n, shape in ham.weight_shapes().items()}
+    return ham, gen.standard_normal((batch, S, C)), weights
+
+
+def at_fixed_points(ham, x, weights):
+    """{v: x, h: x_h*} with every hidden x_h* = −∂E_s/∂g_h, read off the HAM's own (H2) at
+    x_h = 0 (so ∂E/∂g_h = 0 at x_h*): the hidden layers' fixed points for this visible state."""
+    zeros = {n: np.zeros((x.shape[0],) + layer.shape) for n, layer in ham.layers.items()}
+    grads = on_host(ham.dEdg(on_backend({**zeros, "v": x}), on_backend(weights)))
+    return {**{n: -grads[n] for n in ham.layers if n != "v"}, "v": x}
+
+
+@given(star_cases())
+def test_adiabatic_energy_is_H1_with_the_hidden_layers_at_their_fixed_points(case):
+    """Equal energies, and equal ∂E/∂x_v (the hidden states held fixed in H1: at a fixed point
+    ∂E/∂x_h = H_h·∂E/∂g_h = 0, so moving them with x_v changes nothing to first order)."""
+    ham, x, weights = case
+    full = at_fixed_points(ham, x, weights)
+    residual = on_host(ham.dEdg(on_backend(full), on_backend(weights)))
+    assert all(np.abs(residual[n]).max() <= 1e-12 * (1 + np.abs(full[n]).max())
+               for n in ham.layers if n != "v")
+    tree = ham.energy_tree(on_backend(full), on_backend(weights))
+    parts = [to_numpy(part) for part in [*tree["layers"].values(), *tree["synapses"].values()]]
+    scale = sum(np.abs(part) for part in parts)  # E may cancel to ~0: bound by its parts
+    adiabatic = to_numpy(ham.adiabatic_energy(asarray(x), on_backend(weights), "v"))
+    assert adiabatic.shape == (2,)
+    assert np.all(np.abs(adiabatic - to_numpy(tree["total"])) <= 1e-12 * scale)
+    with autograd_numpy():
+        expected = autograd.grad(lambda v: ham.total_energy({**full, "v": v}, weights).sum())(x)
+        actual = autograd.grad(lambda v: ham.adiabatic_energy(v, weights, "v").sum())(x)
+    assert rel_err(actual, expected) <= TOL
 
 
 # ---------------------------------------------------------------- the energy descends
@@ -261,34 +335,25 @@ def hessian_bound(spec, x, dx):
 
 
 def safe_alpha(case, xs, weights):
-    """The largest α ≤ ALPHA_MAX for which a (H5) step from xs provably does not raise E.
-
-    E depends on x only through g (⟨x, g⟩ − L(x) = L*(g)), and for a step x' = x + Δx:
-    L*(g') − L*(g) ≤ ⟨x', Δg⟩ (convexity), each bilinear E_s changes by its linear term plus
-    −⟨Δg_p, M_W Δg_q⟩ ≤ ‖W‖(‖Δg_p‖² + ‖Δg_q‖²)/2, and ⟨Δx, Δg⟩ ≥ ‖Δg‖²/K_A (H_A averaged
-    over the segment is ⪯ K_A). With x'_A + ∂_A E_syn = (1 − α/τ_A)·∂E/∂g_A = −(τ_A/α − 1)Δx_A:
-        ΔE ≤ Σ_A [ρ_A − (τ_A/α − 1)/K_A]·‖Δg_A‖²,   ρ_A = ½ Σ_{s ∋ A} ‖W_s‖₂,
-    which is ≤ 0 when α ≤ τ_A/(1 + K_A ρ_A) for every layer. K_A is bounded on the segment of
-    the largest step (α = ALPHA_MAX), which contains every smaller one."""
+    """The largest α ≤ ALPHA_MAX for which a (H5) step from xs provably does not raise E:
+    `HAM.descent_step_bound` with each K_A bounded on the segment of the largest step
+    (α = ALPHA_MAX), which contains every smaller one, and over the batch."""
     ham = case.ham
-    rho = {n: 0.5 * sum(np.linalg.norm(weights[s], 2) for s, syn in ham.synapses.items()
-                        if n in syn.layers) for n in ham.layers}
     grads = on_host(ham.dEdg(on_backend(xs), on_backend(weights)))
-    bounds = [ALPHA_MAX]
-    for n, layer in ham.layers.items():
-        K = hessian_bound(case.specs[n], xs[n], ALPHA_MAX / layer.tau * grads[n])
-        bounds.append(np.min(layer.tau / (1 + K * rho[n])))
-    return min(bounds)
+    curvature = {n: float(np.max(hessian_bound(case.specs[n], xs[n],
+                                               ALPHA_MAX / layer.tau * grads[n])))
+                 for n, layer in ham.layers.items()}
+    return min(ALPHA_MAX, ham.descent_step_bound(on_backend(weights), curvature))
 
 
 def descend_provably(case, alpha, n_steps):
     """n_steps of (H5) from case.xs, each of size min(alpha, safe_alpha): (states, energies)."""
     ham, weights = case.ham, on_backend(case.weights)
     xs = on_backend(case.xs)
-    energies = [to_numpy(ham.energy(xs, weights))]
+    energies = [to_numpy(ham.total_energy(xs, weights))]
     for _ in range(n_steps):
         xs = ham.step(xs, weights, min(alpha, safe_alpha(case, on_host(xs), case.weights)))
-        energies.append(to_numpy(ham.energy(xs, weights)))
+        energies.append(to_numpy(ham.total_energy(xs, weights)))
     return xs, np.stack(energies)
 
 
@@ -312,6 +377,43 @@ def test_energy_never_increases_along_rk4_trajectories(case, dt):
     assert_energy_never_increases(trajectory.energies)
 
 
+@given(st.integers(1, 4), st.integers(1, 4), st.floats(0.2, 5.0), st.integers(0, 2**31))
+def test_the_step_bound_lies_within_a_factor_two_of_where_E_rises(n_a, n_b, norm, seed):
+    """Identity layers a, b (τ = 1) and W of spectral norm w: E = ½xᵀQx, Q = [[I, −W], [−Wᵀ, I]],
+    whose largest eigenvalue λ = 1 + w has the eigenvector (u, −v) (u, v: W's top singular
+    pair). A step x ← (I − αQ)x multiplies that component by 1 − αλ, so E rises there exactly
+    when α > 2/(1 + w). The bound is 1/(1 + w/2) = 2/(2 + w), below that by (2 + w)/(1 + w) ≤ 2:
+    a step of the bound lowers E, a step 1% beyond 2/(1 + w) raises it."""
+    W = rng(seed).standard_normal((n_a, n_b))
+    W *= norm / np.linalg.norm(W, 2)
+    u, _, vt = np.linalg.svd(W)
+    ham = HAM({"a": Layer((n_a,), get_lagrangian("identity")),
+               "b": Layer((n_b,), get_lagrangian("identity"))}, {"ab": Dense("a", "b")})
+    weights, xs = {"ab": asarray(W)}, on_backend({"a": u[:, :1].T, "b": -vt[:1]})
+    bound = ham.descent_step_bound(weights, {"a": 1.0, "b": 1.0})
+    assert abs(bound - 2 / (2 + norm)) <= 1e-12
+
+    def rise(alpha):
+        energies = to_numpy(ham.descend(xs, weights, alpha, max_steps=1).energies)
+        return energies[1, 0] - energies[0, 0]
+    assert rise(bound) < 0 < rise(1.01 * 2 / (1 + norm))
+
+
+def test_the_step_bound_takes_tau_and_refuses_nonconvex_layers():
+    """τ_b = 0.5 halves b's bound: min(1, 0.5)/(1 + 1·3/2) = 0.2 for W = 3·I; a gelu layer has
+    no bound, and every layer needs its K."""
+    layers = {"a": Layer((2,), get_lagrangian("identity")),
+              "b": Layer((2,), get_lagrangian("identity"), tau=0.5)}
+    ham = HAM(layers, {"ab": Dense("a", "b")})
+    weights = {"ab": asarray(3 * np.eye(2))}
+    assert abs(ham.descent_step_bound(weights, {"a": 1.0, "b": 1.0}) - 0.2) <= 1e-15
+    gelu = HAM({**layers, "b": Layer((2,), get_lagrangian("gelu"))}, {"ab": Dense("a", "b")})
+    with pytest.raises(HAMError, match="not convex"):
+        gelu.descent_step_bound(weights, {"a": 1.0, "b": 1.0})
+    with pytest.raises(HAMError, match="curvature"):
+        ham.descent_step_bound(weights, {"a": 1.0})
+
+
 def identity_pair(n):
     """Layers "a" and "b" of n units with the identity Lagrangian (g = x, E_A = ½‖x‖²)."""
     return {name: Layer((n,), get_lagrangian("identity")) for name in "ab"}
@@ -323,8 +425,9 @@ class MismatchedDense(Dense):
     ∂E/∂g_b is replaced by −V g_a. No energy has this pair of updates when V ≠ Wᵀ."""
     backward: np.ndarray = None
 
-    def grad(self, gs, W):
-        return {**super().grad(gs, W), self.b: -(gs[self.a] @ self.backward.T)}
+    def synapse_energy_and_grad(self, gs, W):
+        energy, grads = super().synapse_energy_and_grad(gs, W)
+        return energy, {**grads, self.b: -(gs[self.a] @ self.backward.T)}
 
 
 @given(st.integers(1, 5), st.floats(0.1, 0.9), st.integers(0, 1000))
@@ -370,7 +473,7 @@ def test_step_is_H5_and_descend_repeats_it():
     assert all(rel_err(trajectory.final[n], again[n]) <= 1e-14 for n in ham.layers)
     euler = ham.integrate(xs, weights, dt=0.1, n_steps=3, method="euler")
     assert all(rel_err(euler.final[n], again[n]) <= 1e-14 for n in ham.layers)
-    assert rel_err(trajectory.energies[-1], ham.energy(again, weights)) <= 1e-14
+    assert rel_err(trajectory.energies[-1], ham.total_energy(again, weights)) <= 1e-14
 
 
 def test_descend_stops_at_tolerance():
@@ -460,20 +563,24 @@ def first_sample(xs):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda h, x, w: h.energy({"v": x["v"]}, w), r"missing \['h', 'c'\]"),
-    (lambda h, x, w: h.energy({**x, "z": x["v"]}, w), r"unknown \['z'\]"),
-    (lambda h, x, w: h.energy({**x, "v": x["v"][0]}, w), "leading batch axis"),
-    (lambda h, x, w: h.energy({**x, "v": x["v"][:1]}, w), "batch size"),
-    (lambda h, x, w: h.energy({**x, "h": x["h"] * np.nan}, w), r"\['h'\] contain NaN"),
-    (lambda h, x, w: h.energy(x, {**w, "t": w["t"].T}), r"weights\['t'\] has shape \(3, 4\)"),
-    (lambda h, x, w: h.energy(x, {**w, "m": w["m"] * np.inf}), "NaN or inf"),
-    (lambda h, x, w: h.energy(x, {"t": w["t"]}), r"missing \['m'\]"),
+    (lambda h, x, w: h.total_energy({"v": x["v"]}, w), r"missing \['h', 'c'\]"),
+    (lambda h, x, w: h.total_energy({**x, "z": x["v"]}, w), r"unknown \['z'\]"),
+    (lambda h, x, w: h.total_energy({**x, "v": x["v"][0]}, w), "leading batch axis"),
+    (lambda h, x, w: h.total_energy({**x, "v": x["v"][:1]}, w), "batch size"),
+    (lambda h, x, w: h.total_energy({**x, "h": x["h"] * np.nan}, w), r"\['h'\] contain NaN"),
+    (lambda h, x, w: h.total_energy(x, {**w, "t": w["t"].T}), r"weights\['t'\] has shape \(3, 4\)"),
+    (lambda h, x, w: h.total_energy(x, {**w, "m": w["m"] * np.inf}), "NaN or inf"),
+    (lambda h, x, w: h.total_energy(x, {"t": w["t"]}), r"missing \['m'\]"),
     (lambda h, x, w: h.step(x, w, alpha=-0.1), "alpha"),
     (lambda h, x, w: h.descend(x, w, 0.1, max_steps=2.5), "max_steps"),
     (lambda h, x, w: h.descend(x, w, 0.1, tol=0), "tol"),
     (lambda h, x, w: h.step_vjp(x, w, 0.1, {"v": x["v"]}), "cotangents"),
     (lambda h, x, w: h.step_vjp(x, w, 0.1, first_sample(x)), "cotangents disagree"),
     (lambda h, x, w: h.dEdg(x, w, gs=first_sample(x)), "activations disagree"),
+    (lambda h, x, w: h.adiabatic_energy(x["v"], w, "z"), "'z' is not a layer"),
+    (lambda h, x, w: h.adiabatic_energy(x["h"], w, "h"), "'m' .* does not"),
+    (lambda h, x, w: h.adiabatic_energy(x["v"][0], w, "v"), "visible states have shape"),
+    (lambda h, x, w: h.adiabatic_energy(x["v"] * np.nan, w, "v"), "NaN"),
     (lambda h, x, w: h.init_states(0), "batch"),
     (lambda h, x, w: h.init_states(2, scale=1.0), "needs a seed"),
     (lambda h, x, w: h.init_weights(0, scale=-1), "scale"),
@@ -526,6 +633,44 @@ def test_descend_command_without_matplotlib_says_so(capsys, tmp_path, monkeypatc
     assert cli.main(["descend", *DEMO_ARGS, "--out", str(tmp_path / "x.png")]) == 0
     printed = capsys.readouterr().out
     assert "matplotlib is not installed" in printed and not (tmp_path / "x.png").exists()
+
+
+def test_step_sizes_example_finds_no_rise_within_the_bound(capsys):
+    """examples/step_sizes.py on a small s — v — c HAM: its table has a row per α, and no step
+    within the proven bound raised E, while α = 2 (far beyond it) raised E somewhere."""
+    path = pathlib.Path(__file__).parents[1] / "examples" / "step_sizes.py"
+    spec = importlib.util.spec_from_file_location("step_sizes", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(["--visible", "12", "--hidden", "10", "--batch", "4", "--steps", "10",
+                         "--seeds", "2", "--weight-scale", "0.3", "--alphas", "0.05", "2"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]  # after 2 headers
+    assert [float(r[0]) for r in rows] == [0.05, 2.0]
+    assert all(int(r[2]) == 0 for r in rows) and int(rows[0][1]) > 0 and int(rows[1][4]) > 0
+
+
+def test_energy_and_dEdg_agree_with_hamux(monkeypatch):
+    """An independent implementation as oracle (where the bench extra is installed): hamux
+    0.2.2 differentiates its own energy with jax; examples/bench_ham.py's v — h1 — h2 HAM
+    (layernorm, relu, softmax) must give the same E and ∂E/∂g in float64."""
+    jax = pytest.importorskip("jax")
+    pytest.importorskip("hamux")
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parents[1] / "examples"))
+    bench_ham = importlib.import_module("bench_ham")
+    previous = jax.config.read("jax_enable_x64")
+    jax.config.update("jax_enable_x64", True)
+    try:
+        sizes, gen = (7, 6, 5), rng(0)
+        ham = bench_ham.refham_ham(sizes)
+        weights = {n: 0.5 * gen.standard_normal(shape) for n, shape in ham.weight_shapes().items()}
+        xs = {n: 2 * gen.standard_normal((3,) + layer.shape) for n, layer in ham.layers.items()}
+        their_energy, their_grads = bench_ham.hamux_evaluation(sizes, weights)(
+            {n: jax.numpy.asarray(x) for n, x in xs.items()})
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+    energy, grads = ham.total_energy_and_dEdg(on_backend(xs), on_backend(weights))
+    assert rel_err(energy, np.asarray(their_energy)) <= 1e-12
+    assert all(rel_err(grads[n], np.asarray(their_grads[n])) <= 1e-12 for n in ham.layers)
 
 
 def test_example_main_runs_the_same_demo(capsys):

@@ -203,17 +203,21 @@ def test_gelu_lagrangian_is_the_integral_of_gelu():
 
 @pytest.mark.parametrize("name", NAMES)
 @given(data=st.data())
-def test_energy_is_legendre_transform(name, data):
-    """energy = ⟨x, g⟩ − L with the batch shape. layernorm and spherical compute energy in closed
+def test_neuron_energy_is_legendre_transform(name, data):
+    """neuron_energy = ⟨x, g⟩ − L with the batch shape, and the combined pass returns the same g
+    and energy. layernorm and spherical compute energy in closed
     form (−γDε/σ, −γε/r; checked against NumPy below), so this also shows that the Legendre
     transform of γ·D·σ + ⟨δ, x⟩ is −γDε/σ (DESIGN §5.2)."""
     case = data.draw(cases((name,)))
     g = case.hand("activation", case.x)
     value = case.hand("value", case.x, event_ndim=case.event_ndim)
     legendre = np.sum(case.x * g, axis=case.event_axes) - value
-    energy = case.hand("energy", case.x, event_ndim=case.event_ndim)
+    energy = case.hand("neuron_energy", case.x, event_ndim=case.event_ndim)
     assert energy.shape == case.x.shape[:-case.event_ndim]
     assert rel_err(energy, legendre) <= TOL
+    g_once, energy_once = case.lagr.activation_and_neuron_energy(asarray(case.x),
+                                                                  case.event_ndim)
+    assert rel_err(g_once, g) == 0 and rel_err(energy_once, energy) == 0
 
 
 def batch_inner(a, b, case):
@@ -271,7 +275,7 @@ def test_normalizers_are_layer_norm_and_sphere_at_any_scale(name, data):
     normalised, _ = normalised_reference(lagr, case.x)
     expected = lagr.gamma * normalised + lagr.delta
     assert rel_err(case.hand("activation", case.x), expected) <= TOL
-    energy = case.hand("energy", case.x, event_ndim=case.event_ndim)
+    energy = case.hand("neuron_energy", case.x, event_ndim=case.event_ndim)
     assert rel_err(energy, closed_form_energy(lagr, case.x, case.event_axes)) <= TOL
     # at the scale ‖H‖‖v‖ (see hvp_error): where the normalised axes hold D = 2 elements, the
     # exact layernorm Hv is only its radial part, ε/σ² smaller than that
@@ -343,7 +347,7 @@ def test_float32_in_float32_out(name, data):
     case = data.draw(cases((name,)))
     x = asarray(case.x, dtype=np.float32)
     results = [case.lagr.value(x, case.event_ndim), case.lagr.activation(x),
-               case.lagr.hvp(x, x), case.lagr.energy(x, case.event_ndim)]
+               case.lagr.hvp(x, x), case.lagr.neuron_energy(x, case.event_ndim)]
     assert [r.dtype for r in results] == [np.float32] * 4
 
 
@@ -400,17 +404,17 @@ X = asarray(np.ones((2, 3, 4)))  # on the active backend, so the checks (not the
 @pytest.mark.parametrize("call, match", [
     (lambda: Tanh().value(X, event_ndim=0), "event_ndim=0 does not fit"),
     (lambda: Tanh().value(X, event_ndim=4), "event_ndim=4 does not fit"),
-    (lambda: Tanh().energy(X, event_ndim=1.5), "event_ndim must be an integer"),
+    (lambda: Tanh().neuron_energy(X, event_ndim=1.5), "event_ndim must be an integer"),
     (lambda: Softmax(axis=-2).value(X, event_ndim=1), "beyond the 1 event axes"),
     (lambda: Softmax(axis=-4).activation(X), "beyond the 3 axes of the state"),
     (lambda: LayerNorm(axes=(-2, -1)).value(X, event_ndim=1), "beyond the 1 event axes"),
-    (lambda: LayerNorm(axes=(-3,)).energy(X, event_ndim=2), "beyond the 2 event axes"),
+    (lambda: LayerNorm(axes=(-3,)).neuron_energy(X, event_ndim=2), "beyond the 2 event axes"),
     (lambda: Spherical(axes=(-4,)).hvp(X, X), "beyond the 3 axes of the state"),
     (lambda: Sigmoid().hvp(X, X[0]), "direction v of the state's shape"),
     (lambda: Softmax().hvp(X, X[..., :2]), "direction v of the state's shape"),
     (lambda: LayerNorm(delta=np.ones(3)).activation(X), r"delta of shape \(3,\) does not"),
     (lambda: LayerNorm(delta=np.ones((2, 3, 4))).value(X, 2), "does not broadcast"),
-    (lambda: Spherical(delta=np.ones((2, 3, 4))).energy(X, 1), "does not broadcast"),
+    (lambda: Spherical(delta=np.ones((2, 3, 4))).neuron_energy(X, 1), "does not broadcast"),
 ])
 def test_bad_shapes_are_rejected(call, match):
     with pytest.raises(LagrangianError, match=match):

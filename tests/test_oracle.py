@@ -113,7 +113,7 @@ def test_ham_golden_is_consistent():
     assert rel_err(sum(parts), golden["output/energy/total"]) <= 1e-14
     # dE/dt = Σ_A ⟨∂E/∂x_A, ẋ_A⟩ with ∂E/∂x from autograd on the same energy code, ẋ = −∂E/∂g
     with autograd_numpy():
-        dEdx = autograd.grad(lambda x: ham.energy(x, weights).sum())(xs)
+        dEdx = autograd.grad(lambda x: ham.total_energy(x, weights).sum())(xs)
     rate = sum((dEdx[a] * -golden[f"output/dEdg/{a}"]).sum(axis=1) for a in "svc")
     assert rel_err(golden["output/dEdt"], rate) <= TOL
 
