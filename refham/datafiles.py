@@ -1,11 +1,12 @@
 """Readers of the on-disk dataset formats: the official CIFAR archives and MNIST's IDX files.
 
-CIFAR-10 and CIFAR-100 (DESIGN §8) come as the python version (pickles, loaded only through
+CIFAR-10 and CIFAR-100 come as the python version (pickles, loaded only through
 `restricted_unpickle`, which admits plain arrays and nothing that could run code) or the binary
 version, either as the .tar.gz archive (read in memory, never extracted) or its extracted folder;
 `read_cifar` returns the raw uint8 pixels and labels, which refham.data wraps into `Dataset`s.
-MNIST-format IDX files (DESIGN §4), plain or gzip, are read by `load_idx` and `load_mnist`.
-Every malformed, hostile or mismatched file raises `DataError` naming the file and the problem.
+MNIST-format IDX files (:ref:`sec-metaformer`), plain or gzip, are read by `load_idx` and
+`load_mnist`. Every malformed, hostile or mismatched file raises `DataError` naming the file and
+the problem.
 This module imports no other part of refham: refham.data builds on it, never the reverse.
 """
 import gzip

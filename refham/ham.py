@@ -1,4 +1,4 @@
-"""Hierarchical associative memories (DESIGN §3): a graph of named neuron layers and synapses,
+"""Hierarchical associative memories (:ref:`sec-ham`): a graph of named neuron layers and synapses,
 its energy, the closed-form gradient ∂E/∂g, and the dynamics that descend the energy.
 
     (H1)  E = Σ_A [⟨x_A, g_A⟩ − L_A(x_A)] + Σ_s E_s(g …)
@@ -181,7 +181,8 @@ class Synapse(abc.ABC):
 
 @dataclasses.dataclass(frozen=True)
 class Dense(Synapse):
-    """E = −⟨g_a, W g_b⟩ with the layers flattened: W ∈ R^{N_a×N_b}, N = prod(layer shape)."""
+    """:eq:`S-dense` E = −⟨g_a, W g_b⟩ with the layers flattened: W ∈ R^{N_a×N_b}, N = prod(layer
+    shape)."""
     a: str
     b: str
     subscripts = ("ij", "bi", "bj")
@@ -222,15 +223,15 @@ class _Mixing(Synapse):
 
 
 class TokenMixing(_Mixing):
-    """Visible v (S, C), hidden h (N_s, C): E = −⟨g_h, W g_v⟩, W ∈ R^{N_s×S} (mixes tokens,
-    the same W for every channel column)."""
+    """:eq:`S-token` visible v (S, C), hidden h (N_s, C): E = −⟨g_h, W g_v⟩, W ∈ R^{N_s×S} (mixes
+    tokens, the same W for every channel column)."""
     subscripts = ("ns", "bnc", "bsc")
     kept_axis, hidden_form = 1, "(N_s, C) = (N_s, {C})"
 
 
 class ChannelMixing(_Mixing):
-    """Visible v (S, C), hidden h (S, N_c): E = −⟨g_h, g_v Wᵀ⟩, W ∈ R^{N_c×C} (mixes channels,
-    the same W for every token row)."""
+    """:eq:`S-channel` visible v (S, C), hidden h (S, N_c): E = −⟨g_h, g_v Wᵀ⟩, W ∈ R^{N_c×C}
+    (mixes channels, the same W for every token row)."""
     subscripts = ("mc", "bsm", "bsc")
     kept_axis, hidden_form = 0, "(S, N_c) = ({S}, N_c)"
 
@@ -346,17 +347,17 @@ class HAM:
         return self._activations(xs)
 
     def energy_tree(self, xs, weights):
-        """(H1) by component: {"layers": {A: ⟨x_A, g_A⟩ − L_A}, "synapses": {s: E_s},
+        """:eq:`H1` by component: {"layers": {A: ⟨x_A, g_A⟩ − L_A}, "synapses": {s: E_s},
         "total": E}, each of shape (B,)."""
         self._check(xs, weights)
         return self._energy_tree(xs, weights)
 
     def energy(self, xs, weights):
-        """(H1) E = Σ_A [⟨x_A, g_A⟩ − L_A(x_A)] + Σ_s E_s(g), shape (B,)."""
+        """:eq:`H1` E = Σ_A [⟨x_A, g_A⟩ − L_A(x_A)] + Σ_s E_s(g), shape (B,)."""
         return self.energy_tree(xs, weights)["total"]
 
     def dEdg(self, xs, weights, gs=None):
-        """(H2) ∂E/∂g_A = x_A + Σ_{s ∋ A} ∂E_s/∂g_A, closed form; `gs`: the activations, if
+        """:eq:`H2` ∂E/∂g_A = x_A + Σ_{s ∋ A} ∂E_s/∂g_A, closed form; `gs`: the activations, if
         already computed."""
         self._check(xs, weights)
         if gs is not None:
@@ -364,12 +365,12 @@ class HAM:
         return self._dEdg(xs, weights, gs)
 
     def velocity(self, xs, weights):
-        """(H3) ẋ_A = −(∂E/∂g_A)/τ_A."""
+        """:eq:`H3` ẋ_A = −(∂E/∂g_A)/τ_A."""
         self._check(xs, weights)
         return self._velocity(xs, weights)
 
     def dEdt(self, xs, weights):
-        """(H4) dE/dt = −Σ_A τ_A ⟨ẋ_A, H_A ẋ_A⟩, shape (B,)."""
+        """:eq:`H4` dE/dt = −Σ_A τ_A ⟨ẋ_A, H_A ẋ_A⟩, shape (B,)."""
         self._check(xs, weights)
         v = self._velocity(xs, weights)
         return -sum(layer.tau * _batch_inner(v[name], layer.lagrangian.hvp(xs[name], v[name]))
@@ -377,12 +378,12 @@ class HAM:
 
     # -- dynamics
     def step(self, xs, weights, alpha):
-        """(H5) x_A ← x_A − (α/τ_A) ∂E/∂g_A for all layers at once."""
+        """:eq:`H5` x_A ← x_A − (α/τ_A) ∂E/∂g_A for all layers at once."""
         self._check(xs, weights)
         return self._step(xs, weights, _positive("alpha", alpha))
 
     def step_vjp(self, xs, weights, alpha, cotangents):
-        """Backprop through (H5): for cotangents c_A of the new states x'_A returns
+        """Backprop through :eq:`H5`: for cotangents c_A of the new states x'_A returns
         ({A: ∂ℓ/∂x_A}, {s: ∂ℓ/∂W_s}) with, for d = {A: −(α/τ_A) c_A},
             ∂ℓ/∂x_A = c_A + d_A + H_A(x_A)·(Σ_s VJP_s(d))_A,   ∂ℓ/∂W_s = VJP_s(d)_W.
         H_A is symmetric, so the VJP of g_A = ∂L_A/∂x_A is the Hessian-vector product."""
@@ -402,13 +403,13 @@ class HAM:
         return d_xs, d_weights
 
     def integrate(self, xs, weights, dt, n_steps, method="rk4"):
-        """n_steps fixed steps of (H3) by `method` ("euler" | "rk4"), recording E."""
+        """n_steps fixed steps of :eq:`H3` by `method` ("euler" | "rk4"), recording E."""
         self._check(xs, weights)
         return integrate(lambda x: self._velocity(x, weights), xs, dt, n_steps, method,
                          energy=lambda x: self._energy_tree(x, weights)["total"])
 
     def descend(self, xs, weights, alpha, max_steps=100, tol=None):
-        """Repeated (H5) steps, recording states and E; stops when the largest change of a
+        """Repeated :eq:`H5` steps, recording states and E; stops when the largest change of a
         layer's state (max over layers and samples of ‖Δx_A‖) is below `tol`, or at max_steps."""
         self._check(xs, weights)
         alpha = _positive("alpha", alpha)

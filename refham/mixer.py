@@ -1,4 +1,4 @@
-"""The MLP-Mixer family of DESIGN §5 with hand-written backprop: vanilla (serial blocks),
+"""The MLP-Mixer family of :ref:`sec-mixer` with hand-written backprop: vanilla (serial blocks),
 ParaMixer (parallel blocks), SymMixer (parallel, tied MLPs) and AsymMixer(λ) (parallel, tied plus
 a symmetry-breaking W₂, trained with λ Σ ‖W₂‖²).
 
@@ -155,7 +155,7 @@ def make_config(model, size="digits", **overrides):
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameters: names, shapes, initialisation (DESIGN §5.4)
+# Parameters: names, shapes, initialisation (docs: mixer, parameter table; training, init)
 # ---------------------------------------------------------------------------------------------
 def block_steps(config):
     """The residual steps of one block iteration as (norm name, MLP names reading that norm)."""
@@ -185,7 +185,7 @@ def param_shapes(config):
 
 
 def _initial_value(name, shape, generator):
-    """DESIGN §5.4: biases 0, LN weights 1, head weight 0, stem lecun-normal (timm's
+    """:eq:`X-init`: biases 0, LN weights 1, head weight 0, stem lecun-normal (timm's
     lecun_normal_: normal truncated at ±2 standard deviations, scaled to std √(1/fan_in)),
     every other (Linear) weight xavier-uniform with torch's fan_in = in, fan_out = out."""
     layer = name.split(".")[-2]
@@ -232,7 +232,8 @@ def drop_path_mask(rate, batch, drop_rng, dtype):
 
 def residual_step_forward(x, norm, branches, eps, n_axes):
     """x ← x + Σ_k m_k ⊙ MLP_k(g), g = LN(x): one step of a block (serial blocks take two, one
-    branch each; parallel blocks one with the token and channel branches).
+    branch each, :eq:`X-serial-block`; parallel blocks one with the token and channel branches,
+    :eq:`X-parallel-block`).
 
     norm = (weight, bias); branches = [(kind, weights, axis, mask or None), …].
     """
@@ -280,7 +281,7 @@ class Mixer:
                 local[".".join(parts[3:])] = name
 
     def init(self, seed):
-        """Fresh parameters (DESIGN §5.4), drawn on the host in state_dict order with
+        """Fresh parameters (:eq:`X-init`), drawn on the host in state_dict order with
         `rng(seed)`, so every backend gets the same numbers; default dtype."""
         generator = rng(seed)
         return {name: asarray(_initial_value(name, shape, generator))
@@ -293,7 +294,7 @@ class Mixer:
 
     def block_update(self, params, block, g):
         """u(g) = T(g) + Ch(g): what a parallel block adds to x, at g = LN(x) (B, S, C). For the
-        SymMixer u = ∇_g F(g) (DESIGN §5.2, M1)."""
+        SymMixer u = ∇_g F(g) (:eq:`M1`)."""
         if self.config.serial:
             raise ConfigError("block_update is defined for the parallel models; the vanilla "
                               "Mixer's serial block has two norms between its MLPs")
@@ -323,7 +324,7 @@ class Mixer:
         as the paper's code draws them; without it, none is (evaluation).
         `observe(block, t, x)`, if given, sees each block's states x⁽ᵗ⁾ (B, S, C), t = 0..n_iter
         (x⁽⁰⁾ the block's input, x⁽ⁿ_iter⁾ its output): the golden files' per-block outputs.
-        Returns (logits, cache)."""
+        Returns (logits, cache); the head is :eq:`X-head`."""
         check_params(self.param_shapes, params)
         cfg = self.config
         images = self._check_images(images, params["stem.proj.weight"].dtype)
@@ -381,7 +382,8 @@ class Mixer:
         return {name: grads[name] for name in params}
 
     def _penalty_term(self, params, lam):
-        """λ Σ_blocks (‖W₂ᵗᵒᵏ‖² + ‖W₂ᶜʰ‖²) as xp code (no ½; DESIGN §5.1), asym only."""
+        """λ Σ_blocks (‖W₂ᵗᵒᵏ‖² + ‖W₂ᶜʰ‖²) as xp code (no ½; the penalty of :eq:`X-objective`),
+        asym only."""
         if not _is_real(lam) or lam < 0:
             raise InputError(f"lam must be a finite number ≥ 0, got {lam!r}")
         if lam and not self._penalized:
@@ -396,8 +398,8 @@ class Mixer:
         return float(to_numpy(self._penalty_term(params, lam)))
 
     def objective(self, params, images, labels, lam=0.0, label_smoothing=0.0, drop_rng=None):
-        """J(θ) = CE_s(logits(θ), labels) + λ Σ ‖W₂‖², as forward-only xp code: the scalar that
-        `loss_and_grads` differentiates by hand (and the tests with autograd)."""
+        """:eq:`X-objective` J(θ) = CE_s(logits(θ), labels) + λ Σ ‖W₂‖², as forward-only xp code:
+        the scalar that `loss_and_grads` differentiates by hand (and the tests with autograd)."""
         logits, _ = self.forward(params, images, drop_rng)
         return cross_entropy_forward(logits, labels, label_smoothing)[0] + \
             self._penalty_term(params, lam)

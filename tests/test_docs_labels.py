@@ -1,0 +1,129 @@
+"""The equation ↔ function map of docs/ is complete and consistent (no Sphinx needed).
+
+docs/*.md label each equation with a MyST `{math}` directive (`:label: H5`) and each section
+with a target (`(sec-ham)=`); docstrings cite them with :eq:`H5` and :ref:`sec-ham`. Checked:
+every label a docstring cites exists in docs/, every labelled equation is cited by at least one
+public docstring of refham, every module has an API page, and no reference to the old DESIGN
+notes' section numbers is left in the code, tests, examples or README.
+"""
+import importlib
+import inspect
+import pathlib
+import pkgutil
+import re
+
+import refham
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+EQ_LABEL = re.compile(r"^```\{math\}\s*\n(?::\w+:.*\n)*?:label:\s*(\S+)\s*$", re.M)
+SECTION_TARGET = re.compile(r"^\((sec-[\w-]+)\)=\s*$", re.M)
+CITATION = re.compile(r":(eq|ref):`([^`<>]+)`")
+OLD_REFERENCE = "DESIGN" + " §"   # spelled in two parts so that this file does not match itself
+
+
+def doc_pages():
+    return sorted(DOCS.glob("*.md"))
+
+
+def equation_labels(text):
+    return EQ_LABEL.findall(text)
+
+
+def section_targets(text):
+    return SECTION_TARGET.findall(text)
+
+
+def refham_modules():
+    return [importlib.import_module(f"refham.{info.name}")
+            for info in pkgutil.iter_modules(refham.__path__)]
+
+
+def public_docstrings():
+    """{qualified name: docstring} of every module and of every public class, function and
+    method defined in refham (re-exports skipped)."""
+    docs = {}
+    for module in refham_modules():
+        docs[module.__name__] = module.__doc__ or ""
+        for name, obj in vars(module).items():
+            if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+                continue
+            if inspect.isfunction(obj) or inspect.isclass(obj):
+                docs[f"{module.__name__}.{name}"] = obj.__doc__ or ""
+            if inspect.isclass(obj):
+                for attr, member in vars(obj).items():
+                    member = getattr(member, "__func__", getattr(member, "fget", member))
+                    if not attr.startswith("_") and callable(member):
+                        docs[f"{module.__name__}.{name}.{attr}"] = member.__doc__ or ""
+    return docs
+
+
+def citations(docstrings):
+    """{(role, label): [qualified names citing it]}."""
+    cited = {}
+    for owner, text in docstrings.items():
+        for role, label in CITATION.findall(text):
+            cited.setdefault((role, label.strip()), []).append(owner)
+    return cited
+
+
+def all_labels():
+    eqs, targets = [], []
+    for page in doc_pages():
+        text = page.read_text(encoding="utf-8")
+        eqs += equation_labels(text)
+        targets += section_targets(text)
+    return eqs, targets
+
+
+def test_label_parsers_read_the_myst_syntax():
+    text = ("(sec-x)=\n# X\n\n```{math}\n:label: H5\nx \\leftarrow x\n```\n\n"
+            "```{math}\n:nowrap:\n:label: L-relu\ny\n```\n\n```{math}\nz\n```\n")
+    assert equation_labels(text) == ["H5", "L-relu"]
+    assert section_targets(text) == ["sec-x"]
+    assert citations({"f": "x ← x − α ∂E/∂g, :eq:`H5`; see :ref:`sec-x`."}) == {
+        ("eq", "H5"): ["f"], ("ref", "sec-x"): ["f"]}
+
+
+def test_docs_define_each_label_once():
+    eqs, targets = all_labels()
+    assert eqs, "no labelled equation found in docs/*.md"
+    for labels in (eqs, targets):
+        duplicates = sorted({label for label in labels if labels.count(label) > 1})
+        assert not duplicates, f"labels defined more than once in docs/: {duplicates}"
+
+
+def test_every_label_a_docstring_cites_exists_in_docs():
+    eqs, targets = all_labels()
+    known = {"eq": set(eqs), "ref": set(targets)}
+    missing = {f":{role}:`{label}`": owners
+               for (role, label), owners in citations(public_docstrings()).items()
+               if label not in known[role]}
+    assert not missing, f"cited in docstrings but not defined in docs/*.md: {missing}"
+
+
+def test_every_labelled_equation_is_cited_by_a_docstring():
+    eqs, _ = all_labels()
+    cited = {label for role, label in citations(public_docstrings()) if role == "eq"}
+    uncited = sorted(set(eqs) - cited)
+    assert not uncited, (f"equations in docs/ that no refham docstring cites with :eq:`…`: "
+                         f"{uncited}; cite each in the docstring of the function computing it")
+
+
+def test_every_module_has_an_api_page():
+    toctree = (DOCS / "api.md").read_text(encoding="utf-8")
+    for module in refham_modules():
+        short = module.__name__.split(".")[-1]
+        page = DOCS / "api" / f"{short}.md"
+        assert page.is_file(), f"{module.__name__} has no API page {page.relative_to(ROOT)}"
+        assert f".. automodule:: {module.__name__}" in page.read_text(encoding="utf-8")
+        assert re.search(rf"^api/{short}$", toctree, re.M), f"api/{short} is not in docs/api.md"
+
+
+def test_no_reference_to_the_old_design_notes_remains():
+    files = [ROOT / "README.md"] + sorted(
+        p for folder in ("refham", "tests", "examples") for p in (ROOT / folder).rglob("*.py"))
+    stale = [f"{p.relative_to(ROOT)}:{n}" for p in files
+             for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+             if OLD_REFERENCE in line]
+    assert not stale, f"replace these with the docs' labels (:eq:`…`) or pages: {stale}"
