@@ -23,10 +23,11 @@ extensions = [
     "sphinx-mathjax-offline",      # a module whose name has hyphens: MathJax 3 bundled, no CDN
     "eqlabels",
     "plaindocstrings",
+    "apipages",
 ]
 
 source_suffix = {".md": "markdown"}
-exclude_patterns = ["_build", "README.md"]
+exclude_patterns = ["_build", "README.md", "api/toctree.md"]   # toctree.md: included by api.md
 
 myst_enable_extensions = ["dollarmath", "colon_fence", "deflist"]
 myst_heading_anchors = 3

@@ -5,19 +5,26 @@ A flat package keeps every import path stable; this test keeps the architecture 
 would show: HAM core below the models, the models below training, everything below the CLI.
 """
 import ast
+import importlib.util
 import pathlib
 import pkgutil
-import re
 
 import refham
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TABLE_ROW = re.compile(r"^\|\s*`refham/(\w+)\.py`\s*\|", re.M)
+
+
+def _apipages():
+    """docs/_ext/apipages.py, which reads the same table to order the API reference."""
+    spec = importlib.util.spec_from_file_location("apipages", ROOT / "docs" / "_ext" / "apipages.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def declared_order():
     """Module names in the order of the reading guide's module table."""
-    return TABLE_ROW.findall((ROOT / "docs" / "reading-guide.md").read_text(encoding="utf-8"))
+    return _apipages().declared_order(ROOT / "docs")
 
 
 def refham_imports(source, package_modules):
