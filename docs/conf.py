@@ -1,4 +1,6 @@
-"""Sphinx configuration of refham's documentation: `sphinx-build -W --keep-going -b html docs docs/_build/html`.
+"""Sphinx configuration of refham's documentation:
+
+    sphinx-build -W --keep-going -b html docs docs/_build/html
 
 Sphinx with the pydata theme and MyST Markdown is the NumPy/SciPy/CuPy convention, and its math
 domain gives every equation a label that docstrings cite with :eq:`LABEL`. MathJax is served from
@@ -32,7 +34,7 @@ exclude_patterns = ["_build", "README.md", "api/toctree.md"]   # toctree.md: inc
 myst_enable_extensions = ["dollarmath", "colon_fence", "deflist"]
 myst_heading_anchors = 3
 
-autodoc_typehints = "none"            # the docstrings state shapes and meanings; signatures stay short
+autodoc_typehints = "none"            # the docstrings state shapes and meanings
 napoleon_numpy_docstring = True
 napoleon_google_docstring = False
 

@@ -16,7 +16,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def _apipages():
     """docs/_ext/apipages.py, which reads the same table to order the API reference."""
-    spec = importlib.util.spec_from_file_location("apipages", ROOT / "docs" / "_ext" / "apipages.py")
+    path = ROOT / "docs" / "_ext" / "apipages.py"
+    spec = importlib.util.spec_from_file_location("apipages", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -23,7 +23,8 @@ PAGE = """# refham.{name}
 
 def declared_order(docs_dir):
     """Module names in the order of the module table of `docs_dir`/reading-guide.md."""
-    return TABLE_ROW.findall((pathlib.Path(docs_dir) / "reading-guide.md").read_text(encoding="utf-8"))
+    guide = pathlib.Path(docs_dir) / "reading-guide.md"
+    return TABLE_ROW.findall(guide.read_text(encoding="utf-8"))
 
 
 def write_api_pages(docs_dir, package_dir):
