@@ -117,3 +117,11 @@ def test_no_reference_to_the_old_design_notes_remains():
              for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
              if OLD_REFERENCE in line]
     assert not stale, f"replace these with the docs' labels (:eq:`…`) or pages: {stale}"
+
+
+def test_the_readme_links_to_docs_pages_that_exist():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    links = re.findall(r"\]\((docs/[^)#]+)", readme)
+    assert links, "the README should link to the documentation pages"
+    missing = sorted({link for link in links if not (ROOT / link).is_file()})
+    assert not missing, f"README links to missing docs pages: {missing}"
