@@ -1,75 +1,42 @@
 """The equation ↔ function map of docs/ is complete and consistent (no Sphinx needed).
 
 docs/*.md label each equation with a MyST `{math}` directive (`:label: H5`) and each section
-with a target (`(sec-ham)=`); docstrings cite them with :eq:`H5` and :ref:`sec-ham`. Checked:
-every label a docstring cites exists in docs/, every labelled equation is cited by at least one
-public docstring of refham, and no reference to the old DESIGN
+with a target (`(sec-ham)=`); docstrings cite them with :eq:`H5` and :ref:`sec-ham` (parsed by
+docs/_ext/equationmap.py, which also writes the site's equation map). Checked: every label a
+docstring cites exists in docs/, every labelled equation is cited by at least one public
+docstring of refham, the README's links to docs pages exist, and no reference to the old DESIGN
 notes' section numbers is left in the code, tests, examples or README.
 """
-import importlib
-import inspect
+import importlib.util
 import pathlib
-import pkgutil
 import re
-
-import refham
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-EQ_LABEL = re.compile(r"^```\{math\}\s*\n(?::\w+:.*\n)*?:label:\s*(\S+)\s*$", re.M)
-SECTION_TARGET = re.compile(r"^\((sec-[\w-]+)\)=\s*$", re.M)
-CITATION = re.compile(r":(eq|ref):`([^`<>]+)`")
 OLD_REFERENCE = "DESIGN" + " §"   # spelled in two parts so that this file does not match itself
 
 
-def doc_pages():
-    return sorted(DOCS.glob("*.md"))
+def _equationmap():
+    """docs/_ext/equationmap.py, which also writes the site's equation map from the same parse."""
+    path = DOCS / "_ext" / "equationmap.py"
+    spec = importlib.util.spec_from_file_location("equationmap", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def equation_labels(text):
-    return EQ_LABEL.findall(text)
-
-
-def section_targets(text):
-    return SECTION_TARGET.findall(text)
-
-
-def refham_modules():
-    return [importlib.import_module(f"refham.{info.name}")
-            for info in pkgutil.iter_modules(refham.__path__)]
+eqmap = _equationmap()
+equation_labels, section_targets, citations = (
+    eqmap.equation_labels, eqmap.section_targets, eqmap.citations)
 
 
 def public_docstrings():
-    """{qualified name: docstring} of every module and of every public class, function and
-    method defined in refham (re-exports skipped)."""
-    docs = {}
-    for module in refham_modules():
-        docs[module.__name__] = module.__doc__ or ""
-        for name, obj in vars(module).items():
-            if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
-                continue
-            if inspect.isfunction(obj) or inspect.isclass(obj):
-                docs[f"{module.__name__}.{name}"] = obj.__doc__ or ""
-            if inspect.isclass(obj):
-                for attr, member in vars(obj).items():
-                    member = getattr(member, "__func__", getattr(member, "fget", member))
-                    if not attr.startswith("_") and callable(member):
-                        docs[f"{module.__name__}.{name}.{attr}"] = member.__doc__ or ""
-    return docs
-
-
-def citations(docstrings):
-    """{(role, label): [qualified names citing it]}."""
-    cited = {}
-    for owner, text in docstrings.items():
-        for role, label in CITATION.findall(text):
-            cited.setdefault((role, label.strip()), []).append(owner)
-    return cited
+    return eqmap.public_docstrings("refham")
 
 
 def all_labels():
     eqs, targets = [], []
-    for page in doc_pages():
+    for page in eqmap.doc_pages(DOCS):
         text = page.read_text(encoding="utf-8")
         eqs += equation_labels(text)
         targets += section_targets(text)

@@ -28,14 +28,17 @@ def declared_order(docs_dir):
 
 
 def write_api_pages(docs_dir, package_dir):
-    """docs_dir/api/<module>.md for every module, and docs_dir/api/toctree.md listing them."""
+    """docs_dir/api/<module>.md for every module, docs_dir/api/equations.md (the equation map)
+    and docs_dir/api/toctree.md listing them."""
+    from equationmap import equation_map_page   # docs/_ext is on conf.py's path
     modules = {info.name for info in pkgutil.iter_modules([str(package_dir)])}
     order = [name for name in declared_order(docs_dir) if name in modules]
     order += sorted(modules - set(order))
     api = pathlib.Path(docs_dir) / "api"
     api.mkdir(exist_ok=True)
     pages = {f"{name}.md": PAGE.format(name=name) for name in order}
-    pages["toctree.md"] = "```{toctree}\n:maxdepth: 1\n\n" + "".join(
+    pages["equations.md"] = equation_map_page(docs_dir)
+    pages["toctree.md"] = "```{toctree}\n:maxdepth: 1\n\napi/equations\n" + "".join(
         f"api/{name}\n" for name in order) + "```\n"
     for stale in set(p.name for p in api.glob("*.md")) - set(pages):
         (api / stale).unlink()
