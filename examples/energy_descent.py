@@ -1,4 +1,5 @@
-"""Energy descent in the paper's three-layer HAM (DESIGN §4, arXiv 2406.12220 Fig. 2c).
+"""Energy descent in the paper's three-layer HAM (refham docs: metaformer; arXiv 2406.12220 Fig.
+2c).
 
 Three neuron layers s — v — c: v holds a D = 784 "image" with the layernorm Lagrangian (its
 activation g_v is LayerNorm(x_v)), s and c hold N_h = 900 relu units each, and two dense synapses

@@ -1,4 +1,5 @@
-"""The paper's four Mixer models in PyTorch, with exactly timm's parameter names (DESIGN §5).
+"""The paper's four Mixer models in PyTorch, with exactly timm's parameter names (refham docs:
+mixer).
 
 This is the PyTorch peer of refham's hand-written Mixer (refham/mixer.py): the same models, the
 same parameter names and layouts, so refham weights load with `strict=True` and the two agree to
@@ -158,8 +159,9 @@ class TorchMixer(nn.Module):
 
 @torch.no_grad()
 def init_weights(model):
-    """DESIGN §5.4 (timm's Mixer init): Linear weights xavier-uniform and biases 0, head weight
-    and bias 0, stem lecun-normal (N(0,1) truncated at ±2, scaled to std √(1/fan_in)), LN 1/0."""
+    """timm's Mixer init (refham docs: training, initialisation): Linear weights xavier-uniform and
+    biases 0, head weight and bias 0, stem lecun-normal (N(0,1) truncated at ±2, scaled to std
+    √(1/fan_in)), LN 1/0."""
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             if name == "head":

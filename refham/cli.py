@@ -23,8 +23,9 @@ def _add_descend(p):
 
 
 def _run_descend(args):
-    """DESIGN §4 energy descent: the HAM s — v — c (relu — layernorm — relu, dense synapses)
-    with random weights, all states from 10·N(0,1), 28 steps of α = 0.5; prints E per step."""
+    """Energy descent (:ref:`sec-metaformer`): the HAM s — v — c (relu — layernorm — relu, dense
+    synapses) with random weights, all states from 10·N(0,1), 28 steps of α = 0.5; prints E per
+    step."""
     from refham.backend import to_numpy
     from refham.checkpoint import atomic_write
     from refham.metaformer import three_layer_ham
@@ -151,7 +152,8 @@ def _add_sweep(p):
 
 
 def _run_sweep(args):
-    """DESIGN §9: vanilla, ParaMixer, SymMixer and AsymMixer(λ) over seeds; table and plot."""
+    """The sweep of :ref:`sec-sweep`: vanilla, ParaMixer, SymMixer and AsymMixer(λ) over seeds;
+    table and plot."""
     from refham.sweep import PER_RUN, SweepError, run_sweep
     from refham.train import USER_ERRORS
     from refham.train_config import given_settings
@@ -177,7 +179,7 @@ def _add_metaformer(p):
     sub.required = True
     default = TrainSettings()
     t = sub.add_parser("train", help="train the denoiser (default: digits, ~1 minute on a CPU)",
-                       description="Train the Energy MetaFormer (DESIGN §4) as a denoiser by "
+                       description="Train the Energy MetaFormer (see the docs) as a denoiser by "
                                    "hand-written backprop through T steps of its dynamics.")
     t.add_argument("--paper", action="store_true",
                    help="the paper's MNIST settings: D = 784, N_h = 900, T = 10, lr 1e-4, batch "
@@ -219,7 +221,8 @@ def _add_metaformer(p):
 
 
 def _run_metaformer(args):
-    """DESIGN §4: `train` the Energy MetaFormer denoiser; `figures` from its checkpoint."""
+    """The Energy MetaFormer (:ref:`sec-metaformer`): `train` the denoiser; `figures` from its
+    checkpoint."""
     import dataclasses
     import os
     from refham import metaformer as mf
@@ -271,15 +274,15 @@ def _run_metaformer(args):
 
 COMMANDS = {
     # name: (help, add_arguments, run)
-    "descend": ("energy descent of the paper's three-layer HAM (DESIGN §4): prints E per "
+    "descend": ("energy descent of the paper's three-layer HAM (see the docs): prints E per "
                 "step, plots it", _add_descend, _run_descend),
     "train": ("train a Mixer (default: ParaMixer on the built-in digits), with checkpoints, "
               "a metrics log and --resume", _add_train, _run_train),
     "eval": ("test loss and accuracy of a checkpoint", _add_eval, _run_eval),
-    "metaformer": ("the Energy MetaFormer (DESIGN §4): `train` a three-layer HAM denoiser by "
+    "metaformer": ("the Energy MetaFormer (see the docs): `train` a three-layer HAM denoiser by "
                    "backprop through its dynamics; `figures` of a checkpoint", _add_metaformer,
                    _run_metaformer),
-    "sweep": ("the symmetry-breaking experiment (DESIGN §9): all four models, AsymMixer over "
+    "sweep": ("the symmetry-breaking experiment (see the docs): all four models, AsymMixer over "
               "λ, several seeds; a markdown table and a plot", _add_sweep, _run_sweep),
     "oracle": ("golden files for testing other implementations: `write` one (float64, "
                "tensors by name), `check` a candidate against it", add_oracle, run_oracle),

@@ -6,8 +6,8 @@ random crop, horizontal flip, Gaussian noise) then run with `xp` on that backend
 is drawn on the host from a NumPy Generator and moved with `asarray`, so one seed gives the same
 augmented batch on NumPy and CuPy.
 
-Sources: scikit-learn's bundled handwritten digits (the default, no download; DESIGN §9), CIFAR-10
-and CIFAR-100 (DESIGN §8) and a synthetic learnable set for tests. The file formats (the CIFAR
+Sources: scikit-learn's bundled handwritten digits (the default, no download; :ref:`sec-sweep`),
+CIFAR-10 and CIFAR-100 and a synthetic learnable set for tests. The file formats (the CIFAR
 archives, MNIST's IDX files, the restricted unpickler) are read by refham.datafiles; its public
 names, `DataError` included, are re-exported here so that `refham.data` stays the one entry point.
 """
@@ -136,7 +136,8 @@ def _stratified_split(labels, fraction, gen):
 
 def load_digits(train_fraction=0.8, seed=0):
     """scikit-learn's handwritten digits (1,797 images, 8×8×1): pixels p ∈ {0…16} mapped to
-    p/16·2 − 1 ∈ [−1, 1] (DESIGN §9), split into (train, test) by class with a seeded shuffle."""
+    p/16·2 − 1 ∈ [−1, 1] (:ref:`sec-sweep`), split into (train, test) by class with a seeded
+    shuffle."""
     from sklearn.datasets import load_digits as sklearn_digits
 
     fraction = _check_fraction(train_fraction, False)
@@ -257,7 +258,7 @@ def horizontal_flip(images, gen):
 
 
 def add_gaussian_noise(images, sigma, gen):
-    """x + σ·ε, ε ~ N(0, 1) fresh for every call (DESIGN §9: every training batch)."""
+    """x + σ·ε, ε ~ N(0, 1) fresh for every call (:ref:`sec-sweep`: every training batch)."""
     images = _check_images(images)
     _check_finite_nonnegative(sigma, "sigma")
     noise = asarray(_check_gen(gen).standard_normal(images.shape), dtype=images.dtype)

@@ -1,4 +1,4 @@
-"""Hierarchical associative memories (DESIGN §3): a graph of named neuron layers and synapses,
+"""Hierarchical associative memories (:ref:`sec-ham`): a graph of named neuron layers and synapses,
 its energy, the closed-form gradient ∂E/∂g, and the dynamics that descend the energy.
 
     (H1)  E = Σ_A [⟨x_A, g_A⟩ − L_A(x_A)] + Σ_s E_s(g …)
@@ -267,7 +267,7 @@ class HAM:
         return self._velocity(xs, weights)
 
     def dEdt(self, xs, weights):
-        """(H4) dE/dt = −Σ_A τ_A ⟨ẋ_A, H_A ẋ_A⟩, shape (B,)."""
+        """:eq:`H4` dE/dt = −Σ_A τ_A ⟨ẋ_A, H_A ẋ_A⟩, shape (B,)."""
         self._check(xs, weights)
         v = self._velocity(xs, weights)
         return -sum(layer.tau * batch_inner(v[name], layer.lagrangian.hvp(xs[name], v[name]))
@@ -355,7 +355,7 @@ class HAM:
         return self._step(xs, weights, _positive("alpha", alpha))
 
     def step_vjp(self, xs, weights, alpha, cotangents):
-        """Backprop through (H5): for cotangents c_A of the new states x'_A returns
+        """Backprop through :eq:`H5`: for cotangents c_A of the new states x'_A returns
         ({A: ∂ℓ/∂x_A}, {s: ∂ℓ/∂W_s}) with, for d = {A: −(α/τ_A) c_A},
             ∂ℓ/∂x_A = c_A + d_A + H_A(x_A)·(Σ_s VJP_s(d))_A,   ∂ℓ/∂W_s = VJP_s(d)_W.
         H_A is symmetric, so the VJP of g_A = ∂L_A/∂x_A is the Hessian-vector product."""
@@ -375,7 +375,7 @@ class HAM:
         return d_xs, d_weights
 
     def integrate(self, xs, weights, dt, n_steps, method="rk4"):
-        """n_steps fixed steps of (H3) by `method` ("euler" | "rk4"), recording E; E and the
+        """n_steps fixed steps of :eq:`H3` by `method` ("euler" | "rk4"), recording E; E and the
         first velocity of each step come from one `total_energy_and_dEdg` pass."""
         self._check(xs, weights)
         return integrate(lambda x: self._velocity(x, weights), xs, dt, n_steps, method,
@@ -383,7 +383,7 @@ class HAM:
                          f_and_energy=lambda x: self._velocity_and_energy(x, weights))
 
     def descend(self, xs, weights, alpha, max_steps=100, tol=None):
-        """Repeated (H5) steps, recording states and E (one `total_energy_and_dEdg` pass per
+        """Repeated :eq:`H5` steps, recording states and E (one `total_energy_and_dEdg` pass per
         step); stops when the largest change of a layer's state (max over layers and samples of
         ‖Δx_A‖) is below `tol`, or at max_steps. E is guaranteed not to rise only for α within
         `descent_step_bound`; see there for what larger steps do."""

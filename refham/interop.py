@@ -1,4 +1,5 @@
-"""Mixer weights in and out of refham, with timm's names and PyTorch's layouts (DESIGN §5.4).
+"""Mixer weights in and out of refham, with timm's names and PyTorch's layouts
+(:ref:`sec-parameters`).
 
 refham stores every parameter in PyTorch's layout (Linear weights (out, in), the stem a Conv2d
 kernel (C, C_in, p, p)) under the paper's timm names, so exported weights load into the paper's

@@ -1,5 +1,5 @@
-"""Neuron-layer Lagrangians (DESIGN §2): value L, activation g = ∂L/∂x, Hessian-vector product
-Hv, and the neuron energy ⟨x, g⟩ − L (the Legendre transform).
+"""Neuron-layer Lagrangians (:ref:`sec-lagrangians`): value L, activation g = ∂L/∂x, Hessian-vector
+product Hv, and the neuron energy ⟨x, g⟩ − L (the Legendre transform).
 
 | name                     | L(x)                | g(x)               | Hv                       |
 |--------------------------|---------------------|--------------------|--------------------------|
@@ -91,8 +91,8 @@ def _scalar_gamma(name, gamma):
     if shape != ():
         raise LagrangianError(
             f"{name} gamma must be a scalar, got one of shape {tuple(shape)}: a per-element γ "
-            f"makes ∂g/∂x non-symmetric, so no Lagrangian exists (DESIGN §2, §5.2); use the "
-            f"per-element affine layer norm of refham.layers for that")
+            f"makes ∂g/∂x non-symmetric, so no Lagrangian exists (refham docs: Lagrangians); "
+            f"use the per-element affine layer norm of refham.layers for that")
     if hasattr(gamma, "ndim"):  # a 0-d array (NumPy or CuPy)
         gamma = float(gamma)
     return _positive(f"{name} gamma", gamma)
@@ -185,7 +185,7 @@ class _Elementwise(Lagrangian):
 
 @dataclasses.dataclass(frozen=True)
 class Identity(_Elementwise):
-    """L = ½Σx²,  g = x,  Hv = v."""
+    """L = ½Σx²,  g = x,  Hv = v :eq:`L-identity`"""
     name = "identity"
 
     def density(self, x):
@@ -200,7 +200,7 @@ class Identity(_Elementwise):
 
 @dataclasses.dataclass(frozen=True)
 class ReLU(_Elementwise):
-    """L = ½Σ relu(x)²,  g = relu(x),  Hv = 1[x>0]·v."""
+    """L = ½Σ relu(x)²,  g = relu(x),  Hv = 1[x>0]·v :eq:`L-relu`"""
     name = "relu"
 
     def density(self, x):
@@ -215,7 +215,8 @@ class ReLU(_Elementwise):
 
 @dataclasses.dataclass(frozen=True)
 class RePU(_Elementwise):
-    """L = (1/n)Σ relu(x)^n,  g = relu(x)^{n−1},  Hv = (n−1)relu(x)^{n−2}·v  (n ≥ 2, real)."""
+    """L = (1/n)Σ relu(x)^n,  g = relu(x)^{n−1},  Hv = (n−1)relu(x)^{n−2}·v  (n ≥ 2, real)
+    :eq:`L-repu`"""
     n: float = 3
     name = "repu"
 
@@ -249,7 +250,7 @@ class _Tempered(_Elementwise):
 
 @dataclasses.dataclass(frozen=True)
 class Tanh(_Tempered):
-    """L = (1/β)Σ log cosh(βx),  g = tanh(βx),  Hv = β(1 − g²)·v."""
+    """L = (1/β)Σ log cosh(βx),  g = tanh(βx),  Hv = β(1 − g²)·v :eq:`L-tanh`"""
     name = "tanh"
 
     def density(self, x):
@@ -268,7 +269,7 @@ class Tanh(_Tempered):
 
 @dataclasses.dataclass(frozen=True)
 class Sigmoid(_Tempered):
-    """L = (1/β)Σ softplus(βx),  g = σ(βx),  Hv = βg(1 − g)·v."""
+    """L = (1/β)Σ softplus(βx),  g = σ(βx),  Hv = βg(1 − g)·v :eq:`L-sigmoid`"""
     name = "sigmoid"
 
     def density(self, x):
@@ -290,7 +291,7 @@ class Sigmoid(_Tempered):
 @dataclasses.dataclass(frozen=True)
 class GELU(_Elementwise):
     """L = Σ Φ(x),  g = GELU(x) = x·Φ_N(x),  Hv = (Φ_N(x) + xφ(x))·v.  Not convex: GELU′ < 0
-    below x ≈ −0.752."""
+    below x ≈ −0.752 :eq:`L-gelu`"""
     name = "gelu"
     convex = False
 
@@ -313,7 +314,7 @@ class GELU(_Elementwise):
 @dataclasses.dataclass(frozen=True)
 class Softmax(Lagrangian):
     """L = (1/β) logsumexp(βx) along `axis` (summed over the other event axes),
-    g = softmax(βx) along `axis`,  Hv = βg⊙(v − ⟨g, v⟩_axis)."""
+    g = softmax(βx) along `axis`,  Hv = βg⊙(v − ⟨g, v⟩_axis) :eq:`L-softmax`"""
     beta: float = 1.0
     axis: int = -1
     name = "softmax"
@@ -423,7 +424,8 @@ class _Normalizer(Lagrangian):
 @dataclasses.dataclass(frozen=True, eq=False)
 class LayerNorm(_Normalizer):
     """L = γ·D·σ + ⟨δ, x⟩,  g = γ(x − x̄)/σ + δ,  Hv = (γ/σ)(Pv − x̂⟨x̂, Pv⟩/D), over `axes`
-    (D elements, σ = √(var + ε), x̂ = (x − x̄)/σ, Pv = v − mean v). Energy −γDε/σ (DESIGN §5.2)."""
+    (D elements, σ = √(var + ε), x̂ = (x − x̄)/σ, Pv = v − mean v). Energy −γDε/σ.
+    :eq:`L-layernorm`"""
     name = "layernorm"
 
     def _size(self, x):
@@ -464,7 +466,7 @@ class LayerNorm(_Normalizer):
 @dataclasses.dataclass(frozen=True, eq=False)
 class Spherical(_Normalizer):
     """L = γ·r + ⟨δ, x⟩,  g = γx/r + δ,  Hv = (γ/r)(v − x⟨x, v⟩/r²), r = √(Σ_axes x² + ε).
-    Energy −γε/r."""
+    Energy −γε/r :eq:`L-spherical`"""
     name = "spherical"
 
     def radius(self, x):

@@ -1,4 +1,5 @@
-"""Layer primitives of the Mixer family as forward/backward pairs (DESIGN §5–6).
+"""Layer primitives of the Mixer family as forward/backward pairs (:ref:`sec-mixer`,
+:ref:`sec-backprop`).
 
 Every op is a pair written side by side:
 
@@ -102,11 +103,11 @@ def _affine_shape_ok(param, normalized_shape):
 
 def layernorm_forward(x, weight, bias, eps=1e-6, n_axes=None):
     """y = γ ⊙ x̂ + δ, x̂ = (x − x̄)/σ, σ = sqrt(var + ε), mean and (biased) variance over the last
-    n_axes axes (D elements), :eq:`L-layernorm`.
+    n_axes axes (D elements): the joint norm :eq:`X-joint-norm` over n_axes = 2.
 
-    With a scalar γ this is g = ∇L of the layernorm Lagrangian L = γDσ + ⟨δ, x⟩ (δ may be
-    per-element). With a per-element γ it is the paper's LayerNorm but the gradient of no
-    Lagrangian: its Jacobian γ ⊙ (∂x̂/∂x) is not symmetric.
+    With a scalar γ this is g = ∇L of the layernorm Lagrangian :eq:`L-layernorm`,
+    L = γDσ + ⟨δ, x⟩ (δ may be per-element). With a per-element γ it is the paper's LayerNorm but
+    the gradient of no Lagrangian: its Jacobian γ ⊙ (∂x̂/∂x) is not symmetric.
 
     γ (weight) and δ (bias) each have the normalised shape x.shape[−n_axes:] (per-element affine,
     the paper's models) or are 0-d arrays (scalar affine, the energy-exact form). n_axes defaults
@@ -183,8 +184,8 @@ def unpatchify(patches, image_shape, patch):
 
 
 def patch_embed_forward(images, weight, bias):
-    """tokens[b, s] = K · patch_s(images[b]) + bias: conv weight K (C, C_in, p, p) seen as a
-    (C, C_in·p·p) matrix; images (B, C_in, H, W) → tokens (B, S, C)."""
+    """:eq:`X-patch-embed` tokens[b, s] = K · patch_s(images[b]) + bias: conv weight K (C, C_in, p,
+    p) seen as a (C, C_in·p·p) matrix; images (B, C_in, H, W) → tokens (B, S, C)."""
     chans_out, chans_in, patch, patch_w = weight.shape
     if images.ndim != 4 or images.shape[1] != chans_in or patch != patch_w \
             or images.shape[2] % patch or images.shape[3] % patch:
@@ -261,7 +262,7 @@ def cross_entropy_backward(cache, dloss=1.0):
 
 
 # ---------------------------------------------------------------------------------------------
-# The three MLP kinds (DESIGN §5.1), along an axis
+# The three MLP kinds (docs: mixer), along an axis
 # ---------------------------------------------------------------------------------------------
 def mlp_param_shapes(kind, n_in, n_hidden, bias=False):
     """The parameters of one MLP, by their timm names within the MLP, with torch's shapes."""
@@ -317,7 +318,8 @@ def mlp_forward(kind, weights, z, axis=CHANNEL_AXIS):
     The asym output is computed as the single matmul with M = W₁ᵀ + W₂: equal by linearity and
     cheaper than two; sym is the same path with M = Wᵀ. The vectors are gathered into one matrix
     first (`_as_matrix`), so each linear map is a single GEMM. `weights` maps the names within
-    the MLP ('fc1.weight', …) to arrays. Returns (out, cache).
+    the MLP ('fc1.weight', …) to arrays. Returns (out, cache). The kinds are
+    :eq:`X-mlp-vanilla`, :eq:`X-mlp-sym` and :eq:`X-mlp-asym`.
     """
     if kind not in MLP_KINDS:
         raise InputError(f"unknown MLP kind {kind!r}: choose one of {', '.join(MLP_KINDS)}")

@@ -1,5 +1,5 @@
-"""The Energy MetaFormer (DESIGN §4; arXiv 2406.12220 Sec. 4.2, Figs. 2b and 2c): the three-layer
-HAM s — v — c trained as a denoiser by backprop through its own dynamics.
+"""The Energy MetaFormer (:ref:`sec-metaformer`; arXiv 2406.12220 Sec. 4.2, Figs. 2b and 2c): the
+three-layer HAM s — v — c trained as a denoiser by backprop through its own dynamics.
 
     v: layernorm Lagrangian (γ = 1, δ = 0, ε = 1e-5) over the D pixels, g_v = LN(x_v)
     s, c: relu Lagrangians of N_h units;  E_sv = −⟨g_s, W_sv g_v⟩,  E_vc = −⟨g_v, W_vc g_c⟩
@@ -60,7 +60,7 @@ class PlottingUnavailable(RuntimeError):
 # ---------------------------------------------------------------- the model
 
 def three_layer_ham(visible_shape, n_hidden, eps=1e-5):
-    """The Energy MetaFormer's HAM s — v — c (DESIGN §4): v has the layernorm Lagrangian
+    """The Energy MetaFormer's HAM s — v — c (:eq:`F-dynamics`): v has the layernorm Lagrangian
     (γ = 1, δ = 0, ε) over all its D elements, s and c are relu layers of n_hidden units, joined
     by dense synapses "sv" (W_sv ∈ R^{N_h×D}) and "vc" (W_vc ∈ R^{D×N_h}); all τ = 1."""
     shape = tuple(visible_shape) if isinstance(visible_shape, (tuple, list)) else (visible_shape,)
@@ -105,14 +105,14 @@ def normalise_images(images):
 
 
 def denoising_target(clean, target):
-    """y = clean ("clean", DESIGN §4's loss) or LN(clean) ("standardised", scaled like g_v)."""
+    """y = clean ("clean", the loss :eq:`F-loss`) or LN(clean) ("standardised", scaled like g_v)."""
     _check_choice("target", target, TARGETS)
     return clean if target == "clean" else LayerNorm(eps=1e-5).activation(clean)
 
 
 def loss_floor(visible_size):
-    """(1 − 1/√D)², the lower bound of the paper's loss: mean((g − y)²) = (‖g‖² − 2⟨g, y⟩ + 1)/D
-    with ‖g‖² ≈ D and ⟨g, y⟩ ≤ √D (DESIGN §4)."""
+    """:eq:`F-floor` (1 − 1/√D)², the lower bound of the paper's loss: mean((g − y)²) = (‖g‖² −
+    2⟨g, y⟩ + 1)/D with ‖g‖² ≈ D and ⟨g, y⟩ ≤ √D."""
     return (1.0 - 1.0 / math.sqrt(visible_size)) ** 2
 
 
@@ -128,10 +128,11 @@ class UnrolledCache:
 
 
 def forward(weights, clean, noise, T, alpha=ALPHA, target="clean", hidden_start=None):
-    """x⁰ = {s: 0, v: clean + noise, c: 0}; T steps of (H5) with α on all layers;
-    loss = mean((g_v(x_v^T) − y)²) over batch and pixels. Returns (loss, UnrolledCache).
-    `hidden_start` = {"s": (B, N_h), "c": (B, N_h)} replaces the zero hidden start states (with
-    zeros g_s⁰ = g_c⁰ = 0, so W first acts in step 2 and T = 1 has zero gradient)."""
+    """x⁰ = {s: 0, v: clean + noise, c: 0}; T steps of :eq:`H5` with α on all layers
+    (:eq:`F-dynamics`); loss = mean((g_v(x_v^T) − y)²) (:eq:`F-loss`) over batch and pixels.
+    Returns (loss, UnrolledCache). `hidden_start` = {"s": (B, N_h), "c": (B, N_h)} replaces the
+    zero hidden start states (with zeros g_s⁰ = g_c⁰ = 0, so W first acts in step 2 and T = 1 has
+    zero gradient)."""
     ham = ham_for(weights)
     if getattr(clean, "shape", None) != getattr(noise, "shape", None) or clean.ndim != 2:
         raise MetaFormerError(f"clean and noise must both be (B, D), got "

@@ -1,4 +1,4 @@
-"""The MLP-Mixer family of DESIGN §5 with hand-written backprop: vanilla (serial blocks),
+"""The MLP-Mixer family of :ref:`sec-mixer` with hand-written backprop: vanilla (serial blocks),
 ParaMixer (parallel blocks), SymMixer (parallel, tied MLPs) and AsymMixer(λ) (parallel, tied plus
 a symmetry-breaking W₂, trained with λ Σ ‖W₂‖²).
 
@@ -152,7 +152,7 @@ def make_config(model, size="digits", **overrides):
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameters: names and shapes (DESIGN §5.4)
+# Parameters: names, shapes, initialisation (docs: mixer, parameter table; training, init)
 # ---------------------------------------------------------------------------------------------
 def param_shapes(config):
     """{timm name: shape} in the order of the paper's models' state_dict() (the table in the
@@ -384,7 +384,8 @@ class Mixer:
         return {name: grads[name] for name in params}
 
     def _penalty_term(self, params, lam):
-        """λ Σ_blocks (‖W₂ᵗᵒᵏ‖² + ‖W₂ᶜʰ‖²) as xp code (no ½; DESIGN §5.1), asym only."""
+        """λ Σ_blocks (‖W₂ᵗᵒᵏ‖² + ‖W₂ᶜʰ‖²) as xp code (no ½; the penalty of :eq:`X-objective`),
+        asym only."""
         if not _is_real(lam) or lam < 0:
             raise InputError(f"lam must be a finite number ≥ 0, got {lam!r}")
         if lam and not self._penalized:
@@ -399,8 +400,8 @@ class Mixer:
         return float(to_numpy(self._penalty_term(params, lam)))
 
     def objective(self, params, images, labels, lam=0.0, label_smoothing=0.0, drop_rng=None):
-        """J(θ) = CE_s(logits(θ), labels) + λ Σ ‖W₂‖², as forward-only xp code: the scalar that
-        `loss_and_grads` differentiates by hand (and the tests with autograd)."""
+        """:eq:`X-objective` J(θ) = CE_s(logits(θ), labels) + λ Σ ‖W₂‖², as forward-only xp code:
+        the scalar that `loss_and_grads` differentiates by hand (and the tests with autograd)."""
         logits, _ = self.forward(params, images, drop_rng)
         return cross_entropy_forward(logits, labels, label_smoothing)[0] + \
             self._penalty_term(params, lam)

@@ -1,5 +1,5 @@
-"""The SymMixer block as a gradient system (DESIGN §5.2), the AsymMixer pseudo-energy and the
-symmetry measures of trained MLPs (§5.3).
+"""The SymMixer block as a gradient system (:ref:`sec-mixer-energy`), the AsymMixer pseudo-energy
+and the symmetry measures of trained MLPs (:eq:`M-symmetry`).
 
 One parallel block of a SymMixer, g = LN(x), x ← x + u(g), is the unit Euler step of
 
@@ -162,7 +162,7 @@ class MixerBlock:
         return self._mixer.block_update(self._params, self.block, g)
 
     def hidden_lagrangian(self, g):
-        """(M1) F(g) = Σ Φ(W_t g) + Σ Φ(g W_cᵀ) with the MLPs' input matrices (asym: W₁)."""
+        """:eq:`M1` F(g) = Σ Φ(W_t g) + Σ Φ(g W_cᵀ) with the MLPs' input matrices (asym: W₁)."""
         return sum(_HIDDEN.value(linear_forward(g, w, axis=axis)[0], event_ndim=2)
                    for axis, w in self._w_in)
 
@@ -172,11 +172,11 @@ class MixerBlock:
         return self.gamma * self._unit_norm.hvp(x, v)
 
     def velocity(self, x, kappa):
-        """(M3) ẋ = u(g) − κx."""
+        """:eq:`M3` ẋ = u(g) − κx."""
         return self.update(self.activation(x)) - _kappa(kappa) * x
 
     def unit_step(self, x):
-        """x + u(g): the Euler step of (M3) with κ = 0 and dt = 1; with the default affine the
+        """x + u(g): the Euler step of :eq:`M3` with κ = 0 and dt = 1; with the default affine the
         model's block itself. It can raise E₀ even with a scalar γ (see the class docstring)."""
         self._check_state(x)
         return euler_step(lambda state: self.velocity(state, 0), x, 1.0)
@@ -197,8 +197,8 @@ class MixerBlock:
 
     def pseudo_energy(self, x):
         """:eq:`M-pseudo` E(x) + ½⟨g, W₂ᵗᵒᵏ GELU(W₁ᵗᵒᵏ g)⟩ + ½⟨g, GELU(g W₁ᶜʰᵀ)W₂ᶜʰᵀ⟩, E the
-        Lyapunov energy's form with W = W₁ (DESIGN §5.3's sign, kept for comparability with the
-        paper's plots). Not a Lyapunov function: it can rise along the dynamics; note that
+        Lyapunov energy's form with W = W₁ (the sign of the paper's form, kept for comparability
+        with the paper's plots). Not a Lyapunov function: it can rise along the dynamics; note that
         −∂/∂g of the added terms points against the breaking part of u (a −½ would point along
         it). AsymMixer and scalar affine only."""
         self._check_state(x)
@@ -214,7 +214,7 @@ class MixerBlock:
                                   w["fc2.weight"], axis=axis)[0] for axis, w in self._branches)
 
     def energy0(self, x):
-        """(M4) E₀(x) = −F(g(x)), for either affine."""
+        """:eq:`M4` E₀(x) = −F(g(x)), for either affine."""
         self._check_state(x)
         self._require_symmetric()
         return -self.hidden_lagrangian(self.activation(x))
@@ -229,7 +229,7 @@ class MixerBlock:
 
     def lyapunov_energy_rate(self, x, kappa):
         """dE/dt = ⟨∂E/∂g, H_v ẋ⟩ = ⟨x − u, H_v ẋ⟩ along (M3); for κ = 1, x − u = −ẋ and
-        dE/dt = −⟨ẋ, H_v ẋ⟩ ≤ 0 (M4)."""
+        dE/dt = −⟨ẋ, H_v ẋ⟩ ≤ 0 (:eq:`M4`)."""
         self._check_state(x)
         self._require_symmetric()
         self._require_lagrangian()
@@ -246,7 +246,7 @@ class MixerBlock:
 
     # -- trajectories
     def integrate(self, x0, dt, n_steps, kappa=1, method="rk4", record=None):
-        """n_steps fixed steps of (M3) by dynamics.integrate ("rk4" | "euler"), recording
+        """n_steps fixed steps of :eq:`M3` by dynamics.integrate ("rk4" | "euler"), recording
         `record` ("lyapunov_energy", "pseudo_energy" or "energy0"); by default the Lyapunov
         function of κ: E for κ = 1 (the pseudo-energy for an AsymMixer block), E₀ for κ = 0.
         E needs affine="scalar". Returns a dynamics.Trajectory."""
@@ -270,10 +270,10 @@ def _kappa(kappa):
     return int(kappa)
 
 
-# ---------------------------------------------------------------- symmetry measures (§5.3)
+# ---------------------------------------------------------------- symmetry measures (M-symmetry)
 
 def _mlp_matrices(kind, weights):
-    """(W_in, W_out) of out = W_out GELU(W_in z) (DESIGN §5.1): vanilla (fc1, fc2);
+    """(W_in, W_out) of out = W_out GELU(W_in z) (:ref:`sec-parameters`): vanilla (fc1, fc2);
     sym (W, Wᵀ) with W = fc2; asym (W₁, W₁ᵀ + W₂) with W₁ = fc1, W₂ = fc2."""
     if kind == "vanilla":
         return weights["fc1.weight"], weights["fc2.weight"]
@@ -288,7 +288,8 @@ def _norm(a):
 
 
 def symmetry_measures(config, params):
-    """Per block and MLP of any model, with out = W_out GELU(W_in z) (biases ignored):
+    """:eq:`M-symmetry` per block and MLP of any model, with out = W_out GELU(W_in z) (biases
+    ignored):
 
         {prefix}.cos            = ⟨W_out, W_inᵀ⟩/(‖W_out‖‖W_in‖)  (0 if either is zero)
         {prefix}.norm_ratio     = ‖W_out‖/‖W_in‖           (∞ if W_in is zero, as below)

@@ -1,4 +1,5 @@
-"""Golden files: refham as a test oracle for faster implementations (DESIGN §7; llm.c-style).
+"""Golden files: refham as a test oracle for faster implementations (:ref:`sec-oracle`;
+llm.c-style).
 
 A golden file is a plain .npz (no pickle, written atomically) of float64 tensors keyed by name.
 Parameters use timm's names and PyTorch's layouts — refham stores exactly those layouts (Linear
@@ -23,7 +24,7 @@ Mixer golden (`mixer_golden`; the keys in this order):
     train/param/<name>     the parameters after them (same batch every step, constant lr,
                            timm's weight-decay grouping: ndim ≥ 2 and not a bias)
 
-HAM golden (`ham_golden`, the Energy MetaFormer's s — v — c HAM of DESIGN §4):
+HAM golden (`ham_golden`, the Energy MetaFormer's s — v — c HAM of :ref:`sec-metaformer`):
 
     input/state/<A>              (B, n_A)  x_A for A in s, v, c: state_scale·N(0,1)
     param/sv, param/vc           (N_h, D), (D, N_h):
@@ -189,8 +190,8 @@ def _adamw_steps(mixer, optimizer, params, images, labels, steps, lr, lam, label
 # ---------------------------------------------------------------------------------------------
 def ham_golden(ham="metaformer", *, visible=64, hidden=100, batch=2, seed=0, alpha=0.1,
                state_scale=1.0, weight_scale=0.02):
-    """The golden tensors of the Energy MetaFormer's HAM s — v — c (DESIGN §4; see the module
-    docstring for the keys): weights weight_scale·N(0,1) from rng(seed), states
+    """The golden tensors of the Energy MetaFormer's HAM s — v — c (:ref:`sec-metaformer`; see the
+    module docstring for the keys): weights weight_scale·N(0,1) from rng(seed), states
     state_scale·N(0,1) from rng(seed + 1), one (H5) step of size alpha."""
     if ham not in HAMS:
         raise GoldenError(f"unknown HAM {ham!r}: choose one of {', '.join(HAMS)}")

@@ -1,7 +1,7 @@
-"""The symmetry-breaking experiment in small (DESIGN §9): vanilla, ParaMixer, SymMixer and
+"""The symmetry-breaking experiment in small (:ref:`sec-sweep`): vanilla, ParaMixer, SymMixer and
 AsymMixer(λ) for λ ∈ {1, 1e-1, 1e-2, 1e-3, 1e-4, 0}, each over several seeds, on one protocol.
 
-    results = run_sweep("runs/sweep")     # DESIGN §9 defaults: 36 runs, ~5 min on 2 CPU cores
+    results = run_sweep("runs/sweep")     # the docs' sweep defaults: 36 runs, ~5 min on 2 CPU cores
 
 The paper's claim: SymMixer trails ParaMixer/vanilla, and AsymMixer moves from SymMixer's level
 (large λ pins W₂ ≈ 0) to ParaMixer's (λ → 0) as λ falls. Every run trains in

@@ -5,7 +5,7 @@ that resume exactly, and a metrics log.
 
 Each optimiser step t (0-based) of epoch e:
     batch   ← the next slice of the epoch's permutation, drawn from rng((seed, 1, e))
-    x       ← [crop, flip] → normalise → + σ·N(0, 1)         (augmentation: DESIGN §9)
+    x       ← [crop, flip] → normalise → + σ·N(0, 1)         (augmentation: docs, training)
     J, ∇J   ← Mixer.loss_and_grads(x, y, λ, label smoothing, drop path)
     ∇J      ← clip by global norm (optional)
     θ       ← optimiser step at lr(t) = warm-up + cosine (optim.cosine_lr)
@@ -103,7 +103,8 @@ def evaluate(model, params, dataset, batch_size=256, comm=SingleProcess()):
 
 
 def symmetry_log(config, params):
-    """Per-block symmetry measures for the metrics log (DESIGN §5.3): cos(W₂, W₁ᵀ), ‖W₂‖/‖W₁‖."""
+    """Per-block symmetry measures for the metrics log, :eq:`M-symmetry`: cos(W₂, W₁ᵀ),
+    ‖W₂‖/‖W₁‖."""
     from refham.mixer_energy import symmetry_measures
     return _json_floats(symmetry_measures(config, params))
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from refham.backend import to_numpy, use_module
 
-TOL = 1e-8  # DESIGN §6: relative error of every hand-written gradient against autograd
+TOL = 1e-8  # relative error of every hand-written gradient against autograd (docs: reading guide)
 
 
 def autograd_numpy():

@@ -93,7 +93,7 @@ def test_sweep_writes_results_table_and_plot_and_skips_finished_runs(tmp_path, c
         ("paramixer", 0.0, 0), ("paramixer", 0.0, 1), ("asymmixer", 0.1, 0),
         ("asymmixer", 0.1, 1), ("asymmixer", 0.0, 0), ("asymmixer", 0.0, 1)]
     assert all(r["settings"]["train_fraction"] == 0.25 and r["settings"]["input_noise"] == 0.6
-               for r in results)                     # DESIGN §9 defaults where not overridden
+               for r in results)                     # the sweep defaults where not overridden
     with open(os.path.join(out, "results.md"), encoding="utf-8") as f:
         table = f.read()
     assert "| ParaMixer | — |" in table and "| AsymMixer | 0.1 |" in table and " ± " in table

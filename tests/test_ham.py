@@ -1,4 +1,4 @@
-"""refham.ham (DESIGN §3) against autograd on the same forward code, explicit index sums, and
+"""refham.ham (docs: ham) against autograd on the same forward code, explicit index sums, and
 the Lyapunov property (H4) along discrete and RK4 trajectories of drawn symmetric HAMs.
 
 Test data are drawn with NumPy (backend.rng) and moved with `asarray` for the hand-written path;
@@ -519,7 +519,7 @@ def test_energy_tree_adds_up_and_states_initialise():
     tree = ham.energy_tree(xs, weights)
     parts = sum(tree["layers"].values()) + sum(tree["synapses"].values())
     assert rel_err(tree["total"], parts) <= 1e-14 and tree["total"].shape == (3,)
-    # layernorm's neuron energy is −γDε/σ (DESIGN §5.2), over the D = 6 elements of v
+    # layernorm's neuron energy is −γDε/σ (docs: lagrangians), over the D = 6 elements of v
     sigma = np.sqrt(to_numpy(xs["v"]).reshape(3, -1).var(axis=1) + 1e-5)
     assert rel_err(tree["layers"]["v"], -6 * 1e-5 / sigma) <= 1e-10
 

@@ -1,7 +1,7 @@
-"""Lagrangians (DESIGN §2): every hand-written activation and Hessian-vector product against
-autograd differentiating the same `value` code, values against plain-NumPy formulas of the §2
-table, the Legendre energy, symmetry and convexity of H, stability at extreme magnitudes, and the
-error messages for bad parameters and shapes."""
+"""Lagrangians (docs: lagrangians): every hand-written activation and Hessian-vector product
+against autograd differentiating the same `value` code, values against plain-NumPy formulas of the
+docs' table, the Legendre energy, symmetry and convexity of H, stability at extreme magnitudes, and
+the error messages for bad parameters and shapes."""
 import math
 from dataclasses import dataclass
 
@@ -116,7 +116,7 @@ def normalised_reference(lagr, x):
 
 
 def hessian_norm_bound(case):
-    """An upper bound on ‖H(x)‖ over the batch, from the §2 table."""
+    """An upper bound on ‖H(x)‖ over the batch, from the Lagrangian table."""
     lagr, x = case.lagr, case.x
     if lagr.name in NORMALIZERS:  # ‖H‖ ≤ γ/σ (layernorm), γ/r (spherical)
         _, rho = normalised_reference(lagr, x)
@@ -147,10 +147,10 @@ def test_hvp_is_second_derivative_of_value(name, data):
     assert hvp_error(case, case.hand("hvp", case.x, case.v), autograd_hvp(case)) <= TOL
 
 
-# ---------------------------------------------------------------- values against the §2 table
+# ---------------------------------------------------------------- values against the docs' table
 
 def reference_value(lagr, x, event_axes):
-    """L summed over `event_axes`, written directly from the DESIGN §2 table in NumPy (naive
+    """L summed over `event_axes`, written directly from the docs' Lagrangian table in NumPy (naive
     forms, fine at the moderate magnitudes used here)."""
     relu = np.maximum(x, 0.0)
     if lagr.name in NORMALIZERS:
@@ -207,7 +207,7 @@ def test_neuron_energy_is_legendre_transform(name, data):
     """neuron_energy = ⟨x, g⟩ − L with the batch shape, and the combined pass returns the same g
     and energy. layernorm and spherical compute energy in closed
     form (−γDε/σ, −γε/r; checked against NumPy below), so this also shows that the Legendre
-    transform of γ·D·σ + ⟨δ, x⟩ is −γDε/σ (DESIGN §5.2)."""
+    transform of γ·D·σ + ⟨δ, x⟩ is −γDε/σ (docs: lagrangians)."""
     case = data.draw(cases((name,)))
     g = case.hand("activation", case.x)
     value = case.hand("value", case.x, event_ndim=case.event_ndim)
@@ -247,7 +247,7 @@ def test_convex_lagrangians_have_positive_semidefinite_hessian(name, data):
 
 
 def test_gelu_is_flagged_non_convex_and_has_negative_curvature():
-    """GELU′(x) < 0 below x ≈ −0.752 (DESIGN §2): ⟨v, Hv⟩ < 0 there."""
+    """GELU′(x) < 0 below x ≈ −0.752 (docs: lagrangians): ⟨v, Hv⟩ < 0 there."""
     assert not GELU.convex and all(LAGRANGIANS[name].convex for name in CONVEX_NAMES)
     assert set(NAMES) - set(CONVEX_NAMES) == {"gelu"}
     v = np.ones(4)
@@ -259,7 +259,7 @@ def test_gelu_is_flagged_non_convex_and_has_negative_curvature():
 # ---------------------------------------------------------------- layer norm and sphere
 
 def closed_form_energy(lagr, x, event_axes):
-    """−γDε/σ (layernorm, DESIGN §5.2) or −γε/r (spherical), summed over the other event axes."""
+    """−γDε/σ (layernorm) or −γε/r (spherical), summed over the other event axes."""
     _, rho = normalised_reference(lagr, x)
     size = math.prod(x.shape[a] for a in lagr.axes) if lagr.name == "layernorm" else 1
     return np.sum(-lagr.gamma * size * lagr.eps / rho, axis=event_axes)

@@ -204,7 +204,8 @@ def gelu_np(z):
 
 
 def mlp_reference(kind, w, z, axis):
-    """The MLP kinds of DESIGN §5.1 with named axes: z[b, i, c] along −2, z[b, s, i] along −1."""
+    """The MLP kinds of the docs (mixer page) with named axes: z[b, i, c] along −2, z[b, s, i]
+    along −1."""
     def apply(weight, x):  # weight (out, in) acting on the mapped axis i
         return np.einsum("oi,bic->boc" if axis == -2 else "oi,bsi->bso", weight, x)
 

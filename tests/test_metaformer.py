@@ -1,7 +1,7 @@
-"""refham.metaformer (DESIGN §4): the unrolled denoising loss's hand-written gradient against
-autograd on the same forward code, training that lowers the loss, energy descent with trained
-weights, the `figures` energy trace against (H1) evaluated here independently in NumPy, and the
-`refham metaformer` command.
+"""refham.metaformer (docs: metaformer): the unrolled denoising loss's hand-written gradient
+against autograd on the same forward code, training that lowers the loss, energy descent with
+trained weights, the `figures` energy trace against (H1) evaluated here independently in NumPy, and
+the `refham metaformer` command.
 
 Test data are drawn with NumPy (backend.rng) and moved with `asarray` for the hand-written path;
 autograd differentiates the same forward on NumPy. D ≠ N_h throughout.

@@ -106,7 +106,7 @@ def gelu_np(z):
 
 
 def reference_logits(config, p, images):
-    """The Mixer of DESIGN §5 written out with loops and einsum on named axes."""
+    """The Mixer of the docs (mixer page) written out with loops and einsum on named axes."""
     batch, _, height, width = images.shape
     q, grid = config.patch, config.image_size // config.patch
     kernel = p["stem.proj.weight"]
@@ -180,7 +180,7 @@ def test_forward_matches_named_axis_reference(model, bias, norm, data, seed):
 # SymMixer = gradient step on F; AsymMixer breaks the symmetry
 # --------------------------------------------------------------------------------------------
 def gelu_lagrangian(x):
-    """Φ(x) = ¼(x² + (x² − 1)·erf(x/√2) + x·√(2/π)·e^{−x²/2}), Φ′ = GELU (DESIGN §2)."""
+    """Φ(x) = ¼(x² + (x² − 1)·erf(x/√2) + x·√(2/π)·e^{−x²/2}), Φ′ = GELU (docs: lagrangians)."""
     return 0.25 * (x**2 + (x**2 - 1) * asp.erf(x / np.sqrt(2))
                    + x * np.sqrt(2 / np.pi) * anp.exp(-x**2 / 2))
 
@@ -441,11 +441,11 @@ def test_input_validation():
 
 
 # --------------------------------------------------------------------------------------------
-# timm names (DESIGN §5.4)
+# timm names (docs: mixer, parameter table)
 # --------------------------------------------------------------------------------------------
 def expected_state_shapes(model, norm, bias):
     """Names and shapes of the paper's models for C_in 2, p 2, S = 4, C = 6 (N_s 3, N_c 24),
-    depth 2, K 5, written out from DESIGN §5.4 in state_dict order."""
+    depth 2, K 5, written out from the docs' parameter table in state_dict order."""
     S, C, Ns, Nc = 4, 6, 3, 24
     ln = (S, C) if norm == "joint" else (C,)
 

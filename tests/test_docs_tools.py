@@ -1,0 +1,42 @@
+"""docs/_ext/plaindocstrings.py: refham's plain-Unicode docstrings become valid reST that shows
+them as written (no Sphinx needed: the rewriting is plain text)."""
+import importlib.util
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _plaindocstrings():
+    path = ROOT / "docs" / "_ext" / "plaindocstrings.py"
+    spec = importlib.util.spec_from_file_location("plaindocstrings", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+plain_docstring = _plaindocstrings().plain_docstring
+
+
+def test_math_characters_are_escaped_outside_code_and_roles():
+    out = plain_docstring(["‖x‖ = |x|, x* and clip_grad_norm_ here; `a|b*` :eq:`H5` stay."])
+    assert out == ["‖x‖ = \\|x\\|, x\\* and clip_grad_norm\\_ here; `a|b*` :eq:`H5` stay."]
+
+
+def test_code_touching_a_word_gets_an_invisible_separator():
+    assert plain_docstring(["the `Regime`s of an x`y`"]) == ["the `Regime`\\ s of an x\\ `y`"]
+
+
+def test_indented_lines_and_pipe_tables_are_shown_verbatim():
+    lines = ["Keys:", "    input/x   (B,)   the input", "", "    output/y  (B,)", "after",
+             "| a | b |", "|---|---|"]
+    assert plain_docstring(lines) == [
+        "Keys:", "", "::", "", "        input/x   (B,)   the input", "    ", "        output/y  (B,)",
+        "", "after", "", "::", "", "    | a | b |", "    |---|---|", ""]
+
+
+def test_rest_tables_are_left_as_they_are_and_numpydoc_sections_keep_their_indentation():
+    table = ["=====  =====", "name   shape", "=====  =====", "W|x    (h,", "       in)",
+             "=====  ====="]
+    assert plain_docstring(["Intro."] + table) == ["Intro.", ""] + table + [""]
+    section = ["Summary.", "", "Parameters", "----------", "x : array", "    the state x*"]
+    assert plain_docstring(section) == section[:-1] + ["    the state x\\*"]
