@@ -189,12 +189,16 @@ def run_case(config, batch, args, with_torch):
 # Environment, table, command line
 # ---------------------------------------------------------------------------------------------
 def _blas_info():
+    """threadpoolctl's view of every BLAS in the process, NumPy's first."""
     try:
         import threadpoolctl
     except ImportError:
         return []
+    pools = sorted((pool for pool in threadpoolctl.threadpool_info()
+                    if pool.get("user_api") == "blas"),
+                   key=lambda pool: "numpy" not in pool.get("filepath", ""))
     return [{k: pool.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
-            for pool in threadpoolctl.threadpool_info() if pool.get("user_api") == "blas"]
+            for pool in pools]
 
 
 def _cpu_name():
@@ -212,10 +216,22 @@ def environment(args, torch_module):
            "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
            "load_average_start": os.getloadavg(), "tf32": args.tf32, "malloc": args.malloc}
     if torch_module is not None:
-        env.update(torch=torch_module.__version__, torch_threads=torch_module.get_num_threads())
+        env.update(torch=torch_module.__version__, torch_threads=torch_module.get_num_threads(),
+                   torch_blas="MKL" if torch_module.backends.mkl.is_available() else "no MKL")
         if args.backend == "cupy":
             env["gpu"] = torch_module.cuda.get_device_name()
     return env
+
+
+def describe(env):
+    """One line: the machine (CPU model, cores), NumPy's BLAS and its kernel, torch, the load."""
+    blas = ", ".join(f"{b['internal_api']} {b['version']} {b['architecture']} kernels, "
+                     f"{b['num_threads']} threads" for b in env["blas"][:1]) or "unknown"
+    coretype = env["OPENBLAS_CORETYPE"] or "unset"
+    return (f"{env['cpu']}, {env['cores']} cores | NumPy BLAS: {blas} (OPENBLAS_CORETYPE "
+            f"{coretype}) | {env['backend']}/{env['dtype']} | torch {env.get('torch', '-')} "
+            f"({env.get('torch_threads', '-')} threads, {env.get('torch_blas', '-')}) | load "
+            f"{env['load_average_start'][0]:.1f}")
 
 
 def table(results):
@@ -306,6 +322,7 @@ def main(argv=None):
         if args.backend == "cupy":
             set_tf32(args.tf32)
         env = environment(args, torch)
+        print(describe(env), flush=True)
         results = []
         for config, batch in _cases(args):
             results.append(run_case(config, batch, args, torch is not None))
@@ -314,10 +331,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"environment": env, "results": results}, f, indent=1)
-    print(f"\n{env['cpu']}, {env['cores']} cores, {args.backend}/{args.dtype}, BLAS "
-          f"{[(b['internal_api'], b['architecture'], b['num_threads']) for b in env['blas']]}, "
-          f"torch {env.get('torch', '-')} ({env.get('torch_threads', '-')} threads), "
-          f"load {env['load_average_start'][0]:.1f}→{env['load_average_end'][0]:.1f}")
+    print(f"\n{describe(env)}, load at the end {env['load_average_end'][0]:.1f}")
     print(table(results))
     return 0
 

@@ -12,7 +12,8 @@ Also here: the default float dtype, a seeded random generator that gives the sam
 backend (drawn with NumPy, then moved), `asarray`/`to_numpy`, the few special functions that
 numeric code needs (erf, the normal cdf/pdf, GELU and its derivative), and the fused elementwise
 chains of the training step: `fused_elementwise` pairs a plain xp definition (the specification,
-run on NumPy and under autograd) with the same arithmetic as one CuPy kernel (run on the GPU).
+run under autograd, and on NumPy in cache-sized chunks on the BLAS threads) with the same
+arithmetic as one CuPy kernel (run on the GPU).
 """
 import contextlib
 import functools

@@ -9,11 +9,13 @@ chunks run in parallel on a small persistent thread pool. The pool uses as many 
 NumPy's BLAS may use right now (`blas_threads`: OpenBLAS's setting, so `threadpoolctl`'s
 limits, OPENBLAS_NUM_THREADS and a benchmark's `--threads` all apply to it as well).
 
-The chunks are fixed slices of the leading axis whatever the number of threads, and an
+The chunks are fixed slices of the leading axis whatever the number of threads (threads take
+the next free chunk, so a thread that a busy machine leaves waiting delays little), and an
 elementwise chain computes each element from that element alone, so the numbers are the same
 bit for bit for any thread count, and equal to one call of the chain on the whole arrays.
 """
 import concurrent.futures
+import itertools
 import os
 import threading
 
@@ -53,8 +55,8 @@ def _executor(workers):
     """A thread pool with at least `workers` threads, owned by this process."""
     with _Pool.lock:
         if _Pool.pid != os.getpid() or _Pool.workers < workers:
-            if _Pool.executor is not None and _Pool.pid == os.getpid():
-                _Pool.executor.shutdown(wait=False)
+            # not shut down: a caller may still submit to it; its idle threads exit once
+            # it is garbage-collected
             _Pool.executor = concurrent.futures.ThreadPoolExecutor(
                 workers, thread_name_prefix="refham-elementwise")
             _Pool.pid, _Pool.workers = os.getpid(), workers
@@ -92,25 +94,34 @@ def chunked_elementwise(chain, arrays):
     rows = max(1, CHUNK // max(1, int(numpy.prod(full[1:]))))
     starts = range(0, full[0], rows)
     outputs, as_tuple = [], []
+    taken, lock = itertools.count(1), threading.Lock()
 
-    def run(chunk_starts):
-        for start in chunk_starts:
-            part = slice(start, start + rows)
-            result = chain(*(a[part] if cut else a for a, cut in zip(arrays, sliced)))
-            results = result if isinstance(result, tuple) else (result,)
-            if not outputs:  # the first chunk (run alone, below) fixes the outputs' dtypes
-                outputs.extend(numpy.empty(full, dtype=r.dtype) for r in results)
-                as_tuple.append(isinstance(result, tuple))
-            for output, r in zip(outputs, results):
-                output[part] = r
+    def run(start):
+        part = slice(start, start + rows)
+        result = chain(*(a[part] if cut else a for a, cut in zip(arrays, sliced)))
+        results = result if isinstance(result, tuple) else (result,)
+        if not outputs:  # the first chunk (run alone, below) fixes the outputs' dtypes
+            outputs.extend(numpy.empty(full, dtype=r.dtype) for r in results)
+            as_tuple.append(isinstance(result, tuple))
+        for output, r in zip(outputs, results):
+            output[part] = r
 
-    run(starts[:1])
-    n_threads = min(blas_threads(), len(starts) - 1)
-    bounds = [1 + (len(starts) - 1) * k // n_threads for k in range(n_threads + 1)]
-    pieces = [starts[bounds[k]:bounds[k + 1]] for k in range(n_threads)]
-    futures = [_executor(n_threads - 1).submit(run, piece) for piece in pieces[1:]]
-    run(pieces[0])
+    def work():
+        """Take the next chunk until none is left: a thread the OS leaves waiting (a busy
+        machine) holds up at most the one chunk it has started."""
+        while True:
+            with lock:
+                index = next(taken)
+            if index >= len(starts):
+                return
+            run(starts[index])
+
+    run(starts[0])
+    n_workers = min(blas_threads(), len(starts) - 1) - 1
+    futures = [_executor(n_workers).submit(work) for _ in range(n_workers)]
+    work()
     for future in futures:
-        future.result()
+        if not future.cancel():  # cancelled: it never started, and all chunks are done
+            future.result()
     outputs = tuple(output.reshape(shape) for output in outputs)
     return outputs if as_tuple[0] else outputs[0]

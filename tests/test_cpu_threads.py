@@ -1,5 +1,8 @@
 """Chunked, threaded elementwise chains (refham/cpu_threads.py) against one call of the chain:
 the same numbers bit for bit, for any thread count, shape, layout and broadcasting."""
+import os
+import signal
+
 import numpy as np
 import pytest
 import threadpoolctl
@@ -112,3 +115,18 @@ def test_autograd_runs_the_plain_chain():
     with use_module(anp, asp.erf, name="autograd"):
         slope = autograd.grad(lambda v: gelu_backward(v, np.ones_like(x)).sum())(x)
     np.testing.assert_array_equal(slope, np.ones_like(x))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_gets_its_own_pool():
+    """A fork keeps the pool object but none of its threads: the child must still get its
+    numbers, without waiting for threads that do not exist (an alarm ends a hung child)."""
+    x = np.random.default_rng(5).standard_normal(4 * T.CHUNK)
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        expected = T.chunked_elementwise(np.exp, (x,))  # the parent's pool now exists
+        pid = os.fork()
+        if pid == 0:  # the child: exit status 0 when the numbers are right
+            signal.alarm(60)
+            os._exit(0 if np.array_equal(T.chunked_elementwise(np.exp, (x,)), expected) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
