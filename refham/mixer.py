@@ -35,6 +35,7 @@ from refham.layers import (
 MODELS = ("vanilla", "paramixer", "symmixer", "asymmixer")
 _MLP_KIND = {"vanilla": "vanilla", "paramixer": "vanilla", "symmixer": "sym", "asymmixer": "asym"}
 NORMS = ("joint", "channel")
+NORM_AFFINES = ("element", "scalar")
 _224 = dict(image_size=224, in_chans=3)
 SIZES = {
     "s16": dict(_224, patch=16, dim=512, depth=8), "s32": dict(_224, patch=32, dim=512, depth=8),
@@ -76,6 +77,9 @@ class MixerConfig:
     bias: bool = False            # MLP biases (vanilla MLPs only)
     ln_eps: float = 1e-6          # ε of every layer norm, the final one included
     drop_path: float = 0.0        # stochastic-depth rate of the last block
+    norm_affine: str = "element"  # block norms' γ: "element" (the paper's) or "scalar", one γ
+                                  # per norm: the Lagrangian's, so each SymMixer block is an
+                                  # exact energy-descent step (:eq:`L-layernorm`, :eq:`M2`)
 
     def __post_init__(self):
         _validate(self)
@@ -119,6 +123,9 @@ def _validate(cfg):
         raise ConfigError(f"unknown model {cfg.model!r}: choose one of {', '.join(MODELS)}")
     if cfg.norm not in NORMS:
         raise ConfigError(f"unknown norm {cfg.norm!r}: choose one of {', '.join(NORMS)}")
+    if cfg.norm_affine not in NORM_AFFINES:
+        raise ConfigError(f"unknown norm_affine {cfg.norm_affine!r}: choose one of "
+                          f"{', '.join(NORM_AFFINES)}")
     for name in ("image_size", "in_chans", "patch", "dim", "depth", "num_classes", "n_iter"):
         value = getattr(cfg, name)
         if not _is_int(value) or value < 1:
@@ -174,7 +181,8 @@ def param_shapes(config):
               "stem.proj.bias": (C,)}
     for i in range(config.depth):
         for norm, mlps in block_steps(config):
-            shapes.update({f"blocks.{i}.{norm}.weight": norm_shape,
+            shapes.update({f"blocks.{i}.{norm}.weight":
+                           () if config.norm_affine == "scalar" else norm_shape,
                            f"blocks.{i}.{norm}.bias": norm_shape})
             for mlp in mlps:
                 local = mlp_param_shapes(config.mlp_kind, *mlp_sizes[mlp], bias=config.bias)
