@@ -162,6 +162,9 @@ def _add_sweep(p):
     p.add_argument("--study", action="store_true",
                    help="the full study (docs/symmetry-study.md): fixed budget, tuned lr, 120 "
                         "epochs and the AsymMixer inits; ≈ 30 min of one core")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the tables and figures of what has finished "
+                        "(marked partial if runs are missing)")
     p.add_argument("--part", default=None, metavar="I/N",
                    help="train only part I of N (disjoint), e.g. 1/2 and 2/2 in two processes")
     add_config_options(p, SWEEP_SETTINGS, exclude=PER_RUN + ("epochs",))
@@ -189,10 +192,11 @@ def _run_sweep(args):
         part = None if args.part is None else _part(args.part)
         settings = given_settings(args, exclude=PER_RUN + ("epochs",))
         if args.study:
-            run_study(args.out, settings, part, log)
+            run_study(args.out, settings, part, log, args.report_only)
         else:
             run_sweep(args.out, settings, args.models, args.lams, args.seeds, args.epochs,
-                      args.tune_lr, args.tune_seeds, args.asym_init, part, log)
+                      args.tune_lr, args.tune_seeds, args.asym_init, part, log,
+                      args.report_only)
     except (SweepError,) + USER_ERRORS as exc:
         print(f"refham sweep: error: {exc}", file=sys.stderr)
         return 2

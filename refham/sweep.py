@@ -113,9 +113,10 @@ def _settings(settings):
     return {k: v for k, v in settings.items() if k not in PER_REGIME}
 
 
-def execute(out, regimes, settings=None, part=None, log=print, poll=10.0):
+def execute(out, regimes, settings=None, part=None, log=print, poll=10.0, report_only=False):
     """Train every run the `regimes` need (those of `part` only, if given) that `out` has not
-    finished, then — once every run of every part is done — write the report. Returns
+    finished, then — once every run of every part is done — write the report; `report_only`:
+    train nothing and report what has finished, marked partial if anything is missing. Returns
     (results, finished): the records of the planned runs, and False when a signal stopped it."""
     shared = _settings(settings)
     os.makedirs(out, exist_ok=True)
@@ -132,7 +133,9 @@ def execute(out, regimes, settings=None, part=None, log=print, poll=10.0):
                                  f"(differing: {changed}, run {run_name(run)}); choose another "
                                  f"--out")
         runs, rates = plan(regimes, results)
-        run = _next_run(runs, results, part)
+        run = None if report_only else _next_run(runs, results, part)
+        if run is None and report_only:
+            break
         if run is None:
             if all(lr is not None for lr in rates.values()) or part is None:
                 break
@@ -152,8 +155,10 @@ def execute(out, regimes, settings=None, part=None, log=print, poll=10.0):
         done = sum(r in results for r in runs) + 1
         log(f"[{done}/{len(runs)}] {run_name(run)}: {accuracy} ({record['wall_time'] or 0:.0f} s)")
     chosen = [results[r] for r in runs if r in results]
-    if len(chosen) == len(runs) and all(lr is not None for lr in rates.values()):
-        write_report(out, regimes, results, rates, log)
+    complete = len(chosen) == len(runs) and all(lr is not None for lr in rates.values())
+    if complete or report_only:
+        write_report(out, regimes, results, rates, log,
+                     partial=None if complete else (len(chosen), len(runs)))
     else:
         log(f"this part is done; {len(runs) - len(chosen)} run(s) of other parts are pending "
             f"(the last part to finish writes the report)")
@@ -162,7 +167,7 @@ def execute(out, regimes, settings=None, part=None, log=print, poll=10.0):
 
 def run_sweep(out, settings=None, models=tuple(ARMS), lams=SWEEP_LAMS, seeds=SWEEP_SEEDS,
               epochs=None, tune_lr=(), tune_seeds=(0,), asym_inits=("official",), part=None,
-              log=print):
+              log=print, report_only=False):
     """One regime ("sweep") from these options; `settings`: TrainConfig fields overriding
     SWEEP_SETTINGS (their lr and epochs are the regime's when `epochs`/`tune_lr` are not
     given; model, λ, seed and the init are set per run). See `execute`."""
@@ -170,14 +175,14 @@ def run_sweep(out, settings=None, models=tuple(ARMS), lams=SWEEP_LAMS, seeds=SWE
     regime = Regime("sweep", tuple(models), tuple(lams), tuple(seeds),
                     tuple(epochs or (merged["epochs"],)), merged["lr"], tuple(tune_lr),
                     tuple(tune_seeds), tuple(asym_inits))
-    return execute(out, [regime], settings, part, log)
+    return execute(out, [regime], settings, part, log, report_only=report_only)
 
 
-def run_study(out, settings=None, part=None, log=print):
+def run_study(out, settings=None, part=None, log=print, report_only=False):
     """Every regime of STUDY into `out` (see `execute`); `settings` may change the protocol
     but not the regimes' learning rates and budgets."""
     fixed = sorted(set(settings or {}) & set(PER_REGIME))
     if fixed:
         raise SweepError(f"the study sets {fixed} in its regimes (refham.sweep_plan.STUDY); "
                          f"drop those options, or run a sweep without --study")
-    return execute(out, STUDY, settings, part, log)
+    return execute(out, STUDY, settings, part, log, report_only=report_only)

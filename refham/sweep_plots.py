@@ -8,6 +8,8 @@ from refham.sweep_plan import LABELS
 
 COLOURS = {"vanilla": "tab:gray", "paramixer": "tab:blue", "symmixer": "tab:green",
            "symmixer-exact": "tab:olive"}
+ASYM_COLOURS = ("tab:red", "tab:orange", "tab:brown", "tab:pink", "tab:purple", "tab:cyan",
+                "black")                   # AsymMixer rows, by λ in the order they come
 
 
 def _figure(size):
@@ -76,11 +78,15 @@ def plot_curves(rows, path):
         return False
     for index, (regime, epochs) in enumerate(panels, start=1):
         ax = fig.add_subplot(math.ceil(len(panels) / 3), min(len(panels), 3), index)
+        lams = list(dict.fromkeys(row["lam"] for row in rows if row["model"] == "asymmixer"))
         for row in rows:
             if (row["regime"], row["epochs"]) == (regime, epochs) and row["val_curve"]:
                 curve = row["val_curve"]
-                ax.plot(range(1, len(curve) + 1), [100 * (v or 0) for v in curve],
-                        color=COLOURS.get(row["model"]), label=row_label(row), linewidth=1.2)
+                colour = COLOURS.get(row["model"]) or \
+                    ASYM_COLOURS[lams.index(row["lam"]) % len(ASYM_COLOURS)]
+                ax.plot(range(1, len(curve) + 1), [100 * (v or 0) for v in curve], color=colour,
+                        label=row_label(row), linewidth=1.2,
+                        linestyle="-" if row["init"] == "official" else "--")
         ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title=f"{regime}, {epochs} "
                                                                         f"epochs")
         ax.set_ylim(40, 100)

@@ -110,9 +110,10 @@ def tuning_table(regime, results):
     return "\n".join(lines) + "\n"
 
 
-def write_report(out, regimes, results, rates, log=print):
+def write_report(out, regimes, results, rates, log=print, partial=None):
     """results.md (protocol, a table per regime, the lr grids) and, with matplotlib,
-    accuracy_vs_lambda.png, curves.png and (several regimes) regimes.png."""
+    accuracy_vs_lambda.png, curves.png and (several regimes) regimes.png. `partial`:
+    (finished, planned) run counts of a sweep not yet complete, stated at the top."""
     summaries = {regime.name: summarize(regime, results, rates) for regime in regimes}
     settings = next(iter(results.values()))["settings"] if results else {}
     protocol = ", ".join(f"{k}={v}" for k, v in sorted(settings.items())
@@ -120,6 +121,9 @@ def write_report(out, regimes, results, rates, log=print):
     parts = [f"# Symmetry-breaking sweep\n\nFinal-epoch test accuracy, mean ± sample std over "
              f"seeds; best.npz is the epoch of best validation accuracy.\nSettings: "
              f"{protocol}\n"]
+    if partial:
+        parts.append(f"\n**Partial: {partial[0]} of the {partial[1]} runs planned so far have "
+                     f"finished**; rows average the seeds that have.\n")
     for regime in regimes:
         parts.append(f"\n## {REGIME_TITLES.get(regime.name, regime.name)}\n\nSeeds "
                      f"{list(regime.seeds)}.\n\n{markdown_table(summaries[regime.name])}")

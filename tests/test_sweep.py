@@ -219,3 +219,16 @@ def test_figures_are_written_or_their_absence_reported(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "matplotlib.figure", None)
     assert plot_curves(rows, str(tmp_path / "none.png")) is False
     assert not (tmp_path / "none.png").exists()
+
+
+def test_report_only_trains_nothing_and_marks_a_partial_sweep(tmp_path, monkeypatch):
+    fake = FakeTrain(interrupt=[("paramixer", 0.0, 1)])
+    monkeypatch.setattr(sweep, "train", fake)
+    kwargs = dict(models=("paramixer",), seeds=(0, 1, 2), log=lambda line: None)
+    run_sweep(str(tmp_path), {"epochs": 2}, **kwargs)           # seed 0 done, then stopped
+    fake.calls.clear()
+    results, _ = run_sweep(str(tmp_path), {"epochs": 2}, report_only=True, **kwargs)
+    assert fake.calls == [] and len(results) == 1
+    text = (tmp_path / "results.md").read_text(encoding="utf-8")
+    assert "**Partial: 1 of the 3 runs planned so far have finished**" in text
+    assert "| ParaMixer | 2 | 0.002 | 50.00 | — | 1 |" in text
