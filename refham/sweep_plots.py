@@ -107,7 +107,7 @@ def plot_regimes(summaries, path):
         for label in rows:
             counts[label] = counts.get(label, 0) + 1
     labels = [label for label, n in counts.items() if n >= 2]
-    fig = _figure((max(8.0, 0.9 * len(labels) * max(len(series), 1) / 2), 4.6))
+    fig = _figure((min(13.0, max(8.0, 0.45 * len(labels) * max(len(series), 1))), 4.6))
     if fig is None:
         return False
     ax = fig.add_subplot()
@@ -122,5 +122,5 @@ def plot_regimes(summaries, path):
     low = min((100 * r["mean"] for rows in series.values() for r in rows.values()), default=0)
     ax.set_ylim(max(0, 5 * math.floor(low / 5) - 5), 100)
     ax.set(ylabel="test accuracy (%)", title="digits, final epoch: the regimes side by side")
-    ax.legend(fontsize="small", ncol=2)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path)
