@@ -13,7 +13,8 @@ Conv2d stem), not op by op against refham.
                        asym (W₁ᵀ + W₂) GELU(W₁ z)
 
 each block repeated n_iter times with the same weights; T mixes tokens (S → N_s → S), Ch mixes
-channels (C → N_c → C); LN is the joint (S, C) norm or the per-token norm over C.
+channels (C → N_c → C); LN is the joint (S, C) norm or the per-token norm over C, with a
+per-element γ (the paper's) or, for refham's energy-exact norm_affine="scalar", one γ per norm.
 
 Recipe — refham weights into PyTorch, logits compared (what `main` below does):
 
@@ -82,6 +83,20 @@ def drop_path(update, rate, training):
     return update * mask.div_(keep)
 
 
+class ScalarGammaNorm(nn.Module):
+    """γ·LN(x) + δ with one γ (a 0-d weight) and a per-element δ: refham's norm_affine="scalar",
+    the layer norm that has a Lagrangian (so every SymMixer block descends its energy)."""
+
+    def __init__(self, shape, eps):
+        super().__init__()
+        self.shape, self.eps = tuple(shape), eps
+        self.weight = nn.Parameter(torch.ones(()))
+        self.bias = nn.Parameter(torch.zeros(self.shape))
+
+    def forward(self, x):
+        return self.weight * F.layer_norm(x, self.shape, eps=self.eps) + self.bias
+
+
 class MixerBlock(nn.Module):
     """A serial (vanilla) or parallel block of `config`, applied n_iter times. Names: serial
     norm1, mlp_tokens, norm2, mlp_channels; parallel norm, mlp_tokens, mlp_channels."""
@@ -92,6 +107,8 @@ class MixerBlock(nn.Module):
         norm_shape = (tokens, dim) if config.norm == "joint" else (dim,)
 
         def norm():
+            if config.norm_affine == "scalar":
+                return ScalarGammaNorm(norm_shape, config.ln_eps)
             return nn.LayerNorm(norm_shape, eps=config.ln_eps)
 
         def mlp(n_in, n_hidden):

@@ -99,9 +99,12 @@ def _run_train(args):
             f"{summary['epochs_done'] + 1}); saved {cfg.out}/last.npz — continue with: "
             f"refham train --resume --out {cfg.out}")
         return 0
-    say(f"finished {summary['epochs']} epochs in {summary['wall_time']:.1f} s: test top-1 "
-        f"{100 * summary['test_acc']:.2f}% (loss {summary['test_loss']:.4f}), best "
-        f"{100 * summary['best_test_acc']:.2f}% at epoch {summary['best_epoch']}; "
+    best = ("" if summary["best_epoch"] is None else
+            f"; best.npz (epoch {summary['best_epoch']}, validation top-1 "
+            f"{100 * summary['best_val_acc']:.2f}%): test top-1 "
+            f"{100 * summary['best_test_acc']:.2f}% (loss {summary['best_test_loss']:.4f})")
+    say(f"finished {summary['epochs']} epochs in {summary['wall_time']:.1f} s: final test "
+        f"top-1 {100 * summary['test_acc']:.2f}% (loss {summary['test_loss']:.4f}){best}; "
         f"checkpoints and metrics in {cfg.out}")
     return 0
 
@@ -135,32 +138,69 @@ def _run_eval(args):
 
 
 def _add_sweep(p):
-    from refham.mixer import MODELS
-    from refham.sweep import PER_RUN, SWEEP_LAMS, SWEEP_SEEDS, SWEEP_SETTINGS
+    from refham.asym_init import ASYM_INITS
+    from refham.sweep import ARMS, PER_RUN, SWEEP_LAMS, SWEEP_SEEDS, SWEEP_SETTINGS
     from refham.train_config import add_config_options
 
     p.add_argument("--out", default="runs/sweep",
-                   help="folder of the sweep: runs/, results.jsonl, results.md, the plot "
+                   help="folder of the sweep: runs/, results.jsonl, results.md, the figures "
                         "(runs/sweep)")
-    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
-                   help=f"models to train (all: {' '.join(MODELS)})")
+    p.add_argument("--models", nargs="+", choices=tuple(ARMS), default=list(ARMS),
+                   help=f"models to train (all: {' '.join(ARMS)}; symmixer-exact: one γ per "
+                        f"block norm)")
     p.add_argument("--lams", nargs="+", type=float, default=list(SWEEP_LAMS),
                    help=f"AsymMixer λ values ({' '.join(f'{lam:g}' for lam in SWEEP_LAMS)})")
     p.add_argument("--seeds", nargs="+", type=int, default=list(SWEEP_SEEDS),
                    help=f"seeds per model and λ ({' '.join(map(str, SWEEP_SEEDS))})")
-    add_config_options(p, SWEEP_SETTINGS, exclude=PER_RUN)
+    p.add_argument("--epochs", nargs="+", type=int, default=None, metavar="EPOCHS",
+                   help=f"training budgets, each reported ({SWEEP_SETTINGS['epochs']})")
+    p.add_argument("--tune-lr", nargs="+", type=float, default=(), metavar="LR",
+                   help="choose each row's lr from these by validation accuracy on the tune "
+                        "seeds, then report the test accuracy at that lr over --seeds")
+    p.add_argument("--tune-seeds", nargs="+", type=int, default=[0], metavar="SEED",
+                   help="seeds the lr grid is trained on (0)")
+    p.add_argument("--asym-init", nargs="+", choices=ASYM_INITS, default=["official"],
+                   help="AsymMixer inits: official (the paper's), zero (W₂ = 0), para (starts "
+                        "as the ParaMixer of its seed) (official)")
+    p.add_argument("--study", action="store_true",
+                   help="the full study (docs/symmetry-study.md): fixed budget, tuned lr, 120 "
+                        "epochs and the AsymMixer inits; ≈ 30 min of one core")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the tables and figures of what has finished "
+                        "(marked partial if runs are missing)")
+    p.add_argument("--part", default=None, metavar="I/N",
+                   help="train only part I of N (disjoint), e.g. 1/2 and 2/2 in two processes")
+    add_config_options(p, SWEEP_SETTINGS, exclude=PER_RUN + ("epochs",))
+
+
+def _part(text):
+    """'I/N' → (I, N) with 1 ≤ I ≤ N, or SweepError."""
+    from refham.sweep import SweepError
+
+    numbers = text.split("/")
+    if len(numbers) != 2 or not all(n.isdigit() for n in numbers) \
+            or not 1 <= int(numbers[0]) <= int(numbers[1]):
+        raise SweepError(f"--part {text!r} must read I/N with 1 ≤ I ≤ N, e.g. 1/2")
+    return int(numbers[0]), int(numbers[1])
 
 
 def _run_sweep(args):
-    """The sweep of :ref:`sec-sweep`: vanilla, ParaMixer, SymMixer and AsymMixer(λ) over seeds;
-    table and plot."""
-    from refham.sweep import PER_RUN, SweepError, run_sweep
+    """The symmetry-breaking experiment (:ref:`sec-sweep`): models × λ × inits × budgets × seeds;
+    tables, figures."""
+    from refham.sweep import PER_RUN, SweepError, run_study, run_sweep
     from refham.train import USER_ERRORS
     from refham.train_config import given_settings
 
+    log = lambda line: print(line, flush=True)  # noqa: E731
     try:
-        run_sweep(args.out, given_settings(args, exclude=PER_RUN), args.models, args.lams,
-                  args.seeds, log=lambda line: print(line, flush=True))
+        part = None if args.part is None else _part(args.part)
+        settings = given_settings(args, exclude=PER_RUN + ("epochs",))
+        if args.study:
+            run_study(args.out, settings, part, log, args.report_only)
+        else:
+            run_sweep(args.out, settings, args.models, args.lams, args.seeds, args.epochs,
+                      args.tune_lr, args.tune_seeds, args.asym_init, part, log,
+                      args.report_only)
     except (SweepError,) + USER_ERRORS as exc:
         print(f"refham sweep: error: {exc}", file=sys.stderr)
         return 2
@@ -282,8 +322,8 @@ COMMANDS = {
     "metaformer": ("the Energy MetaFormer (see the docs): `train` a three-layer HAM denoiser by "
                    "backprop through its dynamics; `figures` of a checkpoint", _add_metaformer,
                    _run_metaformer),
-    "sweep": ("the symmetry-breaking experiment (see the docs): all four models, AsymMixer over "
-              "λ, several seeds; a markdown table and a plot", _add_sweep, _run_sweep),
+    "sweep": ("the symmetry-breaking experiment: every model, AsymMixer over λ, several seeds, "
+              "budgets and learning rates; tables and figures", _add_sweep, _run_sweep),
     "oracle": ("golden files for testing other implementations: `write` one (float64, "
                "tensors by name), `check` a candidate against it", add_oracle, run_oracle),
     "export": ("Mixer weights → a timm state dict (safetensors or npz) for the paper's PyTorch "

@@ -20,7 +20,8 @@ from refham.backend import asarray, rng, xp
 from refham.datafiles import (  # re-exported: the file readers' public names
     DataError, load_idx, load_mnist, read_cifar, restricted_unpickle)
 
-__all__ = ["DATASETS", "DataError", "Dataset", "load_dataset", "load_digits", "make_synthetic",
+__all__ = ["DATASETS", "DataError", "Dataset", "load_dataset", "hold_out", "load_digits",
+           "make_synthetic",
            "load_cifar", "read_cifar", "load_idx", "load_mnist", "restricted_unpickle", "batches",
            "normalise", "random_crop", "horizontal_flip", "add_gaussian_noise"]
 
@@ -101,16 +102,30 @@ def load_dataset(name, path=None, *, train_fraction=None, seed=0, verify_md5=Fal
         train, test = make_synthetic(seed=seed, **synthetic_kw)
     if train_fraction is not None:
         keep, _ = _stratified_split(train.labels, _check_fraction(train_fraction, True), rng(seed))
-        train = Dataset(train.images[keep], train.labels[keep], train.num_classes, train.name,
-                        train.mean, train.std)
+        train = _subset(train, keep)
     return train, test
 
 
-def _check_fraction(fraction, allow_one):
+def hold_out(dataset, fraction, gen):
+    """(kept, held) Datasets: round(fraction·n_k) images of each class k, drawn with `gen`, are
+    held out (a validation split: stratified, so every class with ≥ 1/(2·fraction) images is
+    in it); both keep the original order and `dataset`'s normalisation constants."""
+    held, kept = _stratified_split(dataset.labels, _check_fraction(fraction, False, "val_fraction"),
+                                   _check_gen(gen), "val_fraction")
+    return _subset(dataset, kept), _subset(dataset, held)
+
+
+def _subset(dataset, index):
+    """The images `index` of `dataset`, with its classes, name and normalisation constants."""
+    return Dataset(dataset.images[index], dataset.labels[index], dataset.num_classes,
+                   dataset.name, dataset.mean, dataset.std)
+
+
+def _check_fraction(fraction, allow_one, what="train_fraction"):
     """A fraction in (0, 1), or (0, 1] where `allow_one`, returned as a float."""
     if not (isinstance(fraction, (int, float)) and 0 < fraction
             and (fraction < 1 or allow_one and fraction == 1)):
-        raise DataError(f"train_fraction must be a number in (0, 1{']' if allow_one else ')'}, "
+        raise DataError(f"{what} must be a number in (0, 1{']' if allow_one else ')'}, "
                         f"got {fraction!r}")
     return float(fraction)
 
@@ -121,7 +136,7 @@ def _check_finite_nonnegative(value, what):
         raise DataError(f"{what} must be a finite number ≥ 0, got {value!r}")
 
 
-def _stratified_split(labels, fraction, gen):
+def _stratified_split(labels, fraction, gen, what="train_fraction"):
     """Indices (chosen, rest), both sorted: round(fraction·n_k) random images of each class k."""
     chosen = []
     for k in numpy.unique(labels):
@@ -130,7 +145,7 @@ def _stratified_split(labels, fraction, gen):
     chosen = numpy.sort(numpy.concatenate(chosen))
     rest = numpy.setdiff1d(numpy.arange(len(labels)), chosen)
     if len(chosen) == 0 or (fraction < 1 and len(rest) == 0):
-        raise DataError(f"train_fraction={fraction} leaves an empty split of {len(labels)} images")
+        raise DataError(f"{what}={fraction} leaves an empty split of {len(labels)} images")
     return chosen, rest
 
 

@@ -15,6 +15,9 @@ Files:
     params .npz (import)    meta/config (0-d str, JSON: format "refham-params", version, model)
                             and param/<timm name> — the same layout as a golden file's params
 A refham training checkpoint, a params .npz and a Mixer golden file are all valid export sources.
+The energy-exact model (norm_affine="scalar": one γ per block norm) exports its γ broadcast to the
+paper's per-element shape — the same function, loadable into the paper's models — and imports a
+per-element γ only where it is constant.
 safetensors is the optional `safetensors` extra.
 """
 import dataclasses
@@ -25,7 +28,7 @@ import numpy
 
 from refham.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from refham.memory import mixer_bytes, require
-from refham.mixer import MixerConfig, from_timm_state, make_config, to_timm_state
+from refham.mixer import MixerConfig, from_timm_state, make_config, param_shapes, to_timm_state
 from refham.oracle import META_KEY, GoldenError, load_npz
 from refham.outputs import check_output_file
 from refham.safefiles import check_safetensors_header, short_list
@@ -117,7 +120,7 @@ def export_weights(source, out, fmt="safetensors", force=False):
         raise InteropError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
     check_output_file(out, force)
     config, params = read_refham_weights(source)
-    state = to_timm_state(config, params)
+    state = _per_element_norms(config, to_timm_state(config, params))
     bad = [name for name, value in state.items() if not numpy.all(numpy.isfinite(value))]
     if bad:
         raise InteropError(f"{source} holds NaN or inf in {short_list(bad)}: a diverged model; "
@@ -191,7 +194,7 @@ def import_weights(source, out, config=None, as_="params", force=False):
                            f"size (refham import … --model NAME --size SIZE [--set FIELD=VALUE])")
     require(mixer_bytes(config, 0, 8, training=False), f"the weights of this {config.model} "
             f"(depth {config.depth}, dim {config.dim})", advice="check the model config")
-    params = from_timm_state(config, state)
+    params = from_timm_state(config, _scalar_norms(config, state, source))
     model = dataclasses.asdict(config)
     if as_ == "checkpoint":
         save_checkpoint(out, params, {}, step=0, epoch=0, rng_state={},
@@ -203,3 +206,37 @@ def import_weights(source, out, config=None, as_="params", force=False):
                **{f"param/{name}": value for name, value in to_timm_state(config, params).items()}}
     atomic_write(out, lambda f: numpy.savez(f, **tensors))
     return config
+
+
+# ---------------------------------------------------------------------------------------------
+# The energy-exact model's scalar γ in the paper's per-element layout
+# ---------------------------------------------------------------------------------------------
+def _scalar_norm_shapes(config):
+    """{name: per-element shape} of the block norm weights that `config` holds as scalars."""
+    if config.norm_affine != "scalar":
+        return {}
+    paper = param_shapes(dataclasses.replace(config, norm_affine="element"))
+    return {name: paper[name] for name, shape in param_shapes(config).items() if shape == ()}
+
+
+def _per_element_norms(config, state):
+    """`state` with every scalar γ broadcast to the paper's per-element shape (γ·1)."""
+    shapes = _scalar_norm_shapes(config)
+    return {name: numpy.full(shapes[name], value, dtype=value.dtype) if name in shapes else value
+            for name, value in state.items()}
+
+
+def _scalar_norms(config, state, path):
+    """`state` with each per-element γ that `config` holds as a scalar replaced by that scalar;
+    InteropError if one varies (it is then not the energy-exact model)."""
+    state = dict(state)
+    for name, shape in _scalar_norm_shapes(config).items():
+        if name in state and numpy.shape(state[name]) == shape:
+            value = numpy.asarray(state[name])
+            if not numpy.all(value == value.flat[0]):
+                raise InteropError(f"{path}: {name} varies over its {shape} elements "
+                                   f"(from {value.min():.4g} to {value.max():.4g}), but "
+                                   f"norm_affine='scalar' has one γ per norm: import it with "
+                                   f"--set norm_affine=element")
+            state[name] = numpy.array(value.flat[0])
+    return state

@@ -34,6 +34,7 @@ from refham.layers import (
 MODELS = ("vanilla", "paramixer", "symmixer", "asymmixer")
 _MLP_KIND = {"vanilla": "vanilla", "paramixer": "vanilla", "symmixer": "sym", "asymmixer": "asym"}
 NORMS = ("joint", "channel")
+NORM_AFFINES = ("element", "scalar")
 _224 = dict(image_size=224, in_chans=3)
 SIZES = {
     "s16": dict(_224, patch=16, dim=512, depth=8), "s32": dict(_224, patch=32, dim=512, depth=8),
@@ -73,6 +74,9 @@ class MixerConfig:
     bias: bool = False            # MLP biases (vanilla MLPs only)
     ln_eps: float = 1e-6          # ε of every layer norm, the final one included
     drop_path: float = 0.0        # stochastic-depth rate, the same in every block
+    norm_affine: str = "element"  # block norms' γ: "element" (the paper's) or "scalar", one γ
+                                  # per norm: the Lagrangian's, so each SymMixer block is an
+                                  # exact energy-descent step (:eq:`L-layernorm`, :eq:`M2`)
 
     def __post_init__(self):
         _validate(self)
@@ -116,6 +120,9 @@ def _validate(cfg):
         raise ConfigError(f"unknown model {cfg.model!r}: choose one of {', '.join(MODELS)}")
     if cfg.norm not in NORMS:
         raise ConfigError(f"unknown norm {cfg.norm!r}: choose one of {', '.join(NORMS)}")
+    if cfg.norm_affine not in NORM_AFFINES:
+        raise ConfigError(f"unknown norm_affine {cfg.norm_affine!r}: choose one of "
+                          f"{', '.join(NORM_AFFINES)}")
     for name in ("image_size", "in_chans", "patch", "dim", "depth", "num_classes", "n_iter"):
         value = getattr(cfg, name)
         if not _is_int(value) or value < 1:
@@ -168,7 +175,8 @@ def param_shapes(config):
             if layer in mlp_sizes:
                 local = mlp_param_shapes(config.mlp_kind, *mlp_sizes[layer], bias=config.bias)
             else:
-                local = {"weight": norm_shape, "bias": norm_shape}
+                local = {"weight": () if config.norm_affine == "scalar" else norm_shape,
+                         "bias": norm_shape}
             shapes.update({f"blocks.{i}.{layer}.{name}": shape for name, shape in local.items()})
     shapes.update({"norm.weight": (C,), "norm.bias": (C,),
                    "head.weight": (config.num_classes, C), "head.bias": (config.num_classes,)})

@@ -294,6 +294,7 @@ def symmetry_measures(config, params):
         {prefix}.cos            = ⟨W_out, W_inᵀ⟩/(‖W_out‖‖W_in‖)  (0 if either is zero)
         {prefix}.norm_ratio     = ‖W_out‖/‖W_in‖           (∞ if W_in is zero, as below)
         {prefix}.breaking_ratio = ‖W_out − W_inᵀ‖/‖W_in‖
+        {prefix}.norm_out       = ‖W_out‖
 
     prefix = blocks.{i}.mlp_tokens | blocks.{i}.mlp_channels. Vanilla/ParaMixer: cos(fc2, fc1ᵀ)
     and ‖fc2‖/‖fc1‖; SymMixer: cos 1, norm ratio 1, breaking ratio 0 (up to rounding);
@@ -313,4 +314,5 @@ def symmetry_measures(config, params):
             measures[f"{prefix}.norm_ratio"] = norm_out / norm_in if norm_in else math.inf
             measures[f"{prefix}.breaking_ratio"] = (_norm(w_out - w_in.T) / norm_in
                                                     if norm_in else math.inf)
+            measures[f"{prefix}.norm_out"] = norm_out
     return measures

@@ -19,9 +19,10 @@ numbers do not depend on N (up to rounding), and a run resumes under any N. Only
 
 The output folder holds `config.json` (written at start), `metrics.jsonl` (one line per epoch),
 `last.npz` (end of every epoch, every `checkpoint_every` steps, and on SIGINT/SIGTERM) and
-`best.npz` (best test accuracy so far), all written atomically. A NaN/inf loss or gradient, or an
-update that makes a parameter or an optimiser moment NaN/inf, stops the run before that step
-becomes its state, so no checkpoint ever holds a diverged state (and none could be written).
+`best.npz` (best validation accuracy so far; the validation split is `val_fraction` of the
+training images, held out before training), all written atomically. A NaN/inf loss or gradient,
+or an update that makes a parameter or an optimiser moment NaN/inf, stops the run before that
+step becomes its state, so no checkpoint ever holds a diverged state (and none could be written).
 """
 import contextlib
 import dataclasses
@@ -37,11 +38,13 @@ from tqdm import tqdm
 
 from refham.backend import (
     BackendError, asarray, backend_name, get_dtype, rng, set_backend, set_dtype, to_numpy, xp)
+from refham.asym_init import initial_params
 from refham.checkpoint import (
     CheckpointError, atomic_write, describe_names, load_checkpoint, nonfinite_entries,
     save_checkpoint)
 from refham.data import (
-    DataError, add_gaussian_noise, batches, horizontal_flip, load_dataset, normalise, random_crop)
+    DataError, add_gaussian_noise, batches, hold_out, horizontal_flip, load_dataset, normalise,
+    random_crop)
 from refham.distributed import (
     CommError, ShardedGenerator, SingleProcess, broadcast_state, combine_gradients,
     get_communicator, shard)
@@ -58,6 +61,7 @@ from refham.train_config import (
     CROP_PAD, TrainConfig, TrainConfigError, model_config)
 
 ORDER_STREAM, STEP_STREAM = 1, 2      # rng((seed, stream, epoch or step)): see the module docstring
+VALIDATION_STREAM = 3                 # rng((data_seed, 3)) holds the validation split out
 RNG_SCHEME = "counter-v1"
 
 
@@ -159,7 +163,7 @@ def _stop_requests():
 @dataclasses.dataclass
 class _Progress:
     """What a checkpoint restores besides parameters and optimiser state (its `metrics`)."""
-    best_test_acc: float = -1.0
+    best_val_acc: float = -1.0
     best_epoch: int = 0
     wall_time: float = 0.0          # seconds of training and evaluation, over all sessions
     epoch_loss_sum: float = 0.0     # running sums of the current epoch, for mid-epoch resumes
@@ -184,10 +188,19 @@ class _Run:
                       for name in ("config.json", "metrics.jsonl", "last.npz", "best.npz")}
         self.train_set, self.test_set = load_dataset(
             cfg.data, cfg.data_path, train_fraction=cfg.train_fraction, seed=cfg.data_seed)
+        self.val_set = None
+        if cfg.val_fraction:
+            self.train_set, self.val_set = hold_out(self.train_set, cfg.val_fraction,
+                                                    rng((cfg.data_seed, VALIDATION_STREAM)))
         self.model = Mixer(model_config(cfg, self.train_set))
         self.optimizer = make_optimizer(cfg.optimizer, cfg.weight_decay, momentum=cfg.momentum,
                                         nesterov=cfg.nesterov, decay_norms=cfg.decay_norms)
-        self.steps_per_epoch = math.ceil(len(self.train_set) / cfg.batch_size)
+        self.steps_per_epoch = (len(self.train_set) // cfg.batch_size if cfg.drop_last
+                                else math.ceil(len(self.train_set) / cfg.batch_size))
+        if self.steps_per_epoch == 0:
+            raise TrainConfigError(f"batch_size {cfg.batch_size} exceeds the {len(self.train_set)} "
+                                   f"training images, and drop_last drops that one partial "
+                                   f"batch: lower --batch-size or pass --no-drop-last")
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.warmup_steps = round(cfg.warmup * self.total_steps)
         if self.warmup_steps >= self.total_steps:
@@ -215,7 +228,7 @@ class _Run:
         if os.path.exists(self.paths["last.npz"]):
             raise ResumeError(f"{self.cfg.out} already holds a run (last.npz): pass --resume to "
                               f"continue it, or choose another --out")
-        self.params = self.model.init(self.cfg.seed)
+        self.params = initial_params(self.model.config, self.cfg.seed, self.cfg.asym_init)
         self.opt_state = self.optimizer.init(self.params)
         self.step, self.progress, self.last_record = 0, _Progress(), None
         if self.writer:
@@ -329,7 +342,7 @@ class _Run:
             self._save("last.npz")
             if echo and self.writer:
                 tqdm.write(_epoch_line(record, self.cfg.epochs))
-        return self._summary("finished", None)
+        return self._summary("finished", None, self._best_on_test())
 
     def _tick(self):
         """Add the time since the last tick to the run's wall time."""
@@ -342,7 +355,8 @@ class _Run:
         progress bar and the running sums. False if a stop was requested, True when done."""
         cfg, p = self.cfg, self.progress
         skip = self.step - epoch * self.steps_per_epoch
-        order = batches(self.train_set, cfg.batch_size, rng((cfg.seed, ORDER_STREAM, epoch)))
+        order = batches(self.train_set, cfg.batch_size, rng((cfg.seed, ORDER_STREAM, epoch)),
+                        drop_last=cfg.drop_last)
         with tqdm(total=self.steps_per_epoch, initial=skip, disable=not (cfg.progress and
                                                                          self.writer), leave=False,
                   desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True) as bar:
@@ -369,20 +383,24 @@ class _Run:
         return True
 
     def _end_epoch(self, epoch):
-        """Evaluate (when due), update best.npz, reset the running sums → the metrics record."""
+        """Validate, test (when due), update best.npz (on validation accuracy), reset the
+        running sums → the metrics record."""
         cfg, p = self.cfg, self.progress
         lr = cosine_lr(self.step - 1, self.total_steps, cfg.lr, self.warmup_steps, cfg.min_lr)
         record = {"epoch": epoch + 1, "step": self.step, "lr": lr,
                   "train_loss": p.epoch_loss_sum / max(p.epoch_seen, 1),
                   "train_acc": p.epoch_correct / max(p.epoch_seen, 1),
                   "img_per_s": p.epoch_seen / max(p.epoch_train_time, 1e-9),
-                  "test_loss": None, "test_acc": None}
+                  "val_loss": None, "val_acc": None, "test_loss": None, "test_acc": None}
+        if self.val_set is not None:
+            result = evaluate(self.model, self.params, self.val_set, cfg.batch_size)
+            record.update(val_loss=result["loss"], val_acc=result["acc"])
+            if result["acc"] > p.best_val_acc:
+                p.best_val_acc, p.best_epoch = result["acc"], epoch + 1
+                self._save("best.npz")
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             result = evaluate(self.model, self.params, self.test_set, cfg.batch_size, self.comm)
             record.update(test_loss=result["loss"], test_acc=result["acc"])
-            if result["acc"] > p.best_test_acc:
-                p.best_test_acc, p.best_epoch = result["acc"], epoch + 1
-                self._save("best.npz")
         record["symmetry"] = symmetry_log(self.model.config, self.params)
         p.epoch_loss_sum, p.epoch_correct, p.epoch_seen, p.epoch_train_time = 0.0, 0, 0, 0.0
         self._tick()
@@ -390,24 +408,38 @@ class _Run:
         self.last_record = record
         return record
 
-    def _summary(self, status, signal_name):
+    def _best_on_test(self):
+        """Test loss and accuracy of best.npz's parameters ({} without a validation split)."""
+        if not self.progress.best_epoch:
+            return {}
+        last = self.last_record or {}
+        if last.get("epoch") == self.progress.best_epoch and last.get("test_acc") is not None:
+            return {"best_test_loss": last["test_loss"], "best_test_acc": last["test_acc"]}
+        params = {k: asarray(v, dtype=v.dtype)
+                  for k, v in load_checkpoint(self.paths["best.npz"]).params.items()}
+        result = evaluate(self.model, params, self.test_set, self.cfg.batch_size)
+        return {"best_test_loss": result["loss"], "best_test_acc": result["acc"]}
+
+    def _summary(self, status, signal_name, best=None):
         """The dict `train` returns (see there)."""
         last = self.last_record or {}
         return {"status": status, "signal": signal_name, "out": self.cfg.out, "step": self.step,
                 "epochs_done": self.step // self.steps_per_epoch, "epochs": self.cfg.epochs,
-                **{k: last.get(k) for k in ("train_loss", "train_acc", "test_loss", "test_acc",
-                                             "img_per_s", "symmetry")},
-                "best_test_acc": self.progress.best_test_acc if self.progress.best_epoch else None,
+                **{k: last.get(k) for k in ("train_loss", "train_acc", "val_loss", "val_acc",
+                                             "test_loss", "test_acc", "img_per_s", "symmetry")},
+                "best_val_acc": self.progress.best_val_acc if self.progress.best_epoch else None,
                 "best_epoch": self.progress.best_epoch or None,
+                "best_test_loss": None, "best_test_acc": None, **(best or {}),
                 "wall_time": self.progress.wall_time}
 
 
 def _epoch_line(record, epochs):
     """The one-line report of an epoch's metrics record."""
-    test = ("" if record["test_acc"] is None else
-            f"  test loss {record['test_loss']:.4f} acc {100 * record['test_acc']:.2f}%")
+    evaluated = "".join(f"  {split} loss {record[split + '_loss']:.4f} acc "
+                        f"{100 * record[split + '_acc']:.2f}%" for split in ("val", "test")
+                        if record.get(split + "_acc") is not None)
     return (f"epoch {record['epoch']:>3}/{epochs}  train loss {record['train_loss']:.4f} "
-            f"acc {100 * record['train_acc']:.2f}%{test}  lr {record['lr']:.2e}  "
+            f"acc {100 * record['train_acc']:.2f}%{evaluated}  lr {record['lr']:.2e}  "
             f"{record['img_per_s']:.0f} img/s  {record['wall_time']:.1f} s")
 
 
@@ -416,7 +448,9 @@ def train(cfg, resume=False, echo=False):
     `echo` prints one line per epoch (through tqdm, so that progress bars stay intact).
 
     Returns a summary dict: status ('finished' | 'interrupted'), step, epochs_done, the last
-    epoch's train/test loss and accuracy, best_test_acc/best_epoch, wall_time, symmetry.
+    epoch's train/val/test loss and accuracy, best_epoch and best_val_acc (best.npz, chosen on
+    validation) with best_test_loss/best_test_acc (best.npz on the test split, once finished),
+    wall_time, symmetry.
     Raises TrainConfigError / ResumeError for unusable settings and TrainingDiverged on NaN/inf."""
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"train needs a TrainConfig, got {type(cfg).__name__}")

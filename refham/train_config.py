@@ -14,9 +14,10 @@ import numbers
 import numpy
 
 from refham.data import DATASETS
+from refham.asym_init import ASYM_INITS
 from refham.distributed import COMMS
 from refham.memory import mixer_bytes, require
-from refham.mixer import MODELS, NORMS, SIZES, ConfigError, make_config
+from refham.mixer import MODELS, NORM_AFFINES, NORMS, SIZES, ConfigError, make_config
 from refham.optim import OPTIMIZERS
 
 CROP_PAD = 4                          # random-crop padding for `augment` (the CIFAR recipe)
@@ -46,10 +47,16 @@ class TrainConfig:
     train_fraction: float = _setting(
         None, "digits: share of the images used for training (default 0.8); others: share of "
               "the training split kept")
-    data_seed: int = _setting(0, "seed of the train/test split (kept fixed across --seed)")
+    data_seed: int = _setting(0, "seed of the train/test and train/validation splits (kept "
+                                 "fixed across --seed)")
+    val_fraction: float = _setting(
+        0.1, "share of the training images held out (stratified) for validation, which chooses "
+             "best.npz; 0: no validation split and no best.npz")
     epochs: int = _setting(20, "passes over the training set")
     batch_size: int = _setting(64, "images per optimiser step (under mpiexec: the global batch, "
                                    "split evenly over the ranks)")
+    drop_last: bool = _setting(True, "drop each epoch's last partial training batch, as timm's "
+                                     "training loader does (evaluation keeps every image)")
     optimizer: str = _setting("adamw", "optimiser", choices=OPTIMIZERS)
     lr: float = _setting(2e-3, "peak learning rate")
     min_lr: float = _setting(0.0, "learning rate at the end of the cosine decay")
@@ -64,6 +71,13 @@ class TrainConfig:
     n_iter: int = _setting(1, "applications of each block's update (same weights)")
     norm: str = _setting("joint", "layer norm over (S, C) jointly or per token over C",
                          choices=NORMS)
+    norm_affine: str = _setting(
+        "element", "γ of the block norms: per element (the paper's) or one scalar per norm "
+                   "(every SymMixer block an exact energy-descent step)", choices=NORM_AFFINES)
+    asym_init: str = _setting(
+        "official", "AsymMixer init: the paper's (official), W₂ = 0 (zero: starts as a "
+                    "SymMixer), or W₂ = W_out − W₁ᵀ of a ParaMixer init (para: starts as one)",
+        choices=ASYM_INITS)
     dim: int = _setting(None, "override the size preset's channels C")
     depth: int = _setting(None, "override the size preset's number of blocks")
     patch: int = _setting(None, "override the size preset's patch size")
@@ -120,6 +134,11 @@ class TrainConfig:
         if self.lam and self.model != "asymmixer":
             raise TrainConfigError(f"lam = {self.lam} penalises the AsymMixer's W₂; model "
                                    f"{self.model!r} has none: use --model asymmixer or lam 0")
+        if not 0 <= self.val_fraction < 1:
+            raise TrainConfigError(f"val_fraction must lie in [0, 1), got {self.val_fraction!r}")
+        if self.asym_init != "official" and self.model != "asymmixer":
+            raise TrainConfigError(f"asym_init {self.asym_init!r} initialises the AsymMixer's "
+                                   f"W₂; model {self.model!r} has none: use --model asymmixer")
         if self.min_lr > self.lr:
             raise TrainConfigError(f"min_lr {self.min_lr} exceeds the peak lr {self.lr}")
 
@@ -170,7 +189,7 @@ def model_config(cfg, dataset):
     try:
         config = make_config(cfg.model, cfg.size, image_size=image_size, in_chans=in_chans,
                              num_classes=dataset.num_classes, n_iter=cfg.n_iter, norm=cfg.norm,
-                             drop_path=cfg.drop_path, **overrides)
+                             norm_affine=cfg.norm_affine, drop_path=cfg.drop_path, **overrides)
     except ConfigError as exc:
         raise TrainConfigError(f"size {cfg.size!r} on {dataset.name} images "
                                f"{dataset.image_shape}: {exc}") from exc

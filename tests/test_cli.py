@@ -86,28 +86,32 @@ def test_sweep_writes_results_table_and_plot_and_skips_finished_runs(tmp_path, c
             "asymmixer", "--lams", "0.1", "0", "--out", out]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "[6/6] asymmixer-lam0-seed1" in printed
+    assert "[6/6] asymmixer-lam0-lr0.002-e1-seed1" in printed
     with open(os.path.join(out, "results.jsonl"), encoding="utf-8") as f:
         results = [json.loads(line) for line in f]
     assert [(r["model"], r["lam"], r["seed"]) for r in results] == [
-        ("paramixer", 0.0, 0), ("paramixer", 0.0, 1), ("asymmixer", 0.1, 0),
-        ("asymmixer", 0.1, 1), ("asymmixer", 0.0, 0), ("asymmixer", 0.0, 1)]
+        ("paramixer", 0.0, 0), ("asymmixer", 0.1, 0), ("asymmixer", 0.0, 0),
+        ("paramixer", 0.0, 1), ("asymmixer", 0.1, 1), ("asymmixer", 0.0, 1)]
     assert all(r["settings"]["train_fraction"] == 0.25 and r["settings"]["input_noise"] == 0.6
-               for r in results)                     # the sweep defaults where not overridden
+               for r in results)                     # the sweep's defaults where not overridden
     with open(os.path.join(out, "results.md"), encoding="utf-8") as f:
         table = f.read()
-    assert "| ParaMixer | — |" in table and "| AsymMixer | 0.1 |" in table and " ± " in table
+    assert "| ParaMixer | 1 | 0.002 |" in table and "| AsymMixer λ=0.1 | 1 |" in table
+    assert " ± " in table
     if importlib.util.find_spec("matplotlib") is None:
-        assert "matplotlib is not installed, so no plot" in printed
+        assert "matplotlib is not installed, so no figures" in printed
     else:
-        with open(os.path.join(out, "accuracy_vs_lambda.png"), "rb") as f:
-            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        for name in ("accuracy_vs_lambda.png", "curves.png"):
+            with open(os.path.join(out, name), "rb") as f:
+                assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert main(argv) == 0                               # everything done: nothing retrained
     assert "[1/6]" not in capsys.readouterr().out
     with open(os.path.join(out, "results.jsonl"), encoding="utf-8") as f:
         assert len(f.readlines()) == 6
-    assert main([*argv, "--lr", "0.01"]) == 2
-    assert "other settings (differing: ['lr']" in capsys.readouterr().err
+    assert main([*argv, "--weight-decay", "0.01"]) == 2
+    assert "other settings (differing: ['weight_decay']" in capsys.readouterr().err
+    assert main([*argv, "--part", "3/2"]) == 2
+    assert "--part '3/2' must read I/N" in capsys.readouterr().err
 
 
 def test_sigterm_to_a_training_process_saves_a_checkpoint_and_exits_0(tmp_path):

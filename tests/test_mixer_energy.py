@@ -328,10 +328,10 @@ def measures_for(model, edit, depth=2, seed=0):
 def test_symmetry_measures_on_constructed_weights():
     sym = measures_for("symmixer", lambda p: None)
     assert sorted(sym) == sorted(f"blocks.{i}.{mlp}.{m}" for i in (0, 1) for mlp in BRANCH_AXIS
-                                 for m in ("cos", "norm_ratio", "breaking_ratio"))
+                                 for m in ("cos", "norm_ratio", "breaking_ratio", "norm_out"))
     json.dumps(sym, allow_nan=False)
     assert all(type(v) is float for v in sym.values())
-    for key, value in sym.items():
+    for key, value in ((k, v) for k, v in sym.items() if not k.endswith(".norm_out")):
         assert value == pytest.approx({"cos": 1.0, "norm_ratio": 1.0, "breaking_ratio": 0.0}[
             key.rsplit(".", 1)[1]], abs=1e-12), key
 
@@ -344,6 +344,8 @@ def test_symmetry_measures_on_constructed_weights():
     for factor, cos, ratio, breaking in ((1.0, 1.0, 1.0, 0.0), (-1.0, -1.0, 1.0, 2.0),
                                          (3.0, 1.0, 3.0, 2.0)):
         for key, value in measures_for("paramixer", tie(factor)).items():
+            if key.endswith(".norm_out"):
+                continue
             kind = key.rsplit(".", 1)[1]
             assert value == pytest.approx(
                 {"cos": cos, "norm_ratio": ratio, "breaking_ratio": breaking}[kind]), key
@@ -365,12 +367,16 @@ def test_symmetry_measures_on_random_weights_use_the_right_matrices():
             assert measures[f"blocks.{i}.{mlp}.cos"] == pytest.approx(cos, rel=1e-12)
             assert measures[f"blocks.{i}.{mlp}.norm_ratio"] == pytest.approx(
                 np.linalg.norm(w2) / np.linalg.norm(w1), rel=1e-12)
+            assert measures[f"blocks.{i}.{mlp}.norm_out"] == pytest.approx(np.linalg.norm(w2),
+                                                                           rel=1e-12)
     asym_config = tiny_config("asymmixer")
     params = draw_params(asym_config, 3)
     measures = symmetry_measures(asym_config, on_backend(params))
     w1, w2 = (params[f"blocks.0.mlp_channels.{fc}.weight"] for fc in ("fc1", "fc2"))
     assert measures["blocks.0.mlp_channels.breaking_ratio"] == pytest.approx(
         np.linalg.norm(w2) / np.linalg.norm(w1), rel=1e-12)
+    assert measures["blocks.0.mlp_channels.norm_out"] == pytest.approx(
+        np.linalg.norm(w1.T + w2), rel=1e-12)
 
 
 # ------------------------------------------------------------------------------- bad input
