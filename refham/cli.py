@@ -213,7 +213,8 @@ def _run_sweep(args):
 
 def _add_metaformer(p):
     from refham.distributed import COMMS
-    from refham.metaformer import DATASETS, TARGETS, TrainSettings
+    from refham.metaformer import TARGETS
+    from refham.metaformer_train import DATASETS, TrainSettings
 
     sub = p.add_subparsers(dest="action", metavar="ACTION")
     sub.required = True
@@ -265,22 +266,24 @@ def _run_metaformer(args):
     checkpoint."""
     import dataclasses
     import os
-    from refham import metaformer as mf
     from refham.checkpoint import CheckpointError
     from refham.data import DataError
     from refham.distributed import CommError, launched_rank
     from refham.dynamics import DynamicsError
     from refham.ham import HAMError
+    from refham.metaformer import MetaFormerError
+    from refham.metaformer_figures import PlottingUnavailable, write_figures
+    from refham.metaformer_train import PAPER_SETTINGS, TrainSettings, train
     from refham.runlock import RunLocked
 
     say = print if launched_rank() == 0 else lambda *a, **k: None   # one report per job
     try:
         if args.action == "train":
-            names = [f.name for f in dataclasses.fields(mf.TrainSettings)]
+            names = [f.name for f in dataclasses.fields(TrainSettings)]
             given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-            settings = mf.TrainSettings(**{**(mf.PAPER_SETTINGS if args.paper else {}), **given})
+            settings = TrainSettings(**{**(PAPER_SETTINGS if args.paper else {}), **given})
             say(f"Energy MetaFormer on {settings.data} in {settings.out}: {settings}", flush=True)
-            summary = mf.train(settings, echo=True)
+            summary = train(settings, echo=True)
             first, last = summary["history"][0], summary["history"][-1]
             say(f"finished {last['epoch']} epochs in {last['seconds']:.1f} s; test loss on "
                 f"{summary['test_split']}:\n  paper's (y = clean)        "
@@ -291,13 +294,13 @@ def _run_metaformer(args):
                 f"--checkpoint {summary['checkpoint']}")
             return 0
         out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
-        paths, energies = mf.write_figures(args.checkpoint, out, args.samples, args.seed,
-                                           args.steps, args.alpha, args.state_scale,
-                                           force=args.force)
-    except mf.PlottingUnavailable as exc:
+        paths, energies = write_figures(args.checkpoint, out, args.samples, args.seed,
+                                        args.steps, args.alpha, args.state_scale,
+                                        force=args.force)
+    except PlottingUnavailable as exc:
         print(f"refham metaformer {args.action}: {exc}", file=sys.stderr)
         return 1
-    except (mf.MetaFormerError, DataError, CheckpointError, HAMError, DynamicsError,
+    except (MetaFormerError, DataError, CheckpointError, HAMError, DynamicsError,
             CommError, RunLocked) as exc:
         print(f"refham metaformer {args.action}: error: {exc}", file=sys.stderr)
         return 2
@@ -350,11 +353,12 @@ def expected_errors():
     resources asked for — never a bug in refham — as a tuple for `except`."""
     from refham import (
         backend, checkpoint, datafiles, dynamics, ham, interop, lagrangians, layers, memory,
-        metaformer, mixer, mixer_energy, optim, oracle, outputs, sweep, train, train_config)
+        metaformer, metaformer_figures, mixer, mixer_energy, optim, oracle, outputs, sweep, train,
+        train_config)
     return (backend.BackendError, checkpoint.CheckpointError, datafiles.DataError,
             dynamics.DynamicsError, ham.HAMError, interop.InteropError,
             lagrangians.LagrangianError, layers.InputError, memory.MemoryLimitError,
-            metaformer.MetaFormerError, metaformer.PlottingUnavailable, mixer.ConfigError,
+            metaformer.MetaFormerError, metaformer_figures.PlottingUnavailable, mixer.ConfigError,
             mixer.ParamError, mixer_energy.EnergyError, optim.OptimizerError,
             oracle.GoldenError, outputs.OutputError, sweep.SweepError, train.ResumeError,
             train.TrainingDiverged, train_config.TrainConfigError, *train.USER_ERRORS,
@@ -380,7 +384,7 @@ def main(argv=None):
     except Exception as exc:
         if not isinstance(exc, expected_errors()):
             raise
-        from refham.metaformer import PlottingUnavailable
+        from refham.metaformer_figures import PlottingUnavailable
         from refham.train import TrainingDiverged
         code = 1 if isinstance(exc, (TrainingDiverged, PlottingUnavailable)) else 2
         if isinstance(exc, MemoryError):

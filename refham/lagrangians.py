@@ -28,136 +28,22 @@ re-centred softmax Hv); Φ is written so that x² − x² does not cancel for x 
 spherical return their energy in closed form (−γDε/σ, −γε/r), since ⟨x, g⟩ − L cancels
 catastrophically once the state is large against ε. Inputs are not scanned for NaN/inf here (a
 device sync per call on CuPy); callers validate their states once.
+
+The interface and the shared checks are in refham.lagrangian_base, layernorm and spherical in
+refham.normalisers; this module re-exports them, so every Lagrangian is importable from here.
 """
 import abc
 import dataclasses
 import math
 import numbers
-import operator
 
 from refham.backend import gelu, gelu_deriv, normal_cdf, normal_pdf, xp
+from refham.lagrangian_base import (  # Lagrangian, LagrangianError, event_axes: public here too
+    Lagrangian, LagrangianError, check_axes_fit, check_same_shape, event_axes, negative_axes,
+    positive_real, store_positive, sum_over_events)
+from refham.normalisers import LayerNorm, Spherical  # re-exported: the registry's normalisers
 
 LOG_2 = math.log(2.0)
-
-
-class LagrangianError(ValueError):
-    """A Lagrangian was given invalid parameters or an array it cannot act on."""
-
-
-# ---------------------------------------------------------------- shared shape helpers
-
-def event_axes(event_ndim, ndim):
-    """The trailing `event_ndim` axes of an `ndim`-dimensional state, as negative indices."""
-    try:
-        event_ndim = operator.index(event_ndim)
-    except TypeError:
-        raise LagrangianError(f"event_ndim must be an integer, got {event_ndim!r}") from None
-    if not 1 <= event_ndim <= ndim:
-        raise LagrangianError(
-            f"event_ndim={event_ndim} does not fit a state with {ndim} axes: it must be between 1 "
-            f"and the number of axes (the layer's own axes are the trailing ones)")
-    return tuple(range(-event_ndim, 0))
-
-
-def sum_over_events(a, event_ndim):
-    """Σ over the trailing `event_ndim` axes of `a`; the leading batch axes are kept."""
-    return xp.sum(a, axis=event_axes(event_ndim, a.ndim))
-
-
-def _check_same_shape(x, v):
-    if tuple(v.shape) != tuple(x.shape):
-        raise LagrangianError(
-            f"hvp needs a direction v of the state's shape {tuple(x.shape)}, got {tuple(v.shape)}")
-
-
-def _positive(name, value):
-    """`value` as a float after checking that it is a finite positive real number."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise LagrangianError(f"{name} must be a positive real number, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise LagrangianError(f"{name} must be finite and > 0, got {value!r}")
-    return float(value)
-
-
-def _store_positive(lagrangian, field):
-    """Validate a frozen dataclass's positive parameter `field` and store it as a float."""
-    value = _positive(f"{lagrangian.name} {field}", getattr(lagrangian, field))
-    object.__setattr__(lagrangian, field, value)
-
-
-def _scalar_gamma(name, gamma):
-    """γ as a float: a per-element γ makes ∂g/∂x non-symmetric, so no Lagrangian exists."""
-    shape = (len(gamma),) if isinstance(gamma, (list, tuple)) else getattr(gamma, "shape", ())
-    if shape != ():
-        raise LagrangianError(
-            f"{name} gamma must be a scalar, got one of shape {tuple(shape)}: a per-element γ "
-            f"makes ∂g/∂x non-symmetric, so no Lagrangian exists (refham docs: Lagrangians); "
-            f"use the per-element affine layer norm of refham.layers for that")
-    if hasattr(gamma, "ndim"):  # a 0-d array (NumPy or CuPy)
-        gamma = float(gamma)
-    return _positive(f"{name} gamma", gamma)
-
-
-def _negative_axes(axes):
-    """`axes` (an int or a sequence of ints) as a sorted tuple of distinct negative indices."""
-    if isinstance(axes, numbers.Integral):
-        axes = (axes,)
-    try:
-        axes = tuple(operator.index(a) for a in axes)
-    except TypeError:
-        raise LagrangianError(f"axes must be negative integers, got {axes!r}") from None
-    if not axes:
-        raise LagrangianError("axes is empty: name at least one axis (e.g. axes=(-1,))")
-    if any(a >= 0 for a in axes):
-        raise LagrangianError(
-            f"axes {axes} must be negative (counted from the end of the state, e.g. -1 for the "
-            f"last axis) so that they mean the same with or without batch axes")
-    if len(set(axes)) != len(axes):
-        raise LagrangianError(f"axes {axes} repeat an axis")
-    return tuple(sorted(axes))
-
-
-def _check_axes_fit(axes, x, event_ndim=None):
-    """Reject `axes` reaching beyond x's axes or, given `event_ndim`, beyond its event axes."""
-    n_axes, what = x.ndim, "axes of the state"
-    if event_ndim is not None:
-        n_axes, what = len(event_axes(event_ndim, x.ndim)), "event axes"
-    if -min(axes) > n_axes:
-        raise LagrangianError(
-            f"axes {axes} reach beyond the {n_axes} {what}: a Lagrangian's axis/axes must be "
-            f"among the layer's own (trailing) axes; raise event_ndim or choose other axes")
-
-
-# ---------------------------------------------------------------- the interface
-
-class Lagrangian(abc.ABC):
-    """A neuron layer's Lagrangian L(x): value, activation g = ∂L/∂x, Hv = (∂²L/∂x²)v, neuron energy."""
-
-    convex = True  # is H(x) ⪰ 0 everywhere? (H4 needs it for the layers whose energy descends)
-    name = None    # the registry name used by `get_lagrangian`
-
-    @abc.abstractmethod
-    def value(self, x, event_ndim=1):
-        """L(x) summed over the trailing `event_ndim` axes; shape x.shape[:-event_ndim]."""
-
-    @abc.abstractmethod
-    def activation(self, x):
-        """g(x) = ∂L/∂x, same shape as x."""
-
-    @abc.abstractmethod
-    def hvp(self, x, v):
-        """H(x)v = (∂²L/∂x²)v, same shape as x (H is symmetric, so this is also the VJP of g)."""
-
-    def neuron_energy(self, x, event_ndim=1):
-        """Neuron energy E = ⟨x, g(x)⟩ − L(x) over the event axes (the Legendre transform),
-        :eq:`L-energy`."""
-        return self.activation_and_neuron_energy(x, event_ndim)[1]
-
-    def activation_and_neuron_energy(self, x, event_ndim=1):
-        """(g(x), ⟨x, g(x)⟩ − L(x)) from one evaluation of g, :eq:`L-energy`: what the HAM's
-        combined energy-and-gradient pass needs of each layer."""
-        g = self.activation(x)
-        return g, sum_over_events(x * g, event_ndim) - self.value(x, event_ndim)
 
 
 class _Elementwise(Lagrangian):
@@ -177,7 +63,7 @@ class _Elementwise(Lagrangian):
 
     def hvp(self, x, v):
         """Hv = ℓ″(x)⊙v."""
-        _check_same_shape(x, v)
+        check_same_shape(x, v)
         return self.curvature(x) * v
 
 
@@ -221,7 +107,7 @@ class RePU(_Elementwise):
     name = "repu"
 
     def __post_init__(self):
-        n = _positive("repu power n", self.n)
+        n = positive_real("repu power n", self.n)
         if n < 2:
             raise LagrangianError(
                 f"repu needs n >= 2, got n={n}: below 2 the Hessian (n−1)relu(x)^(n−2) is "
@@ -245,7 +131,7 @@ class _Tempered(_Elementwise):
     beta: float = 1.0
 
     def __post_init__(self):
-        _store_positive(self, "beta")
+        store_positive(self, "beta")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,21 +206,21 @@ class Softmax(Lagrangian):
     name = "softmax"
 
     def __post_init__(self):
-        _store_positive(self, "beta")
+        store_positive(self, "beta")
         if not isinstance(self.axis, numbers.Integral) or isinstance(self.axis, bool):
             raise LagrangianError(f"softmax axis must be one negative integer, got {self.axis!r}")
-        object.__setattr__(self, "axis", _negative_axes(self.axis)[0])
+        object.__setattr__(self, "axis", negative_axes(self.axis)[0])
 
     def _shifted(self, x):
         """βx − max(βx) along the axis, and that max (keepdims): e^{βx − max} never overflows."""
-        _check_axes_fit((self.axis,), x)
+        check_axes_fit((self.axis,), x)
         y = self.beta * x
         y_max = xp.max(y, axis=self.axis, keepdims=True)
         return y - y_max, y_max
 
     def value(self, x, event_ndim=1):
         """(1/β)(m + log Σ e^{βx − m}), m = max βx: the max-shifted logsumexp."""
-        _check_axes_fit((self.axis,), x, event_ndim)
+        check_axes_fit((self.axis,), x, event_ndim)
         shifted, y_max = self._shifted(x)
         log_sum = xp.log(xp.sum(xp.exp(shifted), axis=self.axis, keepdims=True))
         return sum_over_events((y_max + log_sum) / self.beta, event_ndim)
@@ -352,139 +238,13 @@ class Softmax(Lagrangian):
         """Hv = βg⊙(v − ⟨g, v⟩_axis), evaluated as βg⊙(w − ⟨g, w⟩_axis) with w = v − c and c the
         mean of v where βx is largest along the axis (any c gives the same since Σg = 1): when g
         is nearly one-hot, ⟨g, v⟩ ≈ v there and v − ⟨g, v⟩ would cancel; w − ⟨g, w⟩ does not."""
-        _check_same_shape(x, v)
+        check_same_shape(x, v)
         shifted, _ = self._shifted(x)
         g = self._probabilities(shifted)
         at_max = xp.where(shifted == 0, xp.ones_like(x), xp.zeros_like(x))  # shifted is 0 exactly
         w = v - xp.sum(at_max * v, axis=self.axis, keepdims=True) / xp.sum(
             at_max, axis=self.axis, keepdims=True)
         return self.beta * g * (w - xp.sum(g * w, axis=self.axis, keepdims=True))
-
-
-# ---------------------------------------------------------------- normalisers
-
-@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: delta may be an array
-class _Normalizer(Lagrangian):
-    """L = γ·ρ(x) + ⟨δ, x⟩ with ρ = √(q(x) + c) over `axes`, q a positive semidefinite quadratic
-    form: ρ is a smoothed norm, so L is convex, g is a normalised x, and the Legendre energy is
-    γ(⟨x, ∇ρ⟩ − ρ) = γ(q − ρ²)/ρ = −γc/ρ in closed form (the ⟨δ, x⟩ terms cancel)."""
-    gamma: float = 1.0
-    delta: object = 0.0  # a scalar, or an array broadcastable to the event shape
-    eps: float = 1e-5
-    axes: tuple = (-1,)
-
-    def __post_init__(self):
-        object.__setattr__(self, "gamma", _scalar_gamma(self.name, self.gamma))
-        _store_positive(self, "eps")
-        object.__setattr__(self, "axes", _negative_axes(self.axes))
-
-    def _delta_for(self, x, event_ndim=None):
-        """δ as an array of x's backend and dtype, after checking that it broadcasts to x's
-        event shape without adding axes (which would silently broadcast over the batch)."""
-        if isinstance(self.delta, numbers.Real):
-            return self.delta
-        delta = xp.asarray(self.delta, dtype=x.dtype)
-        n_event = x.ndim if event_ndim is None else event_ndim
-        event_shape = tuple(x.shape[x.ndim - n_event:])
-        if delta.ndim > n_event or any(
-                d not in (1, e) for d, e in zip(delta.shape[::-1], event_shape[::-1])):
-            raise LagrangianError(
-                f"{self.name} delta of shape {tuple(delta.shape)} does not broadcast to the event "
-                f"shape {event_shape}; give a scalar or an array of (a suffix of) that shape")
-        return delta
-
-    @abc.abstractmethod
-    def radius(self, x):
-        """(ρ, c): the smoothed norm ρ = √(q(x) + c) over `axes` (keepdims) and its offset c."""
-
-    def value(self, x, event_ndim=1):
-        """L = Σ_event γρ + ⟨δ, x⟩."""
-        _check_axes_fit(self.axes, x, event_ndim)
-        rho, _ = self.radius(x)
-        return sum_over_events(self.gamma * rho, event_ndim) + sum_over_events(
-            self._delta_for(x, event_ndim) * x, event_ndim)
-
-    @abc.abstractmethod
-    def _activation_and_radius(self, x):
-        """(g, ρ, c) from one normalisation pass over x."""
-
-    def activation(self, x):
-        """g = γ∇ρ + δ."""
-        return self._activation_and_radius(x)[0]
-
-    def activation_and_neuron_energy(self, x, event_ndim=1):
-        """(g, E) with E = ⟨x, g⟩ − L = −Σ_event γc/ρ in closed form (no cancellation for
-        large x), :eq:`L-energy`."""
-        _check_axes_fit(self.axes, x, event_ndim)
-        self._delta_for(x, event_ndim)  # validate δ against the event shape, as value does
-        g, rho, offset = self._activation_and_radius(x)
-        return g, sum_over_events(-self.gamma * offset / rho, event_ndim)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class LayerNorm(_Normalizer):
-    """L = γ·D·σ + ⟨δ, x⟩,  g = γ(x − x̄)/σ + δ,  Hv = (γ/σ)(Pv − x̂⟨x̂, Pv⟩/D), over `axes`
-    (D elements, σ = √(var + ε), x̂ = (x − x̄)/σ, Pv = v − mean v). Energy −γDε/σ.
-    :eq:`L-layernorm`"""
-    name = "layernorm"
-
-    def _size(self, x):
-        """D, the number of elements normalised together."""
-        return math.prod(x.shape[a] for a in self.axes)
-
-    def _centred(self, a):
-        return a - xp.mean(a, axis=self.axes, keepdims=True)
-
-    def _normalised(self, x):
-        """x̂ = (x − x̄)/σ and σ (keepdims)."""
-        _check_axes_fit(self.axes, x)
-        centred = self._centred(x)
-        sigma = xp.sqrt(xp.mean(centred * centred, axis=self.axes, keepdims=True) + self.eps)
-        return centred / sigma, sigma
-
-    def radius(self, x):
-        """ρ = Dσ = √(D·Σ(x − x̄)² + D²ε), offset c = D²ε."""
-        _, sigma = self._normalised(x)
-        size = self._size(x)
-        return size * sigma, size * size * self.eps
-
-    def _activation_and_radius(self, x):
-        """g = γx̂ + δ, ρ = Dσ, c = D²ε."""
-        x_hat, sigma = self._normalised(x)
-        size = self._size(x)
-        return self.gamma * x_hat + self._delta_for(x), size * sigma, size * size * self.eps
-
-    def hvp(self, x, v):
-        """Hv = (γ/σ)(Pv − x̂⟨x̂, Pv⟩/D)."""
-        _check_same_shape(x, v)
-        x_hat, sigma = self._normalised(x)
-        pv = self._centred(v)
-        projection = xp.sum(x_hat * pv, axis=self.axes, keepdims=True) / self._size(x)
-        return self.gamma / sigma * (pv - x_hat * projection)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Spherical(_Normalizer):
-    """L = γ·r + ⟨δ, x⟩,  g = γx/r + δ,  Hv = (γ/r)(v − x⟨x, v⟩/r²), r = √(Σ_axes x² + ε).
-    Energy −γε/r :eq:`L-spherical`"""
-    name = "spherical"
-
-    def radius(self, x):
-        """ρ = r = √(Σx² + ε), offset c = ε."""
-        _check_axes_fit(self.axes, x)
-        return xp.sqrt(xp.sum(x * x, axis=self.axes, keepdims=True) + self.eps), self.eps
-
-    def _activation_and_radius(self, x):
-        """g = γx/r + δ, ρ = r, c = ε."""
-        r, offset = self.radius(x)
-        return self.gamma * x / r + self._delta_for(x), r, offset
-
-    def hvp(self, x, v):
-        """Hv = (γ/r)(v − x⟨x, v⟩/r²)."""
-        _check_same_shape(x, v)
-        r, _ = self.radius(x)
-        x_dot_v = xp.sum(x * v, axis=self.axes, keepdims=True)
-        return self.gamma / r * (v - x * x_dot_v / (r * r))
 
 
 # ---------------------------------------------------------------- registry

@@ -20,7 +20,7 @@ from refham import cli
 from refham.backend import rng
 from refham.checkpoint import load_checkpoint
 from refham.distributed import ShardedGenerator, shard
-from refham.metaformer import TrainSettings, train as train_metaformer
+from refham.metaformer_train import TrainSettings, train as train_metaformer
 from refham.sweep import run_sweep
 from refham.train import train
 from refham.train_config import TrainConfig

@@ -1,7 +1,7 @@
-"""refham.metaformer (docs: metaformer): the unrolled denoising loss's hand-written gradient
-against autograd on the same forward code, training that lowers the loss, energy descent with
-trained weights, the `figures` energy trace against (H1) evaluated here independently in NumPy, and
-the `refham metaformer` command.
+"""refham.metaformer, metaformer_train and metaformer_figures (docs: metaformer): the unrolled
+denoising loss's hand-written gradient against autograd on the same forward code, training that
+lowers the loss, energy descent with trained weights, the `figures` energy trace against (H1)
+evaluated here independently in NumPy, and the `refham metaformer` command.
 
 Test data are drawn with NumPy (backend.rng) and moved with `asarray` for the hand-written path;
 autograd differentiates the same forward on NumPy. D ≠ N_h throughout.
@@ -19,6 +19,8 @@ from hypothesis import given, strategies as st
 
 from oracle import TOL, autograd_numpy, rel_err
 from refham import metaformer as mf
+from refham import metaformer_figures as mff
+from refham import metaformer_train as mft
 from refham.backend import asarray, rng, to_numpy
 from refham.checkpoint import load_checkpoint, save_checkpoint
 from refham.cli import main
@@ -147,9 +149,9 @@ def test_losses_are_the_same_in_chunks_and_target_standardised_is_ln_of_clean():
     (lambda w, c, n: mf.forward(w, c, n, 2, target="noisy"), "unknown target 'noisy'"),
     (lambda w, c, n: mf.forward({"vc": w["vc"]}, c, n, 2), "weights must be a dict"),
     (lambda w, c, n: mf.normalise_images(np.zeros((2, 3))), "cannot be divided by their L2"),
-    (lambda w, c, n: mf.TrainSettings(data="mnist"), "needs --data-path"),
-    (lambda w, c, n: mf.TrainSettings(lr=0), "lr must be a finite number > 0"),
-    (lambda w, c, n: mf.TrainSettings(epochs=1.5), "epochs must be an integer"),
+    (lambda w, c, n: mft.TrainSettings(data="mnist"), "needs --data-path"),
+    (lambda w, c, n: mft.TrainSettings(lr=0), "lr must be a finite number > 0"),
+    (lambda w, c, n: mft.TrainSettings(epochs=1.5), "epochs must be an integer"),
 ])
 def test_bad_input_raises_a_clear_error(call, message):
     gen = rng(0)
@@ -163,10 +165,10 @@ def test_bad_input_raises_a_clear_error(call, message):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A short training run on the synthetic images (D = 64, N_h = 24)."""
-    settings = mf.TrainSettings(data="synthetic", hidden=24, steps=3, lr=1e-2, batch_size=32,
+    settings = mft.TrainSettings(data="synthetic", hidden=24, steps=3, lr=1e-2, batch_size=32,
                                 epochs=3, out=str(tmp_path_factory.mktemp("run")),
                                 progress=False)
-    return settings, mf.train(settings)
+    return settings, mft.train(settings)
 
 
 def test_training_lowers_both_denoising_losses_and_logs_every_epoch(trained):
@@ -183,23 +185,23 @@ def test_training_lowers_both_denoising_losses_and_logs_every_epoch(trained):
     assert saved.config["image_shape"] == [8, 8] and saved.config["hidden"] == 24
     assert sorted(saved.params) == ["sv", "vc"] and saved.params["sv"].shape == (24, 64)
     with pytest.raises(mf.MetaFormerError, match="already holds a run"):
-        mf.train(settings)
+        mft.train(settings)
 
 
 def test_an_update_that_overflows_stops_training_before_it_is_kept(tmp_path):
-    settings = mf.TrainSettings(data="synthetic", hidden=4, steps=2, lr=1e308, batch_size=32,
+    settings = mft.TrainSettings(data="synthetic", hidden=4, steps=2, lr=1e308, batch_size=32,
                                 epochs=2, out=str(tmp_path / "run"), progress=False)
     with pytest.raises(mf.MetaFormerError, match="epoch 1: the update made .*NaN/inf; no "
                                                  "checkpoint was written"):
-        mf.train(settings)
+        mft.train(settings)
     assert not (tmp_path / "run" / "last.npz").exists()
 
 
 def test_training_towards_the_standardised_target_lowers_its_loss(tmp_path):
-    settings = mf.TrainSettings(data="synthetic", hidden=12, steps=3, lr=3e-2, batch_size=32,
+    settings = mft.TrainSettings(data="synthetic", hidden=12, steps=3, lr=3e-2, batch_size=32,
                                 epochs=2, target="standardised", out=str(tmp_path),
                                 progress=False)
-    history = mf.train(settings)["history"]
+    history = mft.train(settings)["history"]
     assert history[-1]["test_loss_standardised"] < history[0]["test_loss_standardised"] - 0.2
 
 
@@ -207,7 +209,7 @@ def test_training_towards_the_standardised_target_lowers_its_loss(tmp_path):
 def test_energy_never_increases_along_discrete_descent_with_trained_weights(trained, alpha):
     weights = {k: asarray(v) for k, v in load_checkpoint(trained[1]["checkpoint"]).params.items()}
     for scale in (1.0, 10.0):
-        energies = to_numpy(mf.energy_descent(weights, samples=6, seed=4, steps=60, alpha=alpha,
+        energies = to_numpy(mff.energy_descent(weights, samples=6, seed=4, steps=60, alpha=alpha,
                                               state_scale=scale).energies)
         assert np.all(np.diff(energies, axis=0) <= 1e-12 * np.abs(energies).max())
         assert np.all(energies[-1] < energies[0])
@@ -233,7 +235,7 @@ def independent_energy_trace(W_sv, W_vc, start, alpha, steps):
 
 def test_figures_energy_trace_equals_H1_evaluated_independently(trained, tmp_path):
     pytest.importorskip("matplotlib")
-    paths, energies = mf.write_figures(trained[1]["checkpoint"], tmp_path, samples=3, seed=2,
+    paths, energies = mff.write_figures(trained[1]["checkpoint"], tmp_path, samples=3, seed=2,
                                        steps=12, alpha=0.5, state_scale=10.0)
     for name in ("receptive_fields.png", "energy_descent.png"):
         with open(paths[name], "rb") as f:
@@ -252,12 +254,12 @@ def test_figures_energy_trace_equals_H1_evaluated_independently(trained, tmp_pat
 def test_receptive_fields_are_the_largest_normalised_and_tiled():
     gen = rng(5)
     sv, vc = gen.standard_normal((7, 6)), gen.standard_normal((6, 7))
-    fields = mf.receptive_fields({"sv": sv, "vc": vc}, (2, 3), count=3)
+    fields = mff.receptive_fields({"sv": sv, "vc": vc}, (2, 3), count=3)
     for name, rows in (("sv", sv), ("vc", vc.T)):  # rows of W_sv, columns of W_vc
         largest = sorted(range(7), key=lambda i: -np.linalg.norm(rows[i]))[:3]
         expected = np.stack([rows[i] / np.abs(rows[i]).max() for i in largest])
         assert rel_err(fields[name], expected.reshape(3, 2, 3)) <= 1e-15, name
-    mosaic = mf.tile(fields["sv"])
+    mosaic = mff.tile(fields["sv"])
     assert mosaic.shape == (2 * 2 + 1, 2 * 3 + 1)  # 2×2 grid of 2×3 tiles, 1-pixel gaps
     assert np.isnan(mosaic[2]).all() and np.isnan(mosaic[-2:, -3:]).all()  # gap; empty 4th
     assert rel_err(mosaic[3:, :3], fields["sv"][2]) == 0
@@ -277,15 +279,15 @@ def test_mnist_idx_files_train_with_t10k_or_a_held_out_split(tmp_path, with_test
     write_idx(tmp_path / "train-images-idx3-ubyte.gz", gen.integers(1, 256, (40, 5, 5)))
     if with_test_file:
         write_idx(tmp_path / "t10k-images-idx3-ubyte", gen.integers(1, 256, (7, 5, 5)))
-    train, test, split = mf.load_images("mnist", str(tmp_path))
+    train, test, split = mft.load_images("mnist", str(tmp_path))
     assert (len(train), len(test)) == ((40, 7) if with_test_file else (36, 4))
     assert split == ("MNIST t10k" if with_test_file else
                      "10% of the training images, held out (no t10k file)")
     assert train.max() <= 1.0 and train.min() > 0  # p/255
-    settings = mf.TrainSettings(data="mnist", data_path=str(tmp_path), hidden=4, steps=2,
+    settings = mft.TrainSettings(data="mnist", data_path=str(tmp_path), hidden=4, steps=2,
                                 epochs=1, batch_size=16, out=str(tmp_path / "run"),
                                 progress=False)
-    assert mf.train(settings)["visible"] == 25
+    assert mft.train(settings)["visible"] == 25
 
 
 # ---------------------------------------------------------------- the command

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from refham import metaformer as mf
+from refham import metaformer_train as mft
 from refham.checkpoint import load_checkpoint
 from refham.cli import main
 from refham.runlock import LOCK_NAME, RunLock, RunLocked, _still_linked
@@ -77,7 +77,7 @@ def test_the_lock_is_exclusive_within_one_process_too_and_reusable_after_release
         with pytest.raises(RunLocked, match=rf"pid {os.getpid()} on .* since 20"):
             RunLock(tmp_path).acquire()
         with pytest.raises(RunLocked, match="in use"):
-            mf.train(mf.TrainSettings(data="synthetic", hidden=4, steps=2, epochs=1,
+            mft.train(mft.TrainSettings(data="synthetic", hidden=4, steps=2, epochs=1,
                                       out=str(tmp_path), progress=False))
     assert os.listdir(tmp_path) == []
     with RunLock(tmp_path):
