@@ -63,6 +63,9 @@ class TensorCheck:
         return f"{self.status:<7} {self.name:<{width}}  {errors}{self.detail}".rstrip()
 
 
+MAX_LINES = 200      # tensor lines a report prints at most
+
+
 @dataclasses.dataclass(frozen=True)
 class Report:
     """All tensor verdicts of one comparison, in the golden file's order (extras last)."""
@@ -78,13 +81,20 @@ class Report:
         return [c for c in self.checks if c.status == NOT_OK]
 
     def __str__(self):
-        width = max((len(c.name) for c in self.checks), default=0)
+        """One line per tensor and a summary; past MAX_LINES tensors (a hostile candidate can
+        hold millions) the failures come first and the rest is counted, not printed."""
+        shown = self.checks
+        if len(shown) > MAX_LINES:
+            shown = sorted(shown, key=lambda c: c.status != NOT_OK)[:MAX_LINES]
+        width = max((len(c.name) for c in shown), default=0)
         counts = {status: sum(c.status == status for c in self.checks)
                   for status in (OK, NOT_OK, SKIPPED)}
+        hidden = len(self.checks) - len(shown)
         summary = (f"{len(self.checks)} tensors: {counts[OK]} OK, {counts[NOT_OK]} NOT OK"
                    + (f", {counts[SKIPPED]} skipped" if counts[SKIPPED] else "")
+                   + (f" ({hidden} lines not shown)" if hidden else "")
                    + f" — {'PASS' if self.ok else 'FAIL'}")
-        return "\n".join([c.line(width) for c in self.checks] + [summary])
+        return "\n".join([c.line(width) for c in shown] + [summary])
 
 
 def parse_tolerance(spec):

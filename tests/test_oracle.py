@@ -240,6 +240,17 @@ def test_golden_checked_against_itself_passes(sym_file, sym):
                                            f"OK — PASS"
 
 
+def test_a_report_of_many_tensors_prints_its_failures_first_and_counts_the_rest(sym):
+    candidate = {**sym, **{f"extra/{i}": np.zeros(1) for i in range(3 * oracle_check.MAX_LINES)}}
+    candidate["output/loss"] = sym["output/loss"] + 1.0
+    lines = str(check(sym, candidate)).splitlines()
+    assert len(lines) == oracle_check.MAX_LINES + 1
+    failing = [line for line in lines if line.startswith("NOT OK")]
+    assert len(failing) == oracle_check.MAX_LINES and any("output/loss" in f for f in failing)
+    hidden = len(sym) - 1 + 3 * oracle_check.MAX_LINES - oracle_check.MAX_LINES
+    assert lines[-1].endswith(f"({hidden} lines not shown) — FAIL")
+
+
 @pytest.mark.parametrize("kind", list(CORRUPTIONS))
 def test_each_corruption_is_caught(sym, kind):
     corrupt, failing, message = CORRUPTIONS[kind]
