@@ -123,7 +123,8 @@ def _add_eval(p):
 
 def _run_eval(args):
     """Test loss and top-1 accuracy of a checkpoint, on the split it was trained against."""
-    from refham.train import USER_ERRORS, evaluate_checkpoint
+    from refham.evaluation import evaluate_checkpoint
+    from refham.train import USER_ERRORS
 
     try:
         result = evaluate_checkpoint(args.checkpoint, args.data_path, args.batch_size,

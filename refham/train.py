@@ -33,11 +33,9 @@ import signal
 import threading
 import time
 
-from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from refham.backend import (
-    BackendError, asarray, backend_name, get_dtype, rng, set_backend, set_dtype, to_numpy, xp)
+from refham.backend import BackendError, asarray, rng, to_numpy, xp
 from refham.asym_init import initial_params
 from refham.checkpoint import (
     CheckpointError, atomic_write, describe_names, load_checkpoint, nonfinite_entries,
@@ -46,15 +44,15 @@ from refham.data import (
     DataError, add_gaussian_noise, batches, hold_out, horizontal_flip, load_dataset, normalise,
     random_crop)
 from refham.distributed import (
-    CommError, ShardedGenerator, SingleProcess, broadcast_state, combine_gradients,
+    CommError, ShardedGenerator, broadcast_state, combine_gradients,
     get_communicator, shard)
-from refham.layers import InputError, cross_entropy_forward
-from refham.mixer import ConfigError, Mixer, MixerConfig, ParamError
-from refham.memory import mixer_bytes, require
+from refham.evaluation import active_backend, evaluate
+from refham.layers import InputError
+from refham.mixer import ConfigError, Mixer, ParamError
 from refham.outputs import prepare_folder
 from refham.optim import OptimizerError, clip_by_global_norm, cosine_lr, make_optimizer
 from refham.resume import (
-    ResumeError, check_parameters, check_resumable, check_same_run, checked_progress,
+    ResumeError, check_resumable, check_same_run, checked_progress,
     finished_records, last_checkpoint, saved_settings)
 from refham.runlock import RunLock, RunLocked
 from refham.train_config import (
@@ -86,26 +84,6 @@ def prepare_batch(images, dataset, cfg, gen):
     return images
 
 
-def evaluate(model, params, dataset, batch_size=256, comm=SingleProcess()):
-    """Plain cross-entropy (no smoothing, no penalty) and top-1 accuracy over `dataset`, whose
-    images are normalised with its own per-channel mean/std. → {"loss", "acc", "n"}.
-    Under a communicator of N ranks each rank evaluates its shard (`distributed.shard`) and the
-    sums of loss and correct are reduced, so that every rank gets the whole set's numbers."""
-    total_loss, correct = 0.0, 0
-    rows = shard(len(dataset), comm)
-    part = dataset if comm.size == 1 else dataclasses.replace(
-        dataset, images=dataset.images[rows], labels=dataset.labels[rows])
-    for images, labels in batches(part, batch_size) if rows.stop > rows.start else ():
-        logits, _ = model.forward(params, normalise(images, dataset.mean, dataset.std))
-        loss, _ = cross_entropy_forward(logits, labels)
-        total_loss += float(to_numpy(loss)) * len(labels)
-        correct += int(to_numpy((logits.argmax(axis=-1) == labels).sum()))
-    if comm.size > 1:
-        total_loss, correct = comm.sum([total_loss, correct])
-    return {"loss": total_loss / len(dataset), "acc": int(correct) / len(dataset),
-            "n": len(dataset)}
-
-
 def symmetry_log(config, params):
     """Per-block symmetry measures for the metrics log, :eq:`M-symmetry`: cos(W₂, W₁ᵀ),
     ‖W₂‖/‖W₁‖."""
@@ -120,21 +98,6 @@ def _json_floats(value):
     if isinstance(value, (list, tuple)):
         return [_json_floats(v) for v in value]
     return value if isinstance(value, (str, bool, int, type(None))) else float(to_numpy(value))
-
-
-@contextlib.contextmanager
-def _active_backend(name, dtype, threads=0):
-    """Run with backend `name`, default dtype `dtype` and at most `threads` BLAS threads (0: as
-    the BLAS library likes; threadpoolctl, a scikit-learn dependency, sets it); restore after."""
-    saved = backend_name(), get_dtype()
-    set_backend(name)
-    set_dtype(dtype)
-    try:
-        with threadpool_limits(limits=threads or None, user_api="blas"):
-            yield
-    finally:
-        set_backend(saved[0])
-        set_dtype(saved[1])
 
 
 @contextlib.contextmanager
@@ -454,43 +417,13 @@ def train(cfg, resume=False, echo=False):
     Raises TrainConfigError / ResumeError for unusable settings and TrainingDiverged on NaN/inf."""
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"train needs a TrainConfig, got {type(cfg).__name__}")
-    with _active_backend(cfg.backend, cfg.dtype, cfg.threads), _stop_requests() as stop:
+    with active_backend(cfg.backend, cfg.dtype, cfg.threads), _stop_requests() as stop:
         run = _Run(cfg, resume, get_communicator(cfg.comm, cfg.backend))
         try:
             return run.run(stop, echo)
         finally:
             if run.lock:
                 run.lock.release()
-
-
-def evaluate_checkpoint(path, data_path=None, batch_size=256, backend="numpy", threads=1):
-    """Test loss and accuracy of the checkpoint at `path`, rebuilding its model and test split
-    from the settings stored in it (`data_path` overrides where the CIFAR archive now lives)."""
-    for name, value, least in (("batch_size", batch_size, 1), ("threads", threads, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise TrainConfigError(f"{name} must be an integer >= {least}, got {value!r}")
-    ck = load_checkpoint(path)
-    try:
-        cfg = TrainConfig.from_dict(ck.config["train"])
-        config = MixerConfig(**ck.config["model"])
-    except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: no usable training/model settings ({exc})") from exc
-    check_parameters(ck.params, path, cfg.dtype, config)
-    dtype = cfg.dtype
-    with _active_backend(backend, dtype, threads):
-        _, test = load_dataset(cfg.data, data_path or cfg.data_path,
-                               train_fraction=cfg.train_fraction, seed=cfg.data_seed)
-        require(mixer_bytes(config, min(batch_size, len(test)), get_dtype()(0).itemsize,
-                            training=False),
-                f"evaluating {path} on batches of {batch_size}", advice="lower --batch-size")
-        params = {k: asarray(v, dtype=v.dtype) for k, v in ck.params.items()}
-        result = evaluate(Mixer(config), params, test, batch_size)
-    if not math.isfinite(result["loss"]):
-        raise CheckpointError(f"{path}: the test loss is {result['loss']} — the model's outputs "
-                              f"overflow in {dtype} (weights up to "
-                              f"{max(float(abs(a).max()) for a in ck.params.values()):.3g}); it "
-                              f"holds a diverging run, use an earlier checkpoint")
-    return {**result, "step": ck.step, "epoch": ck.epoch, "data": cfg.data, "model": cfg.model}
 
 
 def resume_settings(out):

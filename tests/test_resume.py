@@ -13,7 +13,8 @@ import pytest
 from refham.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from refham.cli import main
 from refham.resume import MetricsLogWarning, ResumeError
-from refham.train import _Run, evaluate_checkpoint, train
+from refham.evaluation import evaluate_checkpoint
+from refham.train import _Run, train
 from refham.train_config import TrainConfig
 
 TINY = ["--data", "synthetic", "--dim", "8", "--depth", "1", "--batch-size", "32",

@@ -14,8 +14,8 @@ from refham.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from refham.data import Dataset
 from refham.mixer import MODELS, Mixer, make_config
 from refham.optim import cosine_lr
-from refham.train import (
-    ResumeError, TrainingDiverged, _Run, evaluate, evaluate_checkpoint, prepare_batch, train)
+from refham.evaluation import evaluate, evaluate_checkpoint
+from refham.train import ResumeError, TrainingDiverged, _Run, prepare_batch, train
 from refham.train_config import TrainConfig, TrainConfigError
 
 STEPS_PER_EPOCH = 7  # the synthetic set's 256 training images less 24 for validation, in full
