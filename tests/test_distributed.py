@@ -267,7 +267,9 @@ def test_kill_9_of_one_rank_ends_the_job_and_keeps_a_good_checkpoint(tmp_path):
     os.kill(int((tmp_path / "pid1").read_text()), signal.SIGKILL)
     _finish(job, timeout=30)
     assert job.returncode != 0
-    assert load_checkpoint(out / "last.npz").step % LONG["checkpoint_every"] == 0
+    # last.npz is written every checkpoint_every steps and at the end of each epoch (5 steps)
+    step = load_checkpoint(out / "last.npz").step
+    assert step % LONG["checkpoint_every"] == 0 or step % 5 == 0
 
 
 @needs_mpi
