@@ -191,9 +191,10 @@ def test_a_second_signal_aborts_at_once(tmp_path, monkeypatch):
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)
     _interrupt_at(monkeypatch, 3, two_signals)
+    found = signal.getsignal(signal.SIGINT)   # not always Python's default (background jobs)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(tmp_path))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is found
     assert not os.path.exists(tmp_path / "run" / "last.npz")
 
 
