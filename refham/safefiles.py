@@ -76,6 +76,7 @@ def read_npz(path, error):
     with open(path, "rb") as f:
         if f.read(6) == numpy.lib.format.MAGIC_PREFIX:
             raise error(f"{path} holds a single .npy array, not an .npz archive")
+    # what a damaged zip can raise; zipfile raises NotImplementedError for an unknown compression
     unreadable = (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError,
                   NotImplementedError, zlib.error, struct.error, RuntimeError)
     try:
