@@ -33,7 +33,8 @@ import numpy
 
 import refham
 from refham.backend import (
-    asarray, backend_name, retain_freed_memory, set_backend, set_dtype, set_tf32, to_numpy, xp)
+    asarray, backend_name, set_backend, set_dtype, set_tf32, to_numpy, xp)
+from refham.fast.settings import retain_freed_memory
 from refham.mixer import MODELS, SIZES, Mixer, make_config
 from refham.optim import AdamW
 
@@ -271,7 +272,7 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, help="BLAS and torch threads (default: BLAS's own)")
     p.add_argument("--tf32", action="store_true", help="TF32 matmuls on the GPU, both sides")
     p.add_argument("--malloc", choices=("default", "retain"), default="default",
-                   help="retain: glibc keeps freed memory (backend.retain_freed_memory), for "
+                   help="retain: glibc keeps freed memory (fast.settings.retain_freed_memory), for "
                         "both sides; default: the allocator as configured")
     p.add_argument("--no-torch", action="store_true", help="time refham alone")
     p.add_argument("--json", help="write all results and the environment here")

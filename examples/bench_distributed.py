@@ -30,7 +30,7 @@ def worker(args):
     """One rank: time `args.steps` training steps after `args.warmup`; rank 0 prints JSON."""
     from threadpoolctl import threadpool_limits
     from refham.backend import asarray, rng, set_dtype
-    from refham.distributed import combine_gradients, get_communicator, shard
+    from refham.training.distributed import combine_gradients, get_communicator, shard
     from refham.mixer import Mixer, make_config
     from refham.optim import AdamW
 

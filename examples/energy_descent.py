@@ -9,7 +9,7 @@ matrix serves both directions of each synapse, the energy E goes down step after
 steps this small: HAM.descent_step_bound gives the proven bound, and examples/step_sizes.py
 shows E rising in a share of the steps from α = 1 on.
 
-In the library's terms (this is what `refham descend` runs, see refham/cli.py):
+In the library's terms (this is what `refham descend` runs, see refham/cli/commands.py):
 
     from refham.metaformer import three_layer_ham
     ham = three_layer_ham(784, 900)                        # layers "s", "v", "c"

@@ -15,8 +15,8 @@ import sys
 
 import numpy as np
 
-from refham.checkpoint import CheckpointError, load_checkpoint
-from refham.data import load_dataset
+from refham.files.checkpoint import CheckpointError, load_checkpoint
+from refham.training.data import load_dataset
 from refham.mixer import Mixer, MixerConfig, make_config
 from refham.mixer_energy import MixerBlock
 

@@ -56,8 +56,8 @@ fi
 if want train; then
     $PY - "$OUT/train.json" <<'EOF' || status=1
 import json, sys, tempfile, time
-from refham.train import train
-from refham.train_config import TrainConfig
+from refham.training.train import train
+from refham.training.train_config import TrainConfig
 
 results = {}
 for backend in ("cupy", "numpy"):

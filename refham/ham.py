@@ -29,7 +29,6 @@ import types
 from refham.backend import asarray, get_dtype, rng, xp
 from refham.dynamics import euler_step, integrate, is_tree, iterate
 from refham.lagrangians import Lagrangian, LagrangianError
-from refham.memory import elements, ham_descent_bytes, require
 from refham.synapses import (  # noqa: F401  (the synapses are part of the HAM's interface)
     ChannelMixing, Dense, HAMError, Synapse, TokenMixing, batch_inner)
 
@@ -74,9 +73,6 @@ class Layer:
             raise HAMError(f"a layer needs a refham.lagrangians.Lagrangian (e.g. ReLU()), got "
                            f"{self.lagrangian!r}")
         object.__setattr__(self, "tau", _positive("layer time constant tau", self.tau))
-        # the probe and the Lagrangian's temporaries: ~4 arrays of one float64 state
-        require(4 * 8 * elements(self.shape), f"a layer of shape {self.shape}",
-                advice="use a smaller layer")
         probe = xp.zeros((1,) + self.shape)
         try:  # axes reaching beyond the layer, a delta of the wrong shape, …
             self.lagrangian.value(probe, event_ndim=len(self.shape))
@@ -122,14 +118,12 @@ class HAM:
     def init_weights(self, seed, scale=0.02):
         """{synapse name: scale·N(0,1)} drawn in synapse order with backend.rng(seed)."""
         gen, scale = rng(seed), _positive("weight scale", scale, allow_zero=True)
-        self._require_memory(0, 0)
         return {name: asarray(scale * gen.standard_normal(shape))
                 for name, shape in self._weight_shapes.items()}
 
     def init_states(self, batch, seed=None, scale=0.0):
         """{layer name: (batch, *shape)}: zeros, or scale·N(0,1) drawn in layer order."""
         batch, scale = _count("batch", batch, 1), _positive("state scale", scale, allow_zero=True)
-        self._require_memory(batch, 0, weights=False)
         if scale == 0:
             return {name: xp.zeros((batch,) + layer.shape, dtype=get_dtype())
                     for name, layer in self.layers.items()}
@@ -138,16 +132,6 @@ class HAM:
         gen = rng(seed)
         return {name: asarray(scale * gen.standard_normal((batch,) + layer.shape))
                 for name, layer in self.layers.items()}
-
-    def _require_memory(self, batch, steps, weights=True):
-        """MemoryLimitError, before anything is allocated, when the weights (if `weights`) and
-        `steps` recorded steps of `batch` states would not fit in the memory available."""
-        need = ham_descent_bytes(self._weight_shapes.values() if weights else (),
-                                 [layer.shape for layer in self.layers.values()], batch, steps,
-                                 get_dtype()(0).itemsize)
-        require(need, f"{batch} state(s) × {steps + 1} step(s) of this HAM" if batch else
-                "this HAM's weights",
-                advice="use fewer or smaller layers, a smaller batch or fewer steps")
 
     # -- input checks
     def _check_states(self, xs, what="states", batch_of=None):
@@ -391,7 +375,6 @@ class HAM:
         alpha = _positive("alpha", alpha)
         tol = None if tol is None else _positive("tol", tol)
         steps = _count("max_steps", max_steps, 0)
-        self._require_memory(next(iter(xs.values())).shape[0], steps, weights=False)
 
         def advance(x):
             velocity, energy = self._velocity_and_energy(x, weights)

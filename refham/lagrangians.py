@@ -37,7 +37,8 @@ import dataclasses
 import math
 import numbers
 
-from refham.backend import gelu, gelu_deriv, normal_cdf, normal_pdf, xp
+from refham.backend import xp
+from refham.special import gelu, gelu_deriv, normal_cdf, normal_pdf
 from refham.lagrangian_base import (  # Lagrangian, LagrangianError, event_axes: public here too
     Lagrangian, LagrangianError, check_axes_fit, check_same_shape, event_axes, negative_axes,
     positive_real, store_positive, sum_over_events)

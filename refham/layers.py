@@ -13,7 +13,8 @@ Axis convention for a Mixer state x (B, S, C): the channel axis is −1 and the 
 `linear_forward(..., axis=−2)` maps every column x[b, :, c] (S → out) with a left matmul W @ x, so
 the token MLP needs no transposes.
 """
-from refham.backend import fused_elementwise, gelu_and_deriv, xp
+from refham.backend import accelerated, xp
+from refham.special import gelu_and_deriv
 
 CHANNEL_AXIS = -1
 TOKEN_AXIS = -2
@@ -84,11 +85,11 @@ def linear_backward(cache, dy, need_dx=True):
 # ---------------------------------------------------------------------------------------------
 def gelu_forward(x):
     """y = GELU(x) = x·Φ_N(x). The cache is GELU′(x) = Φ_N(x) + x·φ(x), formed in the same pass
-    from the same Φ_N (backend.gelu_and_deriv), so backward needs neither erf nor x."""
+    from the same Φ_N (special.gelu_and_deriv), so backward needs neither erf nor x."""
     return gelu_and_deriv(x)
 
 
-@fused_elementwise("T cache, T dy", "T dx", "dx = dy * cache;")
+@accelerated
 def gelu_backward(cache, dy):
     """dx = GELU′(x)·dy (on NumPy in chunks on the BLAS threads, like every fused chain)."""
     return dy * cache
@@ -130,8 +131,7 @@ def layernorm_forward(x, weight, bias, eps=1e-6, n_axes=None):
     return y, (x_hat, inv_sigma, weight, bias.ndim, axes)
 
 
-@fused_elementwise("T centred, T inv_sigma, T weight, T bias", "T x_hat, T y",
-                   "x_hat = centred * inv_sigma; y = weight * x_hat + bias;")
+@accelerated
 def _normalise_affine(centred, inv_sigma, weight, bias):
     """x̂ = (x − x̄)/σ and y = γ ⊙ x̂ + δ (one fused kernel on the GPU)."""
     x_hat = centred * inv_sigma
@@ -156,8 +156,7 @@ def layernorm_backward(cache, dy):
     return dx, _sum_to(dy * x_hat, weight.ndim, axes), _sum_to(dy, bias_ndim, axes)
 
 
-@fused_elementwise("T d_hat, T x_hat, T inv_sigma, T mean_d, T mean_dx", "T dx",
-                   "dx = inv_sigma * (d_hat - mean_d - x_hat * mean_dx);")
+@accelerated
 def _layernorm_dx(d_hat, x_hat, inv_sigma, mean_d, mean_dx):
     """dx = (1/σ)(d̂ − mean(d̂) − x̂·mean(d̂ ⊙ x̂)), the means given (one fused GPU kernel)."""
     return inv_sigma * (d_hat - mean_d - x_hat * mean_dx)

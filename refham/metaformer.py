@@ -15,7 +15,7 @@ so it trains the cosine between g_v and the image; "standardised" is the well-po
 The gradient is hand-written: the forward keeps x⁰…x^T; the backward seeds ∂loss/∂x_v^T with the
 layernorm Hessian-vector product (H is symmetric, so the VJP of g is Hv) and runs `HAM.step_vjp`
 (the Lagrangians' hvp and the synapses' VJPs) back through the T steps, summing ∂loss/∂W.
-Training is in refham.metaformer_train, the figures in refham.metaformer_figures.
+Training is in refham.training.metaformer_train, the figures in refham.training.metaformer_figures.
 """
 import dataclasses
 import functools

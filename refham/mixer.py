@@ -25,7 +25,7 @@ from refham.blocks import (
     BLOCK_LAYERS, parallel_block_backward, parallel_block_forward, parallel_branches_forward,
     serial_block_backward, serial_block_forward)
 from refham.init_rules import initial_value
-from refham.safefiles import short_list
+from refham.errors import short_list
 from refham.layers import (
     InputError, cross_entropy_backward, cross_entropy_forward, layernorm_backward,
     layernorm_forward, linear_backward, linear_forward, mlp_param_shapes, patch_embed_backward,

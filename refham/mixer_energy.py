@@ -25,7 +25,8 @@ import math
 import numbers
 import operator
 
-from refham.backend import asarray, gelu, to_numpy, xp
+from refham.backend import asarray, to_numpy, xp
+from refham.special import gelu
 from refham.blocks import BRANCH_AXIS
 from refham.dynamics import euler_step, integrate
 from refham.lagrangians import GELU, LayerNorm

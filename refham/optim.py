@@ -18,7 +18,7 @@ weight (a name with a component starting with `norm`), which is the usual choice
 import math
 from dataclasses import dataclass
 
-from refham.backend import fused_elementwise, xp
+from refham.backend import accelerated, xp
 
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -112,13 +112,7 @@ class AdamW:
         return new_params, new_state
 
 
-@fused_elementwise(
-    "T p, T g, T m, T v, T decay, T step_size, T beta1, T beta2, T correction2, T eps",
-    "T p_new, T m_new, T v_new", """
-    m_new = beta1 * m + (1 - beta1) * g;
-    v_new = beta2 * v + (1 - beta2) * (g * g);
-    p_new = p * decay - step_size * (m_new / (sqrt(v_new / correction2) + eps));
-""")
+@accelerated
 def adamw_step(p, g, m, v, decay, step_size, beta1, beta2, correction2, eps):
     """AdamW on one array → (p, m, v) new (one fused kernel on the GPU):
 

@@ -10,8 +10,8 @@ from refham import mixer as M
 from refham.asym_init import ASYM_INITS, initial_params
 from refham.backend import to_numpy
 from refham.mixer_energy import symmetry_measures
-from refham.train import train
-from refham.train_config import TrainConfig, TrainConfigError
+from refham.training.train import train
+from refham.training.train_config import TrainConfig, TrainConfigError
 from tests.oracle import rel_err
 from tests.test_mixer import random_batch
 
@@ -63,7 +63,7 @@ def test_only_the_asymmixer_takes_another_init(tmp_path):
 
 def test_training_starts_from_the_chosen_init(tmp_path, monkeypatch):
     started = {}
-    import refham.train as T
+    import refham.training.train as T
     original = T.initial_params
     monkeypatch.setattr(T, "initial_params", lambda *args: started.setdefault(
         "params", original(*args)))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from refham.backend import asarray, rng, to_numpy
-from refham.checkpoint import (
+from refham.files.checkpoint import (
     CheckpointError, _digest, atomic_write, is_temporary, load_checkpoint, save_checkpoint)
 
 

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from refham.checkpoint import load_checkpoint
-from refham.cli import COMMANDS, main
+from refham.files.checkpoint import load_checkpoint
+from refham.cli.commands import COMMANDS, main
 
 TINY = ["--data", "synthetic", "--dim", "8", "--depth", "1", "--batch-size", "32",
         "--no-progress"]
@@ -136,8 +136,8 @@ def test_an_abort_exits_130_with_a_message(tmp_path, monkeypatch, capsys):
     def abort(*args, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("refham.train.train", abort)
-    monkeypatch.setattr("refham.sweep.train", abort)
+    monkeypatch.setattr("refham.training.train.train", abort)
+    monkeypatch.setattr("refham.study.sweep.train", abort)
     assert main(["train"]) == 130
     assert "aborted; the last checkpoint written stays valid" in capsys.readouterr().err
     assert main(["sweep", "--out", "sweep"]) == 130

@@ -11,12 +11,14 @@ import warnings
 import numpy as np
 import pytest
 
-from refham import cli, memory
-from refham.cli import main
+from refham.cli import commands as cli
+
+from refham.files import memory
+from refham.cli.commands import main
 from refham.layers import InputError
 from refham.mixer import Mixer, ParamError, make_config
-from refham.oracle import GoldenError, ham_golden, mixer_golden, write_golden
-from refham.train_config import TrainConfig, TrainConfigError
+from refham.oracle.golden import GoldenError, ham_golden, mixer_golden, write_golden
+from refham.training.train_config import TrainConfig, TrainConfigError
 
 TINY = ["--data", "synthetic", "--dim", "8", "--depth", "1", "--batch-size", "32",
         "--no-progress", "--epochs", "1"]

@@ -1,4 +1,4 @@
-"""Chunked, threaded elementwise chains (refham/cpu_threads.py) against one call of the chain:
+"""Chunked, threaded elementwise chains (refham/fast/threads.py) against one call of the chain:
 the same numbers bit for bit, for any thread count, shape, layout and broadcasting."""
 import os
 import signal
@@ -8,8 +8,10 @@ import pytest
 import threadpoolctl
 from hypothesis import given, settings, strategies as st
 
-from refham import cpu_threads as T
-from refham.backend import gelu_and_deriv, use_module
+from refham.fast import threads as T
+from refham.backend import use_module
+from refham.fast import numpy_variant
+from refham.special import gelu_and_deriv
 from refham.layers import _layernorm_dx, _normalise_affine, gelu_backward
 
 
@@ -87,7 +89,9 @@ def test_small_and_non_numpy_inputs_go_to_the_chain_directly():
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_fused_chains_of_the_training_step_equal_their_plain_definitions(threads):
-    """Large enough to be split: each NumPy fused chain against its plain xp definition."""
+    """Large enough to be split: each NumPy fused chain against one unchunked call of what runs
+    on NumPy (its plain xp definition, or its NumPy variant: tests/test_fast_paths.py holds the
+    variant to the definition)."""
     gen = np.random.default_rng(11)
     batch, tokens, chans = 16, 64, 48  # (B, S, C) with more than two chunks
 
@@ -102,7 +106,7 @@ def test_the_fused_chains_of_the_training_step_equal_their_plain_definitions(thr
                               arr(batch, 1, 1), arr(batch, 1, 1), arr(batch, 1, 1)))]
     with threadpoolctl.threadpool_limits(threads, user_api="blas"):
         for fused, args in cases:
-            _equal(fused(*args), fused.plain(*args))
+            _equal(fused(*args), numpy_variant(fused.plain)(*args))
 
 
 def test_autograd_runs_the_plain_chain():

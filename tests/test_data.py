@@ -1,4 +1,4 @@
-"""refham.data: digits, synthetic, Dataset, load_dataset, CIFAR as Datasets, augmentation, batching.
+"""refham.training.data: digits, synthetic, Dataset, load_dataset, CIFAR as Datasets, augmentation, batching.
 
 The file readers behind load_cifar are tested in test_datafiles.py; its archive builders are reused
 here to check what load_cifar adds: pixel scaling, the normalisation constants, the split names.
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from refham import data as D
+from refham.training import data as D
 from refham.backend import rng, to_numpy, get_dtype
 from tests.test_datafiles import OFFICIAL, _as_source, _cifar_members, _write_tar
 

@@ -1,4 +1,4 @@
-"""refham.datafiles: the CIFAR and IDX/MNIST readers on files generated here, hostile files.
+"""refham.files.datafiles: the CIFAR and IDX/MNIST readers on files generated here, hostile files.
 
 CIFAR archives are built in tmp_path with the official member names (written out here, not taken
 from refham, so a wrong name in refham fails); pixels are random so any reordering shows.
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from refham import data as D
-from refham import datafiles as F
+from refham.training import data as D
+from refham.files import datafiles as F
 from refham.backend import rng
 
 

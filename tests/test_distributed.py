@@ -1,4 +1,4 @@
-"""Data-parallel training (refham.distributed): the sharding of batches and random draws, the
+"""Data-parallel training (refham.training.distributed): the sharding of batches and random draws, the
 single-process path, and — under `mpiexec -n 2` subprocesses, each with a timeout so that a hang
 fails instead of stalling — equivalence with one process, resume across world sizes, faults,
 the sweep. The MPI tests skip only where mpi4py or mpiexec is missing; the GPU ones where CuPy
@@ -15,15 +15,15 @@ import time
 import numpy as np
 import pytest
 
-import refham.distributed as distributed
-from refham import cli
+import refham.training.distributed as distributed
+from refham.cli import commands as cli
 from refham.backend import rng
-from refham.checkpoint import load_checkpoint
-from refham.distributed import ShardedGenerator, shard
-from refham.metaformer_train import TrainSettings, train as train_metaformer
-from refham.sweep import run_sweep
-from refham.train import train
-from refham.train_config import TrainConfig
+from refham.files.checkpoint import load_checkpoint
+from refham.training.distributed import ShardedGenerator, shard
+from refham.training.metaformer_train import TrainSettings, train as train_metaformer
+from refham.study.sweep import run_sweep
+from refham.training.train import train
+from refham.training.train_config import TrainConfig
 from tests.test_train import _interrupt_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,7 +67,7 @@ def _env():
 
 
 def _mpiexec(args, n=2, code=None):
-    """[mpiexec -n n python (-m refham.cli | -c code)] + args."""
+    """[mpiexec -n n python (-m refham.cli.commands | -c code)] + args."""
     program = ["-c", code] if code else ["-m", "refham.cli"]
     return [MPIEXEC, "-n", str(n), sys.executable, *program, *args]
 
@@ -121,7 +121,7 @@ def test_sharded_draws_are_the_rows_of_one_process_draws(n, size):
 
 
 def test_one_process_never_imports_mpi4py(tmp_path):
-    code = ("import sys; from refham.cli import main; "
+    code = ("import sys; from refham.cli.commands import main; "
             f"code = main(['train', '--out', {str(tmp_path)!r}] + {_options(TINY)!r}); "
             "assert 'mpi4py' not in sys.modules, 'mpi4py was imported'; sys.exit(code)")
     env = {k: v for k, v in _env().items() if k not in distributed._LAUNCHER_SIZE}
@@ -194,7 +194,8 @@ def test_run_stopped_on_one_rank_resumes_on_two_exactly(tmp_path, monkeypatch):
 
 CRASH_ON_RANK_1 = """
 import sys
-from refham import cli, train
+from refham.cli import commands as cli
+from refham.training import train
 original = train._Run._train_step
 def crash(self, images, labels):
     if self.comm.rank == 1 and self.step == 2:
@@ -207,8 +208,8 @@ sys.exit(cli.main(sys.argv[1:]))
 # writes each rank's pid into the folder given first, then runs the CLI
 WITH_PIDS = """
 import os, sys
-from refham import cli
-from refham.distributed import launched_rank
+from refham.cli import commands as cli
+from refham.training.distributed import launched_rank
 with open(os.path.join(sys.argv[1], f"pid{launched_rank()}"), "w") as f:
     f.write(str(os.getpid()))
 sys.exit(cli.main(sys.argv[2:]))

@@ -2,8 +2,9 @@
 
 - float32 GELU on NumPy (a rational tail instead of scipy's erf) against the float64 exact form
   on a dense grid, at chunk boundaries and for extreme inputs;
-- the fused elementwise chains (`FusedElementwise`): on NumPy each is its plain xp definition;
-  on a GPU the CuPy kernel must give the plain definition's numbers (skipped without a GPU);
+- the accelerated elementwise chains (`backend.accelerated`): each has its CUDA kernel in
+  refham.fast.kernels; on NumPy each is its plain xp definition; on a GPU the CuPy kernel must
+  give the plain definition's numbers (skipped without a GPU);
 - the single-GEMM layouts of the linear maps and MLPs against per-vector references;
 - TF32 is a GPU-only, explicit switch.
 """
@@ -14,8 +15,10 @@ from hypothesis import given, strategies as st
 
 from oracle import rel_err
 from refham import backend as B
+from refham import fast
 from refham import layers as L
-from refham.cpu_threads import CHUNK
+from refham import special
+from refham.fast.threads import CHUNK
 from refham.optim import AdamW, adamw_step
 
 EPS32 = 2.0 ** -23  # float32 spacing at 1
@@ -37,7 +40,7 @@ def _ulps(actual, expected):
 def _fast_gelu(x):
     """The float32 NumPy path (whatever the active backend), as host arrays."""
     with B.use_module(np, scipy.special.erf, name="numpy"):
-        gelu, deriv = B.gelu_and_deriv(np.asarray(x, dtype=np.float32))
+        gelu, deriv = special.gelu_and_deriv(np.asarray(x, dtype=np.float32))
     return gelu, deriv
 
 
@@ -90,7 +93,7 @@ def test_float32_gelu_is_elementwise_across_chunks_and_layouts(dims, seed, trans
 
 def test_float64_and_autograd_keep_the_exact_erf_form():
     x = np.linspace(-9.0, 9.0, 2001)
-    gelu, deriv = B.gelu_and_deriv(B.asarray(x, dtype=np.float64))
+    gelu, deriv = special.gelu_and_deriv(B.asarray(x, dtype=np.float64))
     expected_gelu, expected_deriv = _exact_gelu(x)
     assert rel_err(gelu, expected_gelu) <= 1e-15
     assert rel_err(deriv, expected_deriv) <= 1e-15
@@ -146,7 +149,7 @@ def _fused_cases(dtype):
     scalars = AdamW().beta1, AdamW().beta2
     positive_v = B.asarray(np.abs(gen.standard_normal((5, 3))), dtype=dtype)
     return [
-        (B.gelu_and_deriv, (arr(4, 3, 33),)),
+        (special.gelu_and_deriv, (arr(4, 3, 33),)),
         (L.gelu_backward, (arr(4, 3, 33), arr(4, 3, 33))),
         (L._normalise_affine, (arr(4, 6, 5), B.asarray(np.abs(gen.standard_normal((4, 1, 1))),
                                                        dtype=dtype), arr(6, 5), arr(6, 5))),
@@ -155,6 +158,12 @@ def _fused_cases(dtype):
         (adamw_step, (arr(5, 3), arr(5, 3), arr(5, 3), positive_v,
                       *(np.dtype(dtype).type(s) for s in (0.99, 1e-3, *scalars, 0.5, 1e-8)))),
     ]
+
+
+def test_every_accelerated_chain_has_its_cuda_kernel_and_no_kernel_is_orphaned():
+    chains = {fast.key_of(fused.plain) for fused, _ in _fused_cases(np.float64)}
+    assert chains == set(fast.kernels.CUDA)
+    assert set(fast.kernels.NUMPY) <= chains
 
 
 def test_on_numpy_a_fused_chain_is_its_plain_definition():

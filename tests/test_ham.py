@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from oracle import TOL, autograd_numpy, rel_err
-from refham import cli
+from refham.cli import commands as cli
 from refham.backend import asarray, rng, to_numpy
 from refham.dynamics import DynamicsError, euler_step, integrate, rk4_step
 from refham.ham import HAM, ChannelMixing, Dense, HAMError, Layer, TokenMixing

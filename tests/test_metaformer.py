@@ -19,11 +19,11 @@ from hypothesis import given, strategies as st
 
 from oracle import TOL, autograd_numpy, rel_err
 from refham import metaformer as mf
-from refham import metaformer_figures as mff
-from refham import metaformer_train as mft
+from refham.training import metaformer_figures as mff
+from refham.training import metaformer_train as mft
 from refham.backend import asarray, rng, to_numpy
-from refham.checkpoint import load_checkpoint, save_checkpoint
-from refham.cli import main
+from refham.files.checkpoint import load_checkpoint, save_checkpoint
+from refham.cli.commands import main
 from refham.lagrangians import LayerNorm, ReLU
 
 EPS = 1e-5  # the visible layer's ε

@@ -10,12 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refham import mixer as M
-from refham.interop import InteropError, export_weights, import_weights, read_refham_weights
+from refham.oracle.interop import InteropError, export_weights, import_weights, read_refham_weights
 from refham.mixer_energy import MixerBlock
 from refham.optim import is_decayed
-from refham.oracle import META_KEY
-from refham.train import train
-from refham.train_config import TrainConfig
+from refham.oracle.golden import META_KEY
+from refham.training.train import train
+from refham.training.train_config import TrainConfig
 from tests.oracle import rel_err
 from tests.test_mixer import (
     VARIANTS, check_loss_and_grads, on_backend, random_batch, random_params, small_configs,

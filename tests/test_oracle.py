@@ -1,5 +1,5 @@
-"""refham as a test oracle: golden files (refham.oracle), the checker (refham.oracle_check), weight
-export/import (refham.interop) and their commands. The golden gradients are checked against
+"""refham as a test oracle: golden files (refham.oracle.golden), the checker (refham.oracle.check), weight
+export/import (refham.oracle.interop) and their commands. The golden gradients are checked against
 autograd on refham's forward; where PyTorch is installed, the PyTorch peer (examples/
 torch_mixer.py) loads the golden parameters by name and reproduces every golden output."""
 import json
@@ -13,17 +13,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refham import oracle_check
+from refham.oracle import check as oracle_check
 from refham.backend import asarray
-from refham.checkpoint import load_checkpoint
-from refham.cli import main
-from refham.interop import InteropError, config_overrides, export_weights, import_weights
+from refham.files.checkpoint import load_checkpoint
+from refham.cli.commands import main
+from refham.oracle.interop import InteropError, config_overrides, export_weights, import_weights
 from refham.metaformer import three_layer_ham
 from refham.mixer import Mixer, MixerConfig, ParamError, param_shapes
-from refham.oracle import (
+from refham.oracle.golden import (
     FORMAT, FORMAT_VERSION, GoldenError, ham_golden, load_npz, mixer_golden, read_golden,
     write_golden)
-from refham.oracle_check import check, parse_tolerance, tolerance
+from refham.oracle.check import check, parse_tolerance, tolerance
 from tests.oracle import TOL, autograd_numpy, rel_err
 
 # S = 9 tokens, C = 6 channels, N_s = 3, N_c = 24, K = 5 classes: every axis distinguishable

@@ -10,12 +10,12 @@ import warnings
 import numpy as np
 import pytest
 
-from refham.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from refham.cli import main
-from refham.resume import MetricsLogWarning, ResumeError
-from refham.evaluation import evaluate_checkpoint
-from refham.train import _Run, train
-from refham.train_config import TrainConfig
+from refham.files.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from refham.cli.commands import main
+from refham.training.resume import MetricsLogWarning, ResumeError
+from refham.training.evaluation import evaluate_checkpoint
+from refham.training.train import _Run, train
+from refham.training.train_config import TrainConfig
 
 TINY = ["--data", "synthetic", "--dim", "8", "--depth", "1", "--batch-size", "32",
         "--no-progress"]

@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from refham import metaformer_train as mft
-from refham.checkpoint import is_temporary, load_checkpoint
-from refham.cli import main
-from refham.runlock import LOCK_NAME, RunLock, RunLocked, _still_linked
+from refham.training import metaformer_train as mft
+from refham.files.checkpoint import is_temporary, load_checkpoint
+from refham.cli.commands import main
+from refham.files.runlock import LOCK_NAME, RunLock, RunLocked, _still_linked
 
 TINY = ["--data", "synthetic", "--dim", "8", "--depth", "1", "--batch-size", "32",
         "--no-progress"]

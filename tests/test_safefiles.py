@@ -13,9 +13,11 @@ import zipfile
 import numpy as np
 import pytest
 
-from refham import memory, safefiles
-from refham.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from refham.datafiles import DataError, load_idx, load_mnist, read_cifar
+from refham.files import memory
+
+from refham.files import safefiles
+from refham.files.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from refham.files.datafiles import DataError, load_idx, load_mnist, read_cifar
 from refham.mixer import Mixer, ParamError, check_params, make_config, param_shapes
 from refham.optim import AdamW
 

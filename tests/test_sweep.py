@@ -9,12 +9,12 @@ import threading
 
 import pytest
 
-import refham.sweep as sweep
-from refham.sweep import Regime, Run, SweepError, execute, run_name, run_study, run_sweep
-from refham.sweep_plan import STUDY, chosen_lr, plan
-from refham.sweep_plots import plot_accuracy_vs_lambda, plot_curves, plot_regimes
-from refham.sweep_report import markdown_table, summarize
-from refham.train import TrainingDiverged
+import refham.study.sweep as sweep
+from refham.study.sweep import Regime, Run, SweepError, execute, run_name, run_study, run_sweep
+from refham.study.plan import STUDY, chosen_lr, plan
+from refham.study.plots import plot_accuracy_vs_lambda, plot_curves, plot_regimes
+from refham.study.report import markdown_table, summarize
+from refham.training.train import TrainingDiverged
 
 
 def test_a_regime_plans_lambda_and_inits_for_the_asymmixer_only():

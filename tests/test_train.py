@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from refham.backend import asarray, backend_name, get_dtype, rng, to_numpy
-from refham.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from refham.data import Dataset
+from refham.files.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from refham.training.data import Dataset
 from refham.mixer import MODELS, Mixer, make_config
 from refham.optim import cosine_lr
-from refham.evaluation import evaluate, evaluate_checkpoint
-from refham.train import ResumeError, TrainingDiverged, _Run, prepare_batch, train
-from refham.train_config import TrainConfig, TrainConfigError
+from refham.training.evaluation import evaluate, evaluate_checkpoint
+from refham.training.train import ResumeError, TrainingDiverged, _Run, prepare_batch, train
+from refham.training.train_config import TrainConfig, TrainConfigError
 
 STEPS_PER_EPOCH = 7  # the synthetic set's 256 training images less 24 for validation, in full
                      # batches of 32 (drop_last)

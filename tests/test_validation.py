@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from refham.backend import rng
-from refham.cli import main
-from refham.data import DataError, hold_out, load_dataset
-from refham.distributed import SingleProcess
-from refham.train import _Run, train
-from refham.train_config import TrainConfig, TrainConfigError
+from refham.cli.commands import main
+from refham.training.data import DataError, hold_out, load_dataset
+from refham.training.distributed import SingleProcess
+from refham.training.train import _Run, train
+from refham.training.train_config import TrainConfig, TrainConfigError
 
 
 def _cfg(tmp_path, **settings):

@@ -6,10 +6,9 @@ end, so the site builds while the layout test asks for its row. docs/api/ is gen
 kept in git.
 """
 import pathlib
-import pkgutil
 import re
 
-TABLE_ROW = re.compile(r"^\|\s*`refham/(\w+)\.py`\s*\|", re.M)
+TABLE_ROW = re.compile(r"^\|\s*`refham/([\w/]+)\.py`\s*\|", re.M)
 PAGE = """# refham.{name}
 
 ```{{eval-rst}}
@@ -22,16 +21,28 @@ PAGE = """# refham.{name}
 
 
 def declared_order(docs_dir):
-    """Module names in the order of the module table of `docs_dir`/reading-guide.md."""
+    """Module names below refham ('ham', 'files.memory', …) in the order of the module table of
+    `docs_dir`/reading-guide.md."""
     guide = pathlib.Path(docs_dir) / "reading-guide.md"
-    return TABLE_ROW.findall(guide.read_text(encoding="utf-8"))
+    return [path.replace("/", ".") for path in TABLE_ROW.findall(guide.read_text(encoding="utf-8"))]
+
+
+def package_modules(package_dir):
+    """Every module below `package_dir` as 'ham', 'files.memory', …: the subpackages' own
+    modules, not their __init__ (nor cli/__main__, which is the command line)."""
+    found = set()
+    for path in pathlib.Path(package_dir).rglob("*.py"):
+        relative = path.relative_to(package_dir).with_suffix("")
+        if relative.name not in ("__init__", "__main__"):
+            found.add(".".join(relative.parts))
+    return found
 
 
 def write_api_pages(docs_dir, package_dir):
     """docs_dir/api/<module>.md for every module, docs_dir/api/equations.md (the equation map)
     and docs_dir/api/toctree.md listing them."""
     from equationmap import equation_map_page   # docs/_ext is on conf.py's path
-    modules = {info.name for info in pkgutil.iter_modules([str(package_dir)])}
+    modules = package_modules(package_dir)
     order = [name for name in declared_order(docs_dir) if name in modules]
     order += sorted(modules - set(order))
     api = pathlib.Path(docs_dir) / "api"

@@ -41,8 +41,10 @@ def public_docstrings(package="refham"):
     function and method defined in it (re-exports skipped)."""
     root = importlib.import_module(package)
     docs = {}
-    for info in pkgutil.iter_modules(root.__path__):
-        module = importlib.import_module(f"{package}.{info.name}")
+    for info in pkgutil.walk_packages(root.__path__, f"{package}."):
+        if info.name.endswith(".__main__"):   # running it is the command line
+            continue
+        module = importlib.import_module(info.name)
         docs[module.__name__] = module.__doc__ or ""
         for name, obj in vars(module).items():
             if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:

@@ -13,10 +13,10 @@ import numbers
 
 import numpy
 
-from refham.data import DATASETS
+from refham.training.data import DATASETS
 from refham.asym_init import ASYM_INITS
-from refham.distributed import COMMS
-from refham.memory import mixer_bytes, require
+from refham.training.distributed import COMMS
+from refham.files.memory import mixer_bytes, require
 from refham.mixer import MODELS, NORM_AFFINES, NORMS, SIZES, ConfigError, make_config
 from refham.optim import OPTIMIZERS
 

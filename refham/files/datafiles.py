@@ -3,12 +3,12 @@
 CIFAR-10 and CIFAR-100 come as the python version (pickles, loaded only through
 `restricted_unpickle`, which admits plain arrays and nothing that could run code) or the binary
 version, either as the .tar.gz archive (read in memory, never extracted) or its extracted folder;
-`read_cifar` returns the raw uint8 pixels and labels, which refham.data wraps into `Dataset`s.
+`read_cifar` returns the raw uint8 pixels and labels, which refham.training.data wraps into `Dataset`s.
 MNIST-format IDX files (:ref:`sec-metaformer`), plain or gzip, are read by `load_idx` and
 `load_mnist`. Every malformed, hostile or mismatched file raises `DataError` naming the file and
 the problem. Every size a file declares is checked against its real size,
-refham.safefiles.MAX_RATIO and the memory budget before it is read. This module imports only
-refham.safefiles: refham.data builds on it, never the reverse.
+refham.files.safefiles.MAX_RATIO and the memory budget before it is read. This module imports only
+refham.files.safefiles: refham.training.data builds on it, never the reverse.
 """
 import gzip
 import hashlib
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy
 
-from refham.safefiles import check_compression, check_fits
+from refham.files.safefiles import check_compression, check_fits
 
 
 class DataError(ValueError):

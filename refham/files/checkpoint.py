@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 
 import numpy
 
-from refham import safefiles
+from refham.files import safefiles
 from refham.backend import to_numpy
+from refham.errors import short_list
 
 FORMAT = "refham-checkpoint"
 VERSION = 1
@@ -177,7 +178,7 @@ def load_checkpoint(path):
         raise CheckpointError(f"{path}: metadata lacks {missing}")
     unknown = sorted(k for k in arrays if not k.startswith(("param/", "optim/")))
     if unknown or not any(k.startswith("param/") for k in arrays):
-        raise CheckpointError(f"{path}: unexpected entries [{safefiles.short_list(unknown)}] or "
+        raise CheckpointError(f"{path}: unexpected entries [{short_list(unknown)}] or "
                               f"no parameters")
     if _digest(arrays) != meta["sha256"]:
         raise CheckpointError(
@@ -253,7 +254,7 @@ def read_json_lines(path, is_record, error=CheckpointError):
 
 def read_npz(path, error=CheckpointError):
     """{name: array} of every entry of the .npz at `path`, read without pickle, decompressed and
-    CRC-checked, every declared size checked before it is read (refham.safefiles.read_npz);
+    CRC-checked, every declared size checked before it is read (refham.files.safefiles.read_npz);
     `error` (an exception class) for a missing, truncated, corrupted or hostile file, one that
     is not an .npz, or one that holds objects."""
     return safefiles.read_npz(path, error)

@@ -1,7 +1,7 @@
 """What a finished sweep reports: per regime, one row per (model, λ, init, budget) with the test
 accuracy of the final epoch (mean ± sample std over seeds), the learning rate (chosen on
 validation in a tuned regime), and the symmetry of the trained MLPs; the lr grid's validation
-scores; results.md, and the figures of refham.sweep_plots.
+scores; results.md, and the figures of refham.study.plots.
 
     rows = summarize(regime, results, rates)    # results {Run: record}, rates from sweep_plan.plan
     print(markdown_table(rows))
@@ -9,10 +9,10 @@ scores; results.md, and the figures of refham.sweep_plots.
 import math
 import os
 
-from refham.checkpoint import atomic_write
-from refham.sweep_plan import Run
-from refham.sweep_plots import plot_accuracy_vs_lambda, plot_curves, plot_regimes, row_label
-from refham.train_config import RESUMABLE_CHANGES
+from refham.files.checkpoint import atomic_write
+from refham.study.plan import Run
+from refham.study.plots import plot_accuracy_vs_lambda, plot_curves, plot_regimes, row_label
+from refham.training.train_config import RESUMABLE_CHANGES
 
 REGIME_TITLES = {"fixed": "Fixed budget: 40 epochs at lr 2e-3 (the paper's protocol)",
                  "tuned": "Tuned learning rate: each row's lr chosen on validation (seed 0)",

@@ -1,21 +1,21 @@
 """The file commands of `refham`: `oracle` (write and check golden files), `export` and
 `import` (timm state dicts). Each is a pair `add_<name>(parser)` / `run_<name>(args)`, as in
-refham.cli, which lists them; bad input raises the library's errors, which refham.cli.main turns
-into one line and exit status 2. Every output refuses to replace an existing file without
---force (refham.outputs)."""
+refham.cli.commands, which lists them; bad input raises the library's errors, which
+refham.cli.commands.main turns into one line and exit status 2. Every output refuses to replace an existing file without
+--force (refham.files.outputs)."""
 
 FORCE_HELP = "replace OUT if it exists (never a refham training checkpoint)"
 
 
 def add_oracle(p):
     from refham.mixer import MODELS, NORMS, SIZES
-    from refham.oracle import HAMS, ham_golden, mixer_golden, setting_defaults
+    from refham.oracle.golden import HAMS, ham_golden, mixer_golden, setting_defaults
 
     sub = p.add_subparsers(dest="oracle_command", metavar="SUBCOMMAND")
     sub.required = True
     w = sub.add_parser("write", help="write a float64 golden file (.npz, keys by tensor name)",
                        description="Write a float64 golden file of a Mixer (--model) or of the "
-                                   "Energy MetaFormer's HAM (--ham); see refham/oracle.py.")
+                                   "Energy MetaFormer's HAM (--ham); see refham/oracle/golden.py.")
     which = w.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", choices=MODELS, help="a Mixer golden file")
     which.add_argument("--ham", choices=HAMS, help="a HAM golden file")
@@ -46,7 +46,7 @@ def add_oracle(p):
     w.add_argument("--force", action="store_true", help=FORCE_HELP)
     c = sub.add_parser("check", help="compare a candidate .npz with a golden file, by name",
                        description="Compare CANDIDATE with GOLDEN tensor by tensor (see "
-                                   "refham/oracle_check.py); exit 0 only if all pass.")
+                                   "refham/oracle/check.py); exit 0 only if all pass.")
     c.add_argument("golden")
     c.add_argument("candidate")
     c.add_argument("--rtol", type=float, default=None, help="rtol for every tensor")
@@ -58,11 +58,11 @@ def add_oracle(p):
 
 def run_oracle(args):
     """`oracle write`: a golden file; `oracle check`: a candidate against one."""
-    from refham.interop import config_overrides
-    from refham.oracle import (
+    from refham.oracle.interop import config_overrides
+    from refham.oracle.golden import (
         GoldenError, ham_golden, mixer_golden, read_meta, setting_defaults, write_golden)
-    from refham.oracle_check import check
-    from refham.outputs import check_output_file
+    from refham.oracle.check import check
+    from refham.files.outputs import check_output_file
 
     if args.oracle_command == "check":
         report = check(args.golden, args.candidate, args.rtol, args.atol, args.tol)
@@ -91,7 +91,7 @@ def run_oracle(args):
 
 
 def add_export(p):
-    from refham.interop import FORMATS
+    from refham.oracle.interop import FORMATS
 
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a refham checkpoint, params .npz or Mixer golden file")
@@ -103,7 +103,7 @@ def add_export(p):
 
 def run_export(args):
     """Mixer weights → a timm state dict (timm names, PyTorch layouts)."""
-    from refham.interop import export_weights
+    from refham.oracle.interop import export_weights
 
     config = export_weights(args.checkpoint, args.out, args.format, force=args.force)
     print(f"wrote {args.out}: the {config.model} weights as a timm state dict ({args.format}); "
@@ -112,7 +112,7 @@ def run_export(args):
 
 
 def add_import(p):
-    from refham.interop import IMPORT_AS
+    from refham.oracle.interop import IMPORT_AS
     from refham.mixer import MODELS, SIZES
 
     p.add_argument("file", help="a timm state dict: .npz or .safetensors")
@@ -130,7 +130,7 @@ def add_import(p):
 
 def run_import(args):
     """A timm state dict → refham params (names, shapes and finiteness checked)."""
-    from refham.interop import InteropError, config_overrides, import_weights
+    from refham.oracle.interop import InteropError, config_overrides, import_weights
 
     if args.set and not args.model:
         raise InteropError("--set needs --model (it modifies that model's config)")

@@ -14,17 +14,17 @@ import numpy
 from tqdm import tqdm
 
 from refham.backend import asarray, backend_name, get_dtype, rng, xp
-from refham.checkpoint import atomic_write, describe_names, nonfinite_entries, save_checkpoint
-from refham.data import load_digits, load_mnist, make_synthetic
-from refham.distributed import (
+from refham.files.checkpoint import atomic_write, describe_names, nonfinite_entries, save_checkpoint
+from refham.training.data import load_digits, load_mnist, make_synthetic
+from refham.training.distributed import (
     COMMS, ShardedGenerator, broadcast_state, combine_gradients, get_communicator, shard)
-from refham.memory import MemoryLimitError, check_limit, metaformer_bytes, require
+from refham.files.memory import MemoryLimitError, check_limit, metaformer_bytes, require
 from refham.metaformer import (
     ALPHA, EVAL_CHUNK, NOISE_STD, TARGETS, MetaFormerError, check_choice, denoising_losses,
     init_weights, loss_and_grads, loss_floor, normalise_images)
 from refham.optim import AdamW
-from refham.outputs import prepare_folder
-from refham.runlock import RunLock
+from refham.files.outputs import prepare_folder
+from refham.files.runlock import RunLock
 
 DATASETS = ("digits", "mnist", "synthetic")
 PAPER_SETTINGS = dict(data="mnist", hidden=900, steps=10, lr=1e-4, batch_size=512, epochs=100)
@@ -48,7 +48,7 @@ class TrainSettings:
     seed: int = 0
     out: str = "runs/metaformer"
     progress: bool = True
-    comm: str = "auto"      # data parallelism under mpiexec (refham.distributed.get_communicator)
+    comm: str = "auto"      # data parallelism under mpiexec (refham.training.distributed.get_communicator)
     max_memory: float = None  # GiB the run may use (default: the memory available)
 
     def __post_init__(self):
@@ -79,9 +79,9 @@ class TrainSettings:
 
 def load_images(data, data_path=None, seed=0):
     """(train, test, test_split): host arrays (N, H, W) in the dataset's [0, 1] scaling — digits
-    p/16 (the seeded 80/20 split of refham.data), MNIST p/255 (`data_path`: the folder or its
+    p/16 (the seeded 80/20 split of refham.training.data), MNIST p/255 (`data_path`: the folder or its
     training-images file; test: t10k-images… beside it, or else a seeded 10% of the training
-    images, held out), synthetic: refham.data's templates + noise — and a word on the test split."""
+    images, held out), synthetic: refham.training.data's templates + noise — and a word on the test split."""
     if data == "digits":
         train, test = ((split.images[:, 0] + 1.0) / 2.0 for split in load_digits(0.8, seed))
         return train, test, "the digits test split (20%)"

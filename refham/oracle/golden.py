@@ -37,7 +37,7 @@ HAM golden (`ham_golden`, the Energy MetaFormer's s — v — c HAM of :ref:`sec
     output/dEdt                  (B,)  (H4)
     output/step/<A>              x_A − α ∂E/∂g_A, one descent step (H5)
 
-`write_golden` / `read_golden` store and load them; refham.oracle_check compares a candidate.
+`write_golden` / `read_golden` store and load them; refham.oracle.check compares a candidate.
 """
 import contextlib
 import dataclasses
@@ -51,12 +51,12 @@ import numpy
 
 from refham import __version__
 from refham.backend import asarray, get_dtype, rng, set_dtype, to_numpy
-from refham.checkpoint import atomic_write, read_npz
-from refham.memory import mixer_bytes, require
+from refham.files.checkpoint import atomic_write, read_npz
+from refham.files.memory import mixer_bytes, require, require_three_layer_ham
 from refham.mixer import Mixer, make_config
 from refham.optim import AdamW
-from refham.outputs import check_output_file
-from refham.safefiles import short_list
+from refham.files.outputs import check_output_file
+from refham.errors import short_list
 
 FORMAT = "refham-golden"
 FORMAT_VERSION = 1
@@ -201,6 +201,7 @@ def ham_golden(ham="metaformer", *, visible=64, hidden=100, batch=2, seed=0, alp
     visible, hidden = _require_int("visible", visible, 2), _require_int("hidden", hidden, 1)
     batch, seed = _require_int("batch", batch, 1), _require_int("seed", seed, 0)
     alpha = _require_real("alpha", alpha, positive=True)
+    require_three_layer_ham(visible, hidden, batch, 1)
     with _float64():
         net = three_layer_ham(visible, hidden)
         weights = net.init_weights(seed, scale=_require_real("weight_scale", weight_scale))
@@ -232,7 +233,7 @@ def ham_golden(ham="metaformer", *, visible=64, hidden=100, batch=2, seed=0, alp
 def write_golden(path, tensors, force=False):
     """Write {name: array} to `path` as a plain .npz, atomically (temp file + rename). Every
     tensor must be numeric and finite (a golden value of inf or NaN tests nothing), and an
-    existing file is replaced only with `force` (refham.outputs.check_output_file)."""
+    existing file is replaced only with `force` (refham.files.outputs.check_output_file)."""
     check_output_file(path, force)
     for name, value in tensors.items():
         kind = numpy.asarray(value).dtype.kind

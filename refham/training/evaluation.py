@@ -10,14 +10,14 @@ import math
 from threadpoolctl import threadpool_limits
 
 from refham.backend import asarray, backend_name, get_dtype, set_backend, set_dtype, to_numpy
-from refham.checkpoint import CheckpointError, load_checkpoint
-from refham.data import batches, load_dataset, normalise
-from refham.distributed import SingleProcess, shard
+from refham.files.checkpoint import CheckpointError, load_checkpoint
+from refham.training.data import batches, load_dataset, normalise
+from refham.training.distributed import SingleProcess, shard
 from refham.layers import cross_entropy_forward
-from refham.memory import mixer_bytes, require
+from refham.files.memory import mixer_bytes, require
 from refham.mixer import Mixer, MixerConfig
-from refham.resume import check_parameters
-from refham.train_config import TrainConfig, TrainConfigError
+from refham.training.resume import check_parameters
+from refham.training.train_config import TrainConfig, TrainConfigError
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """Figures of a trained Energy MetaFormer (:ref:`sec-metaformer`; the paper's Figs. 2b and 2c):
 the receptive fields (the columns of W_vc and rows of W_sv of largest norm) and the descent of the
-energy (H1) from random states, drawn from a checkpoint of refham.metaformer_train.
+energy (H1) from random states, drawn from a checkpoint of refham.training.metaformer_train.
 
     write_figures("runs/metaformer/last.npz", "runs/metaformer")         # needs matplotlib
 """
@@ -11,9 +11,9 @@ import os
 import numpy
 
 from refham.backend import asarray, to_numpy
-from refham.checkpoint import atomic_write, load_checkpoint
+from refham.files.checkpoint import atomic_write, load_checkpoint
 from refham.metaformer import MetaFormerError, ham_for
-from refham.outputs import check_output_file, prepare_folder
+from refham.files.outputs import check_output_file, prepare_folder
 
 
 class PlottingUnavailable(RuntimeError):

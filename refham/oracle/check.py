@@ -34,7 +34,7 @@ import numbers
 
 import numpy
 
-from refham.oracle import GoldenError, load_npz, read_meta
+from refham.oracle.golden import GoldenError, load_npz, read_meta
 
 INPUT_PREFIXES = ("input/", "param/")
 META_PREFIX = "meta/"

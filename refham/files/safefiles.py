@@ -2,7 +2,7 @@
 
 Every size a file declares (an .npy header's shape × itemsize, a zip member's uncompressed size,
 a gzip stream's length, a safetensors header's offsets) is checked against the file's real size
-and against the memory budget (refham.memory) BEFORE anything of that size is allocated:
+and against the memory budget (refham.files.memory) BEFORE anything of that size is allocated:
 
     read_npz(path, error=CheckpointError)     # {name: array}; `error` for anything wrong
     check_compression(packed, unpacked, where, error)
@@ -20,20 +20,12 @@ import zlib
 
 import numpy
 
-from refham.memory import budget, describe
+from refham.files.memory import budget, describe
+from refham.errors import short_list
 
 MAX_RATIO = 200           # largest accepted uncompressed / compressed size of one member
 SLACK = 1 << 20           # members this small are never refused for their ratio
 MAX_HEADER_BYTES = 1 << 20  # an .npy or safetensors header larger than this is not refham's
-
-
-def short_list(items, limit=8):
-    """'a, b, c' — or the first `limit` items and 'and N more': error messages stay one line
-    whatever a hostile file lists."""
-    items = [str(i) for i in items]
-    if len(items) <= limit:
-        return ", ".join(items)
-    return ", ".join(items[:limit]) + f", … and {len(items) - limit} more"
 
 
 def check_compression(packed, unpacked, where, error):

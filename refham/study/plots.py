@@ -1,10 +1,10 @@
 """The sweep's figures (matplotlib, optional: each function returns False without it):
 accuracy against λ, per-epoch validation curves, and the regimes side by side. Rows are
-refham.sweep_report.summarize's."""
+refham.study.report.summarize's."""
 import math
 
-from refham.checkpoint import atomic_write
-from refham.sweep_plan import LABELS
+from refham.files.checkpoint import atomic_write
+from refham.study.plan import LABELS
 
 COLOURS = {"vanilla": "tab:gray", "paramixer": "tab:blue", "symmixer": "tab:green",
            "symmixer-exact": "tab:olive"}

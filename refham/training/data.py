@@ -8,8 +8,8 @@ augmented batch on NumPy and CuPy.
 
 Sources: scikit-learn's bundled handwritten digits (the default, no download; :ref:`sec-sweep`),
 CIFAR-10 and CIFAR-100 and a synthetic learnable set for tests. The file formats (the CIFAR
-archives, MNIST's IDX files, the restricted unpickler) are read by refham.datafiles; its public
-names, `DataError` included, are re-exported here so that `refham.data` stays the one entry point.
+archives, MNIST's IDX files, the restricted unpickler) are read by refham.files.datafiles; its public
+names, `DataError` included, are re-exported here so that `refham.training.data` stays the one entry point.
 """
 import math
 from dataclasses import dataclass
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy
 
 from refham.backend import asarray, rng, xp
-from refham.datafiles import (  # re-exported: the file readers' public names
+from refham.files.datafiles import (  # re-exported: the file readers' public names
     DataError, load_idx, load_mnist, read_cifar, restricted_unpickle)
 
 __all__ = ["DATASETS", "DataError", "Dataset", "load_dataset", "hold_out", "load_digits",
@@ -215,7 +215,7 @@ def batches(dataset, batch_size, gen=None, drop_last=False):
     """Yield (images, labels) mini-batches on the active backend — images (B, C, H, W) in the
     default dtype, labels (B,) int64 — covering the dataset once, shuffled by `gen` if given."""
     if not isinstance(dataset, Dataset):
-        raise TypeError(f"batches needs a refham.data.Dataset, got {type(dataset).__name__}")
+        raise TypeError(f"batches needs a refham.training.data.Dataset, got {type(dataset).__name__}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
     order = numpy.arange(len(dataset)) if gen is None else _check_gen(gen).permutation(len(dataset))

@@ -16,10 +16,10 @@ import math
 import os
 import warnings
 
-from refham.checkpoint import (
+from refham.files.checkpoint import (
     CheckpointError, atomic_write, describe_names, read_json_lines)
 from refham.mixer import ParamError, check_params, param_shapes
-from refham.train_config import RESUMABLE_CHANGES, TrainConfig, TrainConfigError
+from refham.training.train_config import RESUMABLE_CHANGES, TrainConfig, TrainConfigError
 
 
 class ResumeError(ValueError):

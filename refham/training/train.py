@@ -13,7 +13,7 @@ Every random draw of step t (noise, crop, flip, drop-path masks) comes from rng(
 the RNG state of a run IS its step counter: restoring the step restores the exact random stream
 and a resumed run reproduces an uninterrupted one bit for bit (on NumPy).
 
-Under `mpiexec -n N` (refham.distributed) each rank draws step t's randomness for the whole global
+Under `mpiexec -n N` (refham.training.distributed) each rank draws step t's randomness for the whole global
 batch as above, keeps its 1/N shard, and one allreduce per step combines the gradients: the
 numbers do not depend on N (up to rounding), and a run resumes under any N. Only rank 0 writes.
 
@@ -37,25 +37,25 @@ from tqdm import tqdm
 
 from refham.backend import BackendError, asarray, rng, to_numpy, xp
 from refham.asym_init import initial_params
-from refham.checkpoint import (
+from refham.files.checkpoint import (
     CheckpointError, atomic_write, describe_names, load_checkpoint, nonfinite_entries,
     save_checkpoint)
-from refham.data import (
+from refham.training.data import (
     DataError, add_gaussian_noise, batches, hold_out, horizontal_flip, load_dataset, normalise,
     random_crop)
-from refham.distributed import (
+from refham.training.distributed import (
     CommError, ShardedGenerator, broadcast_state, combine_gradients,
     get_communicator, shard)
-from refham.evaluation import active_backend, evaluate
+from refham.training.evaluation import active_backend, evaluate
 from refham.layers import InputError
 from refham.mixer import ConfigError, Mixer, ParamError
-from refham.outputs import prepare_folder
+from refham.files.outputs import prepare_folder
 from refham.optim import OptimizerError, clip_by_global_norm, cosine_lr, make_optimizer
-from refham.resume import (
+from refham.training.resume import (
     ResumeError, check_resumable, check_same_run, checked_progress,
     finished_records, last_checkpoint, saved_settings)
-from refham.runlock import RunLock, RunLocked
-from refham.train_config import (
+from refham.files.runlock import RunLock, RunLocked
+from refham.training.train_config import (
     CROP_PAD, TrainConfig, TrainConfigError, model_config)
 
 ORDER_STREAM, STEP_STREAM = 1, 2      # rng((seed, stream, epoch or step)): see the module docstring
@@ -204,7 +204,7 @@ class _Run:
         return {"train": self.cfg.to_dict(), "model": dataclasses.asdict(self.model.config)}
 
     def _resume(self):
-        """Parameters, optimiser state, step and progress from last.npz, once refham.resume has
+        """Parameters, optimiser state, step and progress from last.npz, once refham.training.resume has
         checked that it continues this run (settings, model, arrays, step, RNG, folder)."""
         path = last_checkpoint(self.cfg.out)
         ck = load_checkpoint(path)

@@ -123,6 +123,17 @@ def ham_descent_bytes(weight_shapes, layer_shapes, batch, steps, itemsize=8):
     return weights + states
 
 
+def require_three_layer_ham(visible, hidden, batch, steps, itemsize=8, limit=None):
+    """MemoryLimitError, before the s — v — c HAM of the Energy MetaFormer (D = `visible`,
+    N_h = `hidden`) is built, when its weights and `steps` recorded descent steps of `batch`
+    states would not fit (the HAM itself allocates what it is asked for)."""
+    need = ham_descent_bytes([(hidden, visible)] * 2, [(hidden,), (visible,), (hidden,)], batch,
+                             steps, itemsize)
+    require(need, f"the HAM s—v—c (D={visible}, N_h={hidden}) with {batch} state(s) × "
+            f"{steps + 1} step(s)", limit,
+            advice="use fewer or smaller layers, a smaller batch or fewer steps")
+
+
 def metaformer_bytes(visible, hidden, batch, steps, itemsize):
     """Estimated peak bytes of training the Energy MetaFormer (F-dynamics, F-loss): the two
     weight matrices 2·D·N_h with their gradients, Adam moments and an update's copy (×5), and

@@ -21,7 +21,7 @@ import shlex
 import socket
 import sys
 
-from refham.checkpoint import is_temporary
+from refham.files.checkpoint import is_temporary
 
 LOCK_NAME = ".refham.lock"
 

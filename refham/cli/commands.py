@@ -4,7 +4,7 @@ functions so that `refham --help` is instant."""
 import argparse
 import sys
 
-from refham.cli_files import (
+from refham.cli.files import (
     FORCE_HELP, add_export, add_import, add_oracle, run_export, run_import, run_oracle)
 
 
@@ -27,12 +27,20 @@ def _run_descend(args):
     synapses) with random weights, all states from 10·N(0,1), 28 steps of α = 0.5; prints E per
     step."""
     from refham.backend import to_numpy
-    from refham.checkpoint import atomic_write
+    from refham.files.checkpoint import atomic_write
+    from refham.files.memory import require_three_layer_ham
+    from refham.files.outputs import check_output_file
+    from refham.ham import HAMError
     from refham.metaformer import three_layer_ham
-    from refham.outputs import check_output_file
 
     if args.out:
         check_output_file(args.out, args.force)
+    for name in ("visible", "hidden", "batch"):
+        if getattr(args, name) < 1:
+            raise HAMError(f"--{name} must be an integer ≥ 1, got {getattr(args, name)}")
+    if args.steps < 0:
+        raise HAMError(f"--steps must be an integer ≥ 0, got {args.steps}")
+    require_three_layer_ham(args.visible, args.hidden, args.batch, args.steps)
     ham = three_layer_ham(args.visible, args.hidden)
     weights = ham.init_weights(args.seed, scale=args.weight_scale)
     states = ham.init_states(args.batch, seed=args.seed + 1, scale=args.state_scale)
@@ -62,7 +70,7 @@ def _run_descend(args):
 
 
 def _add_train(p):
-    from refham.train_config import add_config_options
+    from refham.training.train_config import add_config_options
 
     add_config_options(p)
     p.add_argument("--resume", action="store_true",
@@ -72,9 +80,9 @@ def _add_train(p):
 
 def _run_train(args):
     """Train a Mixer (default: ParaMixer on the built-in digits) with checkpoints and a log."""
-    from refham.distributed import launched_rank
-    from refham.train import USER_ERRORS, TrainingDiverged, resume_settings, train
-    from refham.train_config import TrainConfig, given_settings
+    from refham.training.distributed import launched_rank
+    from refham.training.train import USER_ERRORS, TrainingDiverged, resume_settings, train
+    from refham.training.train_config import TrainConfig, given_settings
 
     say = print if launched_rank() == 0 else lambda *a, **k: None   # one report per job
     try:
@@ -123,8 +131,8 @@ def _add_eval(p):
 
 def _run_eval(args):
     """Test loss and top-1 accuracy of a checkpoint, on the split it was trained against."""
-    from refham.evaluation import evaluate_checkpoint
-    from refham.train import USER_ERRORS
+    from refham.training.evaluation import evaluate_checkpoint
+    from refham.training.train import USER_ERRORS
 
     try:
         result = evaluate_checkpoint(args.checkpoint, args.data_path, args.batch_size,
@@ -140,8 +148,8 @@ def _run_eval(args):
 
 def _add_sweep(p):
     from refham.asym_init import ASYM_INITS
-    from refham.sweep import ARMS, PER_RUN, SWEEP_LAMS, SWEEP_SEEDS, SWEEP_SETTINGS
-    from refham.train_config import add_config_options
+    from refham.study.sweep import ARMS, PER_RUN, SWEEP_LAMS, SWEEP_SEEDS, SWEEP_SETTINGS
+    from refham.training.train_config import add_config_options
 
     p.add_argument("--out", default="runs/sweep",
                    help="folder of the sweep: runs/, results.jsonl, results.md, the figures "
@@ -176,7 +184,7 @@ def _add_sweep(p):
 
 def _part(text):
     """'I/N' → (I, N) with 1 ≤ I ≤ N, or SweepError."""
-    from refham.sweep import SweepError
+    from refham.study.sweep import SweepError
 
     numbers = text.split("/")
     if len(numbers) != 2 or not all(n.isdigit() for n in numbers) \
@@ -188,9 +196,9 @@ def _part(text):
 def _run_sweep(args):
     """The symmetry-breaking experiment (:ref:`sec-sweep`): models × λ × inits × budgets × seeds;
     tables, figures."""
-    from refham.sweep import PER_RUN, SweepError, run_study, run_sweep
-    from refham.train import USER_ERRORS
-    from refham.train_config import given_settings
+    from refham.study.sweep import PER_RUN, SweepError, run_study, run_sweep
+    from refham.training.train import USER_ERRORS
+    from refham.training.train_config import given_settings
 
     log = lambda line: print(line, flush=True)  # noqa: E731
     try:
@@ -213,9 +221,9 @@ def _run_sweep(args):
 
 
 def _add_metaformer(p):
-    from refham.distributed import COMMS
+    from refham.training.distributed import COMMS
     from refham.metaformer import TARGETS
-    from refham.metaformer_train import DATASETS, TrainSettings
+    from refham.training.metaformer_train import DATASETS, TrainSettings
 
     sub = p.add_subparsers(dest="action", metavar="ACTION")
     sub.required = True
@@ -267,15 +275,15 @@ def _run_metaformer(args):
     checkpoint."""
     import dataclasses
     import os
-    from refham.checkpoint import CheckpointError
-    from refham.data import DataError
-    from refham.distributed import CommError, launched_rank
+    from refham.files.checkpoint import CheckpointError
+    from refham.training.data import DataError
+    from refham.training.distributed import CommError, launched_rank
     from refham.dynamics import DynamicsError
     from refham.ham import HAMError
     from refham.metaformer import MetaFormerError
-    from refham.metaformer_figures import PlottingUnavailable, write_figures
-    from refham.metaformer_train import PAPER_SETTINGS, TrainSettings, train
-    from refham.runlock import RunLocked
+    from refham.training.metaformer_figures import PlottingUnavailable, write_figures
+    from refham.training.metaformer_train import PAPER_SETTINGS, TrainSettings, train
+    from refham.files.runlock import RunLocked
 
     say = print if launched_rank() == 0 else lambda *a, **k: None   # one report per job
     try:
@@ -352,10 +360,17 @@ def build_parser():
 def expected_errors():
     """The exception classes that mean bad input, files or settings, or a machine without the
     resources asked for — never a bug in refham — as a tuple for `except`."""
-    from refham import (
-        backend, checkpoint, datafiles, dynamics, ham, interop, lagrangians, layers, memory,
-        metaformer, metaformer_figures, mixer, mixer_energy, optim, oracle, outputs, sweep, train,
-        train_config)
+    from refham import backend, dynamics, ham, lagrangians, layers, metaformer, mixer, mixer_energy, optim
+    from refham.files import checkpoint
+    from refham.files import datafiles
+    from refham.oracle import interop
+    from refham.files import memory
+    from refham.training import metaformer_figures
+    from refham.oracle import golden as oracle
+    from refham.files import outputs
+    from refham.study import sweep
+    from refham.training import train
+    from refham.training import train_config
     return (backend.BackendError, checkpoint.CheckpointError, datafiles.DataError,
             dynamics.DynamicsError, ham.HAMError, interop.InteropError,
             lagrangians.LagrangianError, layers.InputError, memory.MemoryLimitError,
@@ -372,7 +387,7 @@ def main(argv=None):
     Anything else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     import numpy
-    from refham.distributed import exit_status
+    from refham.training.distributed import exit_status
 
     try:
         # overflow is reported by refham's own finiteness checks (the diverged dynamics, the
@@ -385,8 +400,8 @@ def main(argv=None):
     except Exception as exc:
         if not isinstance(exc, expected_errors()):
             raise
-        from refham.metaformer_figures import PlottingUnavailable
-        from refham.train import TrainingDiverged
+        from refham.training.metaformer_figures import PlottingUnavailable
+        from refham.training.train import TrainingDiverged
         code = 1 if isinstance(exc, (TrainingDiverged, PlottingUnavailable)) else 2
         if isinstance(exc, MemoryError):
             exc = f"out of memory ({exc or 'MemoryError'}): use a smaller model, batch or file"

@@ -26,12 +26,13 @@ import os
 
 import numpy
 
-from refham.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
-from refham.memory import mixer_bytes, require
+from refham.files.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from refham.files.memory import mixer_bytes, require
 from refham.mixer import MixerConfig, from_timm_state, make_config, param_shapes, to_timm_state
-from refham.oracle import META_KEY, GoldenError, load_npz
-from refham.outputs import check_output_file
-from refham.safefiles import check_safetensors_header, short_list
+from refham.oracle.golden import META_KEY, GoldenError, load_npz
+from refham.files.outputs import check_output_file
+from refham.errors import short_list
+from refham.files.safefiles import check_safetensors_header
 
 FORMATS = ("safetensors", "npz")
 IMPORT_AS = ("params", "checkpoint")

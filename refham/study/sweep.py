@@ -6,13 +6,13 @@ one protocol — and the controls that separate what symmetry costs from how fas
     run_sweep("runs/t", tune_lr=(1e-3, 4e-3))   # lr per (model, λ) chosen on validation
     run_study("runs/study")                     # every regime of STUDY (docs/symmetry-study.md)
 
-A sweep is a list of `Regime`s (refham.sweep_plan: what is trained, and the learning rate a
+A sweep is a list of `Regime`s (refham.study.plan: what is trained, and the learning rate a
 tuned regime chooses on validation). Each run trains in `out/runs/<run_name>/` (checkpoints: an
 interrupted run resumes); `out/results.jsonl` gets one line per finished run, so re-running
 skips what is done. `part=(i, n)` trains only the runs whose name hashes to part i of n, so n
 processes share a sweep; under mpiexec the ranks are the parts (each run on one rank, one
 thread). `_next_run` is the one place that decides what runs next. When every run is done,
-refham.sweep_report writes results.md and the figures.
+refham.study.report writes results.md and the figures.
 """
 import json
 import math
@@ -20,16 +20,16 @@ import os
 import time
 import zlib
 
-from refham.checkpoint import read_json_lines
-from refham.distributed import get_communicator
-from refham.outputs import prepare_folder
-from refham.runlock import RunLock
-from refham.sweep_plan import (  # noqa: F401  (re-exported: the sweep's public names)
+from refham.files.checkpoint import read_json_lines
+from refham.training.distributed import get_communicator
+from refham.files.outputs import prepare_folder
+from refham.files.runlock import RunLock
+from refham.study.plan import (  # noqa: F401  (re-exported: the sweep's public names)
     ARMS, STUDY, SWEEP_LAMS, SWEEP_SEEDS, SWEEP_SETTINGS, Regime, Run, SweepError, plan,
     run_name)
-from refham.sweep_report import write_report
-from refham.train import TrainingDiverged, train
-from refham.train_config import RESUMABLE_CHANGES, TrainConfig
+from refham.study.report import write_report
+from refham.training.train import TrainingDiverged, train
+from refham.training.train_config import RESUMABLE_CHANGES, TrainConfig
 
 PER_RUN = ("model", "lam", "seed", "out", "asym_init", "norm_affine", "comm")   # set per run
 PER_REGIME = ("lr", "epochs")          # the settings' values are the defaults of a regime
@@ -215,6 +215,6 @@ def run_study(out, settings=None, part=None, log=print, report_only=False):
     but not the regimes' learning rates and budgets."""
     fixed = sorted(set(settings or {}) & set(PER_REGIME))
     if fixed:
-        raise SweepError(f"the study sets {fixed} in its regimes (refham.sweep_plan.STUDY); "
+        raise SweepError(f"the study sets {fixed} in its regimes (refham.study.plan.STUDY); "
                          f"drop those options, or run a sweep without --study")
     return execute(out, STUDY, settings, part, log, report_only=report_only)
