@@ -22,10 +22,12 @@ import os
 import numpy
 import scipy.special
 
+from refham.errors import RefhamError
+
 _BACKENDS = ("numpy", "cupy")
 
 
-class BackendError(RuntimeError):
+class BackendError(RefhamError, RuntimeError):
     """The requested array backend cannot be used here."""
 
 

@@ -38,10 +38,11 @@ import math
 import numbers
 
 from refham.backend import xp
+from refham.checks import finite_real
 from refham.special import gelu, gelu_deriv, normal_cdf, normal_pdf
 from refham.lagrangian_base import (  # Lagrangian, LagrangianError, event_axes: public here too
     Lagrangian, LagrangianError, check_axes_fit, check_same_shape, event_axes, negative_axes,
-    positive_real, store_positive, sum_over_events)
+    store_positive, sum_over_events)
 from refham.normalisers import LayerNorm, Spherical  # re-exported: the registry's normalisers
 
 LOG_2 = math.log(2.0)
@@ -108,7 +109,7 @@ class RePU(_Elementwise):
     name = "repu"
 
     def __post_init__(self):
-        n = positive_real("repu power n", self.n)
+        n = finite_real("repu power n", self.n, LagrangianError)
         if n < 2:
             raise LagrangianError(
                 f"repu needs n >= 2, got n={n}: below 2 the Hessian (n−1)relu(x)^(n−2) is "

@@ -13,6 +13,7 @@ Axis convention for a Mixer state x (B, S, C): the channel axis is −1 and the 
 `linear_forward(..., axis=−2)` maps every column x[b, :, c] (S → out) with a left matmul W @ x, so
 the token MLP needs no transposes.
 """
+from refham.errors import RefhamError
 from refham.backend import accelerated, xp
 from refham.special import gelu_and_deriv
 
@@ -21,7 +22,7 @@ TOKEN_AXIS = -2
 MLP_KINDS = ("vanilla", "sym", "asym")
 
 
-class InputError(ValueError):
+class InputError(RefhamError, ValueError):
     """An array handed to a layer has the wrong shape, dtype or values."""
 
 

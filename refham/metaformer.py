@@ -23,6 +23,8 @@ import math
 
 import numpy
 
+from refham.checks import integer_at_least
+from refham.errors import RefhamError
 from refham.backend import xp
 from refham.ham import HAM, Dense, Layer
 from refham.lagrangians import LayerNorm, ReLU
@@ -33,7 +35,7 @@ TARGETS = ("clean", "standardised")
 EVAL_CHUNK = 1000  # test images per forward pass: bounds the memory of the kept states
 
 
-class MetaFormerError(ValueError):
+class MetaFormerError(RefhamError, ValueError):
     """Bad weights, data or settings for the Energy MetaFormer, or a diverged training run."""
 
 
@@ -124,9 +126,7 @@ def forward(weights, clean, noise, T, alpha=ALPHA, target="clean", hidden_start=
         raise MetaFormerError(f"clean and noise must both be (B, D), got "
                               f"{getattr(clean, 'shape', clean)} and "
                               f"{getattr(noise, 'shape', noise)}")
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise MetaFormerError(f"T, the number of unrolled steps, must be an integer >= 1, "
-                              f"got {T!r}")
+    integer_at_least("T, the number of unrolled steps,", T, 1, MetaFormerError)
     if hidden_start is None:
         zeros = xp.zeros((clean.shape[0], ham.layers["s"].shape[0]), dtype=clean.dtype)
         hidden_start = {"s": zeros, "c": zeros}

@@ -15,7 +15,6 @@ and roles: the `Mixer` docstring; init: `refham.init_rules`. Weight interop with
 PyTorch models: `to_timm_state` / `from_timm_state`.
 """
 import dataclasses
-import math
 import numbers
 
 import numpy
@@ -25,7 +24,8 @@ from refham.blocks import (
     BLOCK_LAYERS, parallel_block_backward, parallel_block_forward, parallel_branches_forward,
     serial_block_backward, serial_block_forward)
 from refham.init_rules import initial_value
-from refham.errors import short_list
+from refham.checks import finite_real, integer_at_least
+from refham.errors import RefhamError, short_list
 from refham.layers import (
     InputError, cross_entropy_backward, cross_entropy_forward, layernorm_backward,
     layernorm_forward, linear_backward, linear_forward, mlp_param_shapes, patch_embed_backward,
@@ -47,11 +47,11 @@ SIZES = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(RefhamError, ValueError):
     """A Mixer configuration that cannot be built."""
 
 
-class ParamError(ValueError):
+class ParamError(RefhamError, ValueError):
     """A parameter dict whose names or shapes do not match the model's configuration."""
 
 
@@ -107,14 +107,6 @@ class MixerConfig:
         return _MLP_KIND[self.model]
 
 
-def _is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value):
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _validate(cfg):
     if cfg.model not in MODELS:
         raise ConfigError(f"unknown model {cfg.model!r}: choose one of {', '.join(MODELS)}")
@@ -124,14 +116,11 @@ def _validate(cfg):
         raise ConfigError(f"unknown norm_affine {cfg.norm_affine!r}: choose one of "
                           f"{', '.join(NORM_AFFINES)}")
     for name in ("image_size", "in_chans", "patch", "dim", "depth", "num_classes", "n_iter"):
-        value = getattr(cfg, name)
-        if not _is_int(value) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        integer_at_least(name, getattr(cfg, name), 1, ConfigError)
     if cfg.image_size % cfg.patch:
         raise ConfigError(f"patch {cfg.patch} does not divide image_size {cfg.image_size}: "
                           "pick a patch size that tiles the image")
-    if not _is_real(cfg.hidden_ratio) or cfg.hidden_ratio <= 0:
-        raise ConfigError(f"hidden_ratio must be a positive number, got {cfg.hidden_ratio!r}")
+    finite_real("hidden_ratio", cfg.hidden_ratio, ConfigError)
     if cfg.token_hidden < 1:
         raise ConfigError(f"hidden_ratio {cfg.hidden_ratio} with dim {cfg.dim} leaves the token "
                           f"MLP no hidden units (N_s = {cfg.token_hidden}): raise either")
@@ -140,9 +129,9 @@ def _validate(cfg):
     if cfg.bias and cfg.mlp_kind != "vanilla":
         raise ConfigError(f"bias=True is for the vanilla MLPs (models vanilla, paramixer); "
                           f"{cfg.model} has tied {cfg.mlp_kind} MLPs without biases")
-    if not _is_real(cfg.ln_eps) or cfg.ln_eps <= 0:
-        raise ConfigError(f"ln_eps must be a positive number, got {cfg.ln_eps!r}")
-    if not _is_real(cfg.drop_path) or not 0.0 <= cfg.drop_path < 1.0:
+    finite_real("ln_eps", cfg.ln_eps, ConfigError)
+    if isinstance(cfg.drop_path, bool) or not isinstance(cfg.drop_path, numbers.Real) \
+            or not 0.0 <= cfg.drop_path < 1.0:
         raise ConfigError(f"drop_path must be in [0, 1), got {cfg.drop_path!r}")
 
 
@@ -394,8 +383,7 @@ class Mixer:
     def _penalty_term(self, params, lam):
         """λ Σ_blocks (‖W₂ᵗᵒᵏ‖² + ‖W₂ᶜʰ‖²) as xp code (no ½; the penalty of :eq:`X-objective`),
         asym only."""
-        if not _is_real(lam) or lam < 0:
-            raise InputError(f"lam must be a finite number ≥ 0, got {lam!r}")
+        finite_real("lam", lam, InputError, allow_zero=True)
         if lam and not self._penalized:
             raise InputError(f"lam = {lam} penalises the asym W₂ matrices; model "
                              f"{self.config.model!r} has none (use lam=0 or asymmixer)")

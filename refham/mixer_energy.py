@@ -25,6 +25,7 @@ import math
 import numbers
 import operator
 
+from refham.errors import RefhamError
 from refham.backend import asarray, to_numpy, xp
 from refham.special import gelu
 from refham.blocks import BRANCH_AXIS
@@ -41,7 +42,7 @@ _NORM_AXES = {"joint": (-2, -1), "channel": (-1,)}
 _HIDDEN = GELU()
 
 
-class EnergyError(ValueError):
+class EnergyError(RefhamError, ValueError):
     """An energy was asked of a block that has none, or with invalid arguments."""
 
 

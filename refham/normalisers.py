@@ -12,8 +12,9 @@ import math
 import numbers
 
 from refham.backend import xp
+from refham.checks import finite_real
 from refham.lagrangian_base import (
-    Lagrangian, LagrangianError, check_axes_fit, check_same_shape, negative_axes, positive_real,
+    Lagrangian, LagrangianError, check_axes_fit, check_same_shape, negative_axes,
     store_positive, sum_over_events)
 
 
@@ -27,7 +28,7 @@ def _scalar_gamma(name, gamma):
             f"use the per-element affine layer norm of refham.layers for that")
     if hasattr(gamma, "ndim"):  # a 0-d array (NumPy or CuPy)
         gamma = float(gamma)
-    return positive_real(f"{name} gamma", gamma)
+    return finite_real(f"{name} gamma", gamma, LagrangianError)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: delta may be an array

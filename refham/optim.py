@@ -18,12 +18,13 @@ weight (a name with a component starting with `norm`), which is the usual choice
 import math
 from dataclasses import dataclass
 
+from refham.errors import RefhamError
 from refham.backend import accelerated, xp
 
 OPTIMIZERS = ("adamw", "sgd")
 
 
-class OptimizerError(ValueError):
+class OptimizerError(RefhamError, ValueError):
     """Bad optimiser settings, or a state that does not belong to these parameters."""
 
 

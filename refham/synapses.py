@@ -13,10 +13,11 @@ import abc
 import dataclasses
 import math
 
+from refham.errors import RefhamError
 from refham.backend import xp
 
 
-class HAMError(ValueError):
+class HAMError(RefhamError, ValueError):
     """A HAM graph, or a call on one, is invalid (unknown names, shapes, NaN states, …)."""
 
 

@@ -150,7 +150,7 @@ def test_losses_are_the_same_in_chunks_and_target_standardised_is_ln_of_clean():
     (lambda w, c, n: mf.forward({"vc": w["vc"]}, c, n, 2), "weights must be a dict"),
     (lambda w, c, n: mf.normalise_images(np.zeros((2, 3))), "cannot be divided by their L2"),
     (lambda w, c, n: mft.TrainSettings(data="mnist"), "needs --data-path"),
-    (lambda w, c, n: mft.TrainSettings(lr=0), "lr must be a finite number > 0"),
+    (lambda w, c, n: mft.TrainSettings(lr=0), "lr must be a finite real number > 0"),
     (lambda w, c, n: mft.TrainSettings(epochs=1.5), "epochs must be an integer"),
 ])
 def test_bad_input_raises_a_clear_error(call, message):
@@ -335,7 +335,7 @@ def test_figures_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["train", "--data", "mnist"], "needs --data-path"),
     (["train", "--paper"], "needs --data-path"),
-    (["train", "--steps", "0"], "steps must be an integer >= 1"),
+    (["train", "--steps", "0"], "steps must be an integer ≥ 1"),
     (["train", "--data", "mnist", "--data-path", "absent"], "absent"),
     # figures asks for matplotlib before reading anything (exit 1 without it)
     pytest.param(["figures", "--checkpoint", "missing.npz"], "missing.npz",

@@ -30,14 +30,14 @@ import numpy
 
 from refham.files import safefiles
 from refham.backend import to_numpy
-from refham.errors import short_list
+from refham.errors import RefhamError, short_list
 
 FORMAT = "refham-checkpoint"
 VERSION = 1
 TEMPORARY_SUFFIX = ".refham-tmp"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RefhamError, ValueError):
     """A file that is not a readable, intact refham checkpoint of a supported version."""
 
 

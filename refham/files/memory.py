@@ -9,15 +9,19 @@ activations a forward pass keeps for the backward one) and are meant to be withi
 of the real peak: enough to refuse a `--depth 100000` in milliseconds instead of meeting the OOM
 killer after minutes, not to predict the peak to the byte. The budget is the memory the kernel
 reports as available (`MemAvailable` of /proc/meminfo, else os.sysconf's free pages) or the
-user's limit, whichever is smaller. This module imports nothing from refham.
+user's limit, whichever is smaller. This module imports nothing of refham but
+the error base and the argument checks.
 """
 import math
 import os
 
+from refham.checks import finite_real
+from refham.errors import RefhamError
+
 GIB = 1 << 30
 
 
-class MemoryLimitError(ValueError):
+class MemoryLimitError(RefhamError, ValueError):
     """A computation or file would need more memory than the machine has or the user allows."""
 
 
@@ -39,12 +43,7 @@ def available_bytes():
 
 def check_limit(limit, what="max_memory"):
     """`limit` in GiB (None: no user limit) after checking it is a finite number > 0."""
-    if limit is None:
-        return None
-    if isinstance(limit, bool) or not isinstance(limit, (int, float)) \
-            or not 0 < limit < math.inf:
-        raise MemoryLimitError(f"{what} must be a finite number of GiB > 0, got {limit!r}")
-    return float(limit)
+    return None if limit is None else finite_real(f"{what} (GiB)", limit, MemoryLimitError)
 
 
 def budget(limit=None):

@@ -10,13 +10,15 @@ file must not be a folder; an existing file is replaced only with `force`, and a
 checkpoint (an .npz with a `meta/json` entry) only by another checkpoint — never by an export, a
 golden file or a plot, even with `force`, because it may be a run's only copy of its weights;
 what is not a regular file (/dev/null, a pipe) is never replaced: the rename would remove it.
-This module imports nothing from refham.
+This module imports nothing of refham but the error base.
 """
 import os
 import zipfile
 
+from refham.errors import RefhamError
 
-class OutputError(ValueError):
+
+class OutputError(RefhamError, ValueError):
     """An output path refham must not or cannot write to."""
 
 

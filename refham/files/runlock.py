@@ -21,12 +21,13 @@ import shlex
 import socket
 import sys
 
+from refham.errors import RefhamError
 from refham.files.checkpoint import is_temporary
 
 LOCK_NAME = ".refham.lock"
 
 
-class RunLocked(RuntimeError):
+class RunLocked(RefhamError, RuntimeError):
     """The run folder is held by another process (a run, a resume or a sweep writing there), or
     its lock file cannot be opened."""
 

@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import math
 
+from refham.errors import RefhamError
 from refham.asym_init import ASYM_INITS
 
 SWEEP_SETTINGS = dict(data="digits", train_fraction=0.25, input_noise=0.6, size="digits",
@@ -27,7 +28,7 @@ ARMS = {"vanilla": ("vanilla", "element"), "paramixer": ("paramixer", "element")
 Run = collections.namedtuple("Run", "model lam asym_init lr epochs seed")
 
 
-class SweepError(ValueError):
+class SweepError(RefhamError, ValueError):
     """A sweep that cannot run as asked (e.g. its folder holds results of other settings)."""
 
 

@@ -29,6 +29,7 @@ import traceback
 
 import numpy
 
+from refham.errors import RefhamError
 from refham.backend import asarray, to_numpy, xp
 
 COMMS = ("auto", "none", "mpi", "nccl")
@@ -39,7 +40,7 @@ _MPI_HINT = 'pip install "refham[mpi]" (mpi4py and MPICH; on a cluster: pip inst
             'against the site\'s MPI)'
 
 
-class CommError(ValueError):
+class CommError(RefhamError, ValueError):
     """A data-parallel setting that cannot work here (missing mpi4py, NCCL without CuPy, ...)."""
 
 

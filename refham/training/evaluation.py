@@ -10,6 +10,7 @@ import math
 from threadpoolctl import threadpool_limits
 
 from refham.backend import asarray, backend_name, get_dtype, set_backend, set_dtype, to_numpy
+from refham.checks import integer_at_least
 from refham.files.checkpoint import CheckpointError, load_checkpoint
 from refham.training.data import batches, load_dataset, normalise
 from refham.training.distributed import SingleProcess, shard
@@ -59,9 +60,8 @@ def evaluate(model, params, dataset, batch_size=256, comm=SingleProcess()):
 def evaluate_checkpoint(path, data_path=None, batch_size=256, backend="numpy", threads=1):
     """Test loss and accuracy of the checkpoint at `path`, rebuilding its model and test split
     from the settings stored in it (`data_path` overrides where the CIFAR archive now lives)."""
-    for name, value, least in (("batch_size", batch_size, 1), ("threads", threads, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise TrainConfigError(f"{name} must be an integer >= {least}, got {value!r}")
+    integer_at_least("batch_size", batch_size, 1, TrainConfigError)
+    integer_at_least("threads", threads, 0, TrainConfigError)
     ck = load_checkpoint(path)
     try:
         cfg = TrainConfig.from_dict(ck.config["train"])

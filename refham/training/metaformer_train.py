@@ -14,11 +14,12 @@ import numpy
 from tqdm import tqdm
 
 from refham.backend import asarray, backend_name, get_dtype, rng, xp
+from refham.checks import finite_real, integer_at_least
 from refham.files.checkpoint import atomic_write, describe_names, nonfinite_entries, save_checkpoint
 from refham.training.data import load_digits, load_mnist, make_synthetic
 from refham.training.distributed import (
     COMMS, ShardedGenerator, broadcast_state, combine_gradients, get_communicator, shard)
-from refham.files.memory import MemoryLimitError, check_limit, metaformer_bytes, require
+from refham.files.memory import metaformer_bytes, require
 from refham.metaformer import (
     ALPHA, EVAL_CHUNK, NOISE_STD, TARGETS, MetaFormerError, check_choice, denoising_losses,
     init_weights, loss_and_grads, loss_floor, normalise_images)
@@ -60,20 +61,13 @@ class TrainSettings:
                                   "train-images-idx3-ubyte[.gz]); the other datasets take none")
         for name, least in (("hidden", 1), ("steps", 1), ("batch_size", 1), ("epochs", 1),
                             ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise MetaFormerError(f"{name} must be an integer >= {least}, got {value!r}")
+            integer_at_least(name, getattr(self, name), least, MetaFormerError)
         if not isinstance(self.out, str) or not self.out.strip():
             raise MetaFormerError(f"out must name the run's folder, got {self.out!r}")
-        try:
-            check_limit(self.max_memory)
-        except MemoryLimitError as exc:
-            raise MetaFormerError(str(exc)) from None
+        if self.max_memory is not None:
+            finite_real("max_memory (GiB)", self.max_memory, MetaFormerError)
         for name in ("alpha", "lr"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not 0 < value < math.inf:
-                raise MetaFormerError(f"{name} must be a finite number > 0, got {value!r}")
+            finite_real(name, getattr(self, name), MetaFormerError)
 
 
 

@@ -35,6 +35,7 @@ import time
 
 from tqdm import tqdm
 
+from refham.errors import RefhamError
 from refham.backend import BackendError, asarray, rng, to_numpy, xp
 from refham.asym_init import initial_params
 from refham.files.checkpoint import (
@@ -63,14 +64,9 @@ VALIDATION_STREAM = 3                 # rng((data_seed, 3)) holds the validation
 RNG_SCHEME = "counter-v1"
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RefhamError, RuntimeError):
     """The loss, the gradient or the updated parameters/optimiser state of a step became NaN/inf;
     the run's state and checkpoints stay those of the step before."""
-
-
-# what bad settings, data or files raise: the CLI reports these as errors, not as crashes
-USER_ERRORS = (TrainConfigError, ResumeError, CheckpointError, DataError, ConfigError,
-               OptimizerError, BackendError, InputError, ParamError, RunLocked, CommError)
 
 
 def prepare_batch(images, dataset, cfg, gen):

@@ -13,6 +13,7 @@ import numbers
 
 import numpy
 
+from refham.errors import RefhamError
 from refham.training.data import DATASETS
 from refham.asym_init import ASYM_INITS
 from refham.training.distributed import COMMS
@@ -27,7 +28,7 @@ RESUMABLE_CHANGES = ("out", "progress", "backend", "eval_every", "checkpoint_eve
                      "max_memory")
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(RefhamError, ValueError):
     """A training setting that is out of range or inconsistent with the others."""
 
 
