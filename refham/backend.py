@@ -112,6 +112,24 @@ def get_dtype():
     return _State.dtype
 
 
+@contextlib.contextmanager
+def active_backend(name, dtype, threads=0):
+    """Run with backend `name` (None: the active one, as REFHAM_BACKEND or `set_backend` chose),
+    default dtype `dtype` and at most `threads` BLAS threads (0: as the BLAS library likes;
+    threadpoolctl sets it); restore all three after."""
+    from threadpoolctl import threadpool_limits
+
+    saved = backend_name(), get_dtype()
+    set_backend(name or saved[0])
+    set_dtype(dtype)
+    try:
+        with threadpool_limits(limits=threads or None, user_api="blas"):
+            yield
+    finally:
+        set_backend(saved[0])
+        set_dtype(saved[1])
+
+
 def asarray(a, dtype=None):
     """`a` as an array of the active backend, in `dtype` (default: the default float dtype)."""
     return xp.asarray(a, dtype=dtype or _State.dtype)

@@ -223,13 +223,12 @@ def token_mean_backward(cache, dy):
 # ---------------------------------------------------------------------------------------------
 # Softmax cross-entropy with label smoothing
 # ---------------------------------------------------------------------------------------------
-def _check_labels(logits, labels):
-    if logits.ndim != 2:
-        raise InputError(f"logits must be (B, K), got shape {tuple(logits.shape)}")
-    batch, classes = logits.shape
+def check_labels(labels, batch, classes):
+    """Raise InputError unless `labels` are `batch` integer class indices in [0, `classes`)
+    (the range check reads two numbers: two device→host transfers on a GPU)."""
     if tuple(labels.shape) != (batch,):
-        raise InputError(f"labels must have shape ({batch},) to match logits "
-                         f"{tuple(logits.shape)}, got {tuple(labels.shape)}")
+        raise InputError(f"labels must have shape ({batch},) to match the batch of {batch} "
+                         f"logits, got {tuple(labels.shape)}")
     if labels.dtype.kind not in "iu":
         raise InputError(f"labels must be integer class indices, got dtype {labels.dtype}")
     if batch and not 0 <= int(labels.min()) <= int(labels.max()) < classes:
@@ -244,8 +243,15 @@ def cross_entropy_forward(logits, labels, smoothing=0.0):
     logits (B, K), labels (B,) integers in [0, K). Returns the 0-d loss and the cache.
     """
     labels = xp.asarray(labels)
-    _check_labels(logits, labels)
-    if not 0.0 <= smoothing < 1.0:
+    if logits.ndim != 2:
+        raise InputError(f"logits must be (B, K), got shape {tuple(logits.shape)}")
+    check_labels(labels, *logits.shape)
+    return _cross_entropy_forward(logits, labels, smoothing)
+
+
+def _cross_entropy_forward(logits, labels, smoothing):
+    """The unchecked core of `cross_entropy_forward` (see refham.checks): labels checked."""
+    if not 0.0 <= smoothing < 1.0:     # a check on the host: it costs no transfer
         raise InputError(f"label smoothing must be in [0, 1), got {smoothing}")
     batch, classes = logits.shape
     shifted = logits - logits.max(axis=-1, keepdims=True)

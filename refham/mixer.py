@@ -27,9 +27,10 @@ from refham.init_rules import initial_value
 from refham.checks import finite_real, integer_at_least
 from refham.errors import RefhamError, short_list
 from refham.layers import (
-    InputError, cross_entropy_backward, cross_entropy_forward, layernorm_backward,
-    layernorm_forward, linear_backward, linear_forward, mlp_param_shapes, patch_embed_backward,
-    patch_embed_forward, token_mean_backward, token_mean_forward)
+    InputError, _cross_entropy_forward, check_labels, cross_entropy_backward,
+    cross_entropy_forward, layernorm_backward, layernorm_forward, linear_backward, linear_forward,
+    mlp_param_shapes, patch_embed_backward, patch_embed_forward, token_mean_backward,
+    token_mean_forward)
 
 MODELS = ("vanilla", "paramixer", "symmixer", "asymmixer")
 _MLP_KIND = {"vanilla": "vanilla", "paramixer": "vanilla", "symmixer": "sym", "asymmixer": "asym"}
@@ -346,8 +347,12 @@ class Mixer:
         t = 0..n_iter (x⁽⁰⁾ the block's input, x⁽ⁿ_iter⁾ its output): the golden files'
         per-block outputs. Returns (logits, cache)."""
         check_params(self.param_shapes, params)
-        cfg = self.config
         images = self._check_images(images, params["stem.proj.weight"].dtype)
+        return self._forward(params, images, drop_rng, observe)
+
+    def _forward(self, params, images, drop_rng=None, observe=None):
+        """The unchecked core of `forward` (see refham.checks): `images` already checked."""
+        cfg = self.config
         x, stem_cache = patch_embed_forward(images, params["stem.proj.weight"],
                                             params["stem.proj.bias"])
         block_caches = []
@@ -404,18 +409,31 @@ class Mixer:
 
     def loss_and_grads(self, params, images, labels, lam=0.0, label_smoothing=0.0,
                        drop_rng=None):
-        """(J as a float, logits (B, K), ∂J/∂θ for every θ): J of `objective`, gradient by
-        forward, cross-entropy backward, model backward, plus 2λW₂ for the penalised W₂."""
-        penalty = self.penalty(params, lam)
-        logits, cache = self.forward(params, images, drop_rng)
-        loss, loss_cache = cross_entropy_forward(logits, labels, label_smoothing)
-        grads = self.backward(params, cache, cross_entropy_backward(loss_cache))
-        return float(to_numpy(loss)) + penalty, logits, self.add_penalty_grad(params, grads, lam)
+        """(J, logits (B, K), ∂J/∂θ for every θ): J of `objective`, gradient by forward,
+        cross-entropy backward, model backward, plus 2λW₂ for the penalised W₂. J is a 0-d
+        float64 array of the backend (the cross-entropy and the penalty, each in the model's
+        dtype, summed in float64), left on the device: read it with `to_numpy`."""
+        check_params(self.param_shapes, params)
+        images = self._check_images(images, params["stem.proj.weight"].dtype)
+        labels = xp.asarray(labels)
+        check_labels(labels, images.shape[0], self.config.num_classes)
+        return self._loss_and_grads(params, images, labels, lam, label_smoothing, drop_rng)
 
-    def add_penalty_grad(self, params, grads, lam):
+    def _loss_and_grads(self, params, images, labels, lam=0.0, label_smoothing=0.0,
+                        drop_rng=None):
+        """The unchecked core of `loss_and_grads` (see refham.checks): the training step calls
+        it on batches of a dataset checked (finite images, labels in range) when it was made,
+        sparing three device→host transfers per step."""
+        penalty = self._penalty_term(params, lam)
+        logits, cache = self._forward(params, images, drop_rng)
+        loss, loss_cache = _cross_entropy_forward(logits, labels, label_smoothing)
+        grads = self.backward(params, cache, cross_entropy_backward(loss_cache))
+        objective = xp.asarray(loss, dtype=xp.float64) + xp.asarray(penalty, dtype=xp.float64)
+        return objective, logits, self._add_penalty_grad(params, grads, lam)
+
+    def _add_penalty_grad(self, params, grads, lam):
         """`grads` (changed in place and returned) plus ∂(λ Σ ‖W₂‖²)/∂W₂ = 2λW₂ on the
-        penalised W₂, :eq:`X-objective`: data-parallel training adds it once, after summing the
-        ranks' cross-entropy gradients."""
+        penalised W₂, :eq:`X-objective`."""
         for name in self._penalized if lam else ():
             grads[name] = grads[name] + (2.0 * lam) * params[name]
         return grads

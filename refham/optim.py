@@ -196,17 +196,21 @@ def cosine_lr(step, total_steps, base_lr, warmup_steps=0, min_lr=0.0):
 
 
 def global_norm(grads):
-    """‖g‖ = sqrt(Σ over all parameters of Σ g²), as a Python float (one device sync)."""
-    return float(xp.sqrt(sum(xp.sum(g * g) for g in grads.values())))
+    """‖g‖ = sqrt(Σ over all parameters of Σ g²), a 0-d array of the gradients' dtype, left on
+    the device (a training step fetches it with its other scalars, `fetch_scalars`)."""
+    return xp.sqrt(sum(xp.sum(g * g) for g in grads.values()))
 
 
 def clip_by_global_norm(grads, max_norm):
     """:eq:`T-clip`: scale all gradients by min(1, max_norm / (‖g‖ + 1e-6)) (torch's
     clip_grad_norm_).
 
-    Returns (clipped grads, ‖g‖ before clipping). max_norm None or 0 means no clipping."""
+    Returns (clipped grads, ‖g‖ before clipping as a 0-d array). max_norm None or 0 means no
+    clipping. The factor is computed on the device, in float64 and rounded to the gradients'
+    dtype, so the step never waits for ‖g‖; a factor of 1 leaves every gradient as it is."""
     norm = global_norm(grads)
-    if not max_norm or norm + 1e-6 <= max_norm:
+    if not max_norm:
         return grads, norm
-    scale = max_norm / (norm + 1e-6)
-    return {name: g * scale for name, g in grads.items()}, norm
+    shifted = norm.astype(xp.float64) + 1e-6
+    factor = xp.where(shifted <= max_norm, 1.0, max_norm / shifted)
+    return {name: g * factor.astype(g.dtype) for name, g in grads.items()}, norm
