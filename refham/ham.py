@@ -25,7 +25,7 @@ import math
 import numbers
 import types
 
-from refham.backend import asarray, get_dtype, rng, xp
+from refham.backend import asarray, get_dtype, rng, to_numpy, xp
 from refham.checks import finite_real, integer_at_least
 from refham.dynamics import euler_step, integrate, is_tree, iterate
 from refham.lagrangians import Lagrangian, LagrangianError
@@ -326,7 +326,10 @@ class HAM:
         H_A is symmetric, so the VJP of g_A = ∂L_A/∂x_A is the Hessian-vector product."""
         self._check(xs, weights)
         self._check_states(cotangents, what="cotangents", batch_of=xs)
-        alpha = finite_real("alpha", alpha, HAMError)
+        return self._step_vjp(xs, weights, finite_real("alpha", alpha, HAMError), cotangents)
+
+    def _step_vjp(self, xs, weights, alpha, cotangents):
+        """The unchecked core of `step_vjp` (see refham.checks), for backprop through T steps."""
         gs = self._activations(xs)
         d = {name: -alpha / layer.tau * cotangents[name] for name, layer in self.layers.items()}
         d_gs = {name: xp.zeros_like(g) for name, g in gs.items()}
@@ -390,7 +393,10 @@ def _check_keys(what, given, expected, kind):
 
 
 def _check_finite(what, arrays):
-    """No NaN or inf in any of the arrays (one host sync per array)."""
-    bad = [name for name, a in arrays.items() if not bool(xp.all(xp.isfinite(a)))]
+    """No NaN or inf in any of the arrays (one device→host transfer for all of them)."""
+    if not arrays:
+        return
+    finite = to_numpy(xp.stack([xp.all(xp.isfinite(a)) for a in arrays.values()]))
+    bad = [name for name, ok in zip(arrays, finite) if not ok]
     if bad:
         raise HAMError(f"{what} {bad} contain NaN or inf")

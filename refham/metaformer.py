@@ -23,7 +23,7 @@ import math
 
 import numpy
 
-from refham.checks import integer_at_least
+from refham.checks import finite_real, integer_at_least
 from refham.errors import RefhamError
 from refham.backend import xp
 from refham.ham import HAM, Dense, Layer
@@ -127,12 +127,14 @@ def forward(weights, clean, noise, T, alpha=ALPHA, target="clean", hidden_start=
                               f"{getattr(clean, 'shape', clean)} and "
                               f"{getattr(noise, 'shape', noise)}")
     integer_at_least("T, the number of unrolled steps,", T, 1, MetaFormerError)
+    alpha = finite_real("alpha", alpha, MetaFormerError)
     if hidden_start is None:
         zeros = xp.zeros((clean.shape[0], ham.layers["s"].shape[0]), dtype=clean.dtype)
         hidden_start = {"s": zeros, "c": zeros}
     states = [{"s": hidden_start["s"], "v": clean + noise, "c": hidden_start["c"]}]
+    ham._check(states[0], weights)        # once: the T steps run the unchecked core
     for _ in range(T):
-        states.append(ham.step(states[-1], weights, alpha))
+        states.append(ham._step(states[-1], weights, alpha))
     output = ham.layers["v"].lagrangian.activation(states[-1]["v"])
     residual = output - denoising_target(clean, target)
     cache = UnrolledCache(ham, weights, alpha, states, output, residual)
@@ -149,16 +151,17 @@ def backward(cache):
                   "v": ham.layers["v"].lagrangian.hvp(final["v"], seed)}
     grads = {name: xp.zeros_like(w) for name, w in cache.weights.items()}
     for xs in reversed(cache.states[:-1]):
-        cotangents, step_grads = ham.step_vjp(xs, cache.weights, cache.alpha, cotangents)
+        cotangents, step_grads = ham._step_vjp(xs, cache.weights, cache.alpha, cotangents)
         grads = {name: grads[name] + step_grads[name] for name in grads}
     return grads
 
 
 def loss_and_grads(weights, clean, noise, T, alpha=ALPHA, target="clean", hidden_start=None):
     """(loss, {"sv": ∂loss/∂W_sv, "vc": ∂loss/∂W_vc}) by hand-written backprop through the T
-    steps of `forward` (same arguments)."""
+    steps of `forward` (same arguments); the loss is a 0-d array of the backend, left on the
+    device (read it with `to_numpy`)."""
     loss, cache = forward(weights, clean, noise, T, alpha, target, hidden_start)
-    return float(loss), backward(cache)
+    return loss, backward(cache)
 
 
 def denoising_losses(weights, clean, noise, T, alpha=ALPHA, chunk=EVAL_CHUNK):

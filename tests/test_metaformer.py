@@ -191,7 +191,7 @@ def test_training_lowers_both_denoising_losses_and_logs_every_epoch(trained):
 def test_an_update_that_overflows_stops_training_before_it_is_kept(tmp_path):
     settings = mft.TrainSettings(data="synthetic", hidden=4, steps=2, lr=1e308, batch_size=32,
                                 epochs=2, out=str(tmp_path / "run"), progress=False)
-    with pytest.raises(mf.MetaFormerError, match="epoch 1: the update made .*NaN/inf; no "
+    with pytest.raises(mf.MetaFormerError, match="epoch 1: .*the update made .*NaN/inf; no "
                                                  "checkpoint was written"):
         mft.train(settings)
     assert not (tmp_path / "run" / "last.npz").exists()
