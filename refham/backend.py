@@ -120,13 +120,16 @@ def active_backend(name, dtype, threads=0):
     from threadpoolctl import threadpool_limits
 
     saved = backend_name(), get_dtype()
-    set_backend(name or saved[0])
+    switch = bool(name) and name != saved[0]
+    if switch:
+        set_backend(name)
     set_dtype(dtype)
     try:
         with threadpool_limits(limits=threads or None, user_api="blas"):
             yield
     finally:
-        set_backend(saved[0])
+        if switch:
+            set_backend(saved[0])
         set_dtype(saved[1])
 
 

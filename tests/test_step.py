@@ -2,7 +2,9 @@
 evaluation batch, a few per Energy MetaFormer step. Every transfer refham makes goes through
 `backend.to_numpy`; here each module's binding of it is counted (the CuPy stand-in of the tests
 also counts the implicit ones a real GPU would make)."""
+import dataclasses
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +13,8 @@ from refham import backend
 from refham.backend import asarray
 from refham.training import evaluation, metaformer_train as mft, step, train as training
 from refham.training.data import make_synthetic
-from refham.training.train_config import TrainConfig
+from refham.mixer import Mixer
+from refham.training.train_config import TrainConfig, model_config
 
 
 def test_fetch_scalars_brings_every_scalar_in_order_as_host_floats():
@@ -67,7 +70,7 @@ def test_a_mixer_training_step_and_an_evaluation_batch_make_one_transfer(
 
 
 def test_evaluation_makes_one_transfer_per_batch(transfers):
-    from refham.mixer import Mixer, make_config
+    from refham.mixer import make_config
 
     _, test = make_synthetic(seed=0)
     model = Mixer(make_config("paramixer", image_size=8, in_chans=1, patch=2, dim=8, depth=1,
@@ -82,3 +85,43 @@ def test_a_metaformer_step_makes_a_handful_of_transfers(tmp_path, monkeypatch, t
                                 out=str(tmp_path / "run"), progress=False))
     # the states' and the weights' finiteness, checked once per loss; the step's one fetch
     assert steps and set(steps) == {3}
+
+
+def test_the_backend_of_train_and_eval_defaults_to_the_active_one(tmp_path, monkeypatch):
+    """REFHAM_BACKEND picks the active backend at import; a TrainConfig made then, `refham
+    train` and `refham eval` use that one unless told otherwise (a NumPy module named "cupy"
+    stands in for CuPy being active)."""
+    import scipy.special
+    from refham.cli.commands import build_parser
+
+    seen = []
+
+    class Chosen(Exception):
+        pass
+
+    def record(name, dtype, threads=0):
+        seen.append(name)
+        raise Chosen
+    monkeypatch.setattr(training, "active_backend", record)
+    monkeypatch.setattr(evaluation, "active_backend", record)
+    monkeypatch.setattr(evaluation, "load_checkpoint", lambda path: _checkpoint())
+    with backend.use_module(np, scipy.special.erf, name="cupy"):
+        cfg = TrainConfig(out=str(tmp_path / "run"))
+        assert cfg.backend == "cupy" and TrainConfig(backend="numpy").backend == "numpy"
+        with pytest.raises(Chosen):
+            training.train(cfg)
+        args = build_parser().parse_args(["eval", "--checkpoint", "c.npz"])
+        with pytest.raises(Chosen):
+            evaluation.evaluate_checkpoint(args.checkpoint, backend=args.backend)
+        with backend.active_backend(None, "float64"):
+            assert backend.backend_name() == "cupy"
+    assert seen == ["cupy", None]
+
+
+def _checkpoint():
+    """A checkpoint of a digits ParaMixer, enough for evaluate_checkpoint to reach the backend."""
+    cfg = TrainConfig(backend="numpy", dtype="float64")
+    config = model_config(cfg, make_synthetic(seed=0)[0])
+    return SimpleNamespace(config={"train": cfg.to_dict(), "model": dataclasses.asdict(config)},
+                           params={k: np.asarray(v) for k, v in Mixer(config).init(0).items()},
+                           step=0, epoch=0)

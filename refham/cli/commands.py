@@ -118,8 +118,8 @@ def _add_eval(p):
     p.add_argument("--data-path", default=None,
                    help="where the CIFAR archive lives now (default: the path used in training)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (256)")
-    p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
-                   help="array backend (numpy)")
+    p.add_argument("--backend", choices=("numpy", "cupy"), default=None,
+                   help="array backend (the one REFHAM_BACKEND chooses, else numpy)")
     p.add_argument("--threads", type=int, default=1,
                    help="BLAS threads on the CPU, 0: the BLAS default (1)")
 
