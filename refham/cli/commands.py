@@ -28,9 +28,8 @@ def _run_descend(args):
     step."""
     from refham.backend import to_numpy
     from refham.checks import integer_at_least
-    from refham.files.checkpoint import atomic_write
     from refham.files.memory import require_three_layer_ham
-    from refham.files.outputs import check_output_file
+    from refham.files.outputs import atomic_write, check_output_file
     from refham.ham import HAMError
     from refham.metaformer import three_layer_ham
 

@@ -50,11 +50,11 @@ import numpy
 from refham import __version__
 from refham.backend import asarray, get_dtype, rng, set_dtype, to_numpy
 from refham.checks import finite_real, integer_at_least
-from refham.files.checkpoint import atomic_write, read_npz
+from refham.files.checkpoint import read_npz
 from refham.files.memory import mixer_bytes, require, require_three_layer_ham
 from refham.mixer import Mixer, make_config
 from refham.optim import AdamW
-from refham.files.outputs import check_output_file
+from refham.files.outputs import atomic_write, check_output_file
 from refham.errors import RefhamError, short_list
 
 FORMAT = "refham-golden"

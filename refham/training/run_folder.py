@@ -12,8 +12,7 @@ atomically; the metrics log grows by one line per epoch.
 import contextlib
 import os
 
-from refham.files.checkpoint import atomic_write
-from refham.files.outputs import prepare_folder
+from refham.files.outputs import atomic_write, prepare_folder
 from refham.files.runlock import RunLock
 
 
