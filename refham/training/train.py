@@ -9,9 +9,6 @@ Each optimiser step t (0-based) of epoch e:
     J, ∇J   ← Mixer.loss_and_grads(x, y, λ, label smoothing, drop path)
     ∇J      ← clip by global norm (optional)
     θ       ← optimiser step at lr(t) = warm-up + cosine (optim.cosine_lr)
-(the step itself, shared with the Energy MetaFormer's loop, is refham.training.step's, with one
-device→host transfer; the run's folder is refham.training.run_folder's, its checkpointed state
-refham.training.run_state's; here: the data, the schedule and the epoch loop).
 Every random draw of step t (noise, crop, flip, drop-path masks) comes from rng((seed, 2, t)), so
 the RNG state of a run IS its step counter: restoring the step restores the exact random stream
 and a resumed run reproduces an uninterrupted one bit for bit (on NumPy).
@@ -27,6 +24,11 @@ The output folder holds `config.json` (written at start), `metrics.jsonl` (one l
 training images, held out before training), all written atomically. A NaN/inf loss or gradient,
 or an update that makes a parameter or an optimiser moment NaN/inf, stops the run before that
 step becomes its state, so no checkpoint ever holds a diverged state (and none could be written).
+
+The pieces, one concept each: the step (refham.training.step, shared with the Energy
+MetaFormer's loop; one device→host transfer), the folder a run owns (refham.training.run_folder),
+the state its checkpoints hold (refham.training.run_state), and here the data, the schedule and
+the epoch loop.
 """
 import contextlib
 import dataclasses
