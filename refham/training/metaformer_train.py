@@ -148,26 +148,10 @@ def _train_in_folder(settings, echo, comm, folder):
 
     history, started = [{"epoch": 0, **_prefixed(evaluate())}], time.perf_counter()
     for epoch in range(1, s.epochs + 1):
-        order, loss_sum = gen.permutation(len(clean_train)), 0.0
-        for start in tqdm(range(0, len(order), s.batch_size), leave=False, dynamic_ncols=True,
-                          disable=not (s.progress and folder.writer),
-                          desc=f"epoch {epoch}/{s.epochs}"):
-            batch = clean_train[order[start:start + s.batch_size]]
-            part = shard(len(batch), comm)
-            draw = gen if comm.size == 1 else ShardedGenerator(gen, len(batch), part)
-            clean = asarray(batch[part])
-            noise = asarray(NOISE_STD * draw.standard_normal(clean.shape))
-
-            def denoising_loss(w, clean=clean, noise=noise):
-                loss, grads = loss_and_grads(w, clean, noise, s.steps, s.alpha, s.target)
-                return loss, 0, grads
-            weights, opt_state, scalars = optimiser_step(
-                weights, opt_state, denoising_loss, optimizer, s.lr,
-                lambda what, epoch=epoch: _diverged(epoch, what), comm=comm,
-                n_local=len(clean), n_global=len(batch))
-            loss_sum += scalars.loss * len(batch)
-        history.append({"epoch": epoch, "train_loss": loss_sum / len(order),
-                        **_prefixed(evaluate()), "seconds": time.perf_counter() - started})
+        weights, opt_state, train_loss = _train_epoch(
+            s, epoch, comm, folder, clean_train, gen, optimizer, weights, opt_state)
+        history.append({"epoch": epoch, "train_loss": train_loss, **_prefixed(evaluate()),
+                        "seconds": time.perf_counter() - started})
         if not folder.writer:
             continue
         folder.append_line("metrics.jsonl", json.dumps(history[-1]))
@@ -179,6 +163,30 @@ def _train_in_folder(settings, echo, comm, folder):
     return {"history": history, "out": s.out, "loss_floor": loss_floor(visible_size),
             "checkpoint": folder.path("last.npz"), "visible": visible_size,
             "test_split": test_split}
+
+
+def _train_epoch(s, epoch, comm, folder, clean_train, gen, optimizer, weights, opt_state):
+    """One pass over `clean_train` in the order `gen` draws, each batch with fresh noise drawn
+    from `gen` and one shared optimiser step (refham.training.step) → (weights, optimiser
+    state, mean training loss)."""
+    order, loss_sum = gen.permutation(len(clean_train)), 0.0
+    for start in tqdm(range(0, len(order), s.batch_size), leave=False, dynamic_ncols=True,
+                      disable=not (s.progress and folder.writer), desc=f"epoch {epoch}/{s.epochs}"):
+        batch = clean_train[order[start:start + s.batch_size]]
+        part = shard(len(batch), comm)
+        draw = gen if comm.size == 1 else ShardedGenerator(gen, len(batch), part)
+        clean = asarray(batch[part])
+        noise = asarray(NOISE_STD * draw.standard_normal(clean.shape))
+
+        def denoising_loss(w, clean=clean, noise=noise):
+            loss, grads = loss_and_grads(w, clean, noise, s.steps, s.alpha, s.target)
+            return loss, 0, grads
+        weights, opt_state, scalars = optimiser_step(
+            weights, opt_state, denoising_loss, optimizer, s.lr,
+            lambda what: _diverged(epoch, what), comm=comm, n_local=len(clean),
+            n_global=len(batch))
+        loss_sum += scalars.loss * len(batch)
+    return weights, opt_state, loss_sum / len(order)
 
 
 def _diverged(epoch, what):
