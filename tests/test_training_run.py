@@ -1,7 +1,9 @@
-"""The shared optimiser step and its device→host transfers: one per Mixer training step and per
-evaluation batch, a few per Energy MetaFormer step. Every transfer refham makes goes through
-`backend.to_numpy`; here each module's binding of it is counted (the CuPy stand-in of the tests
-also counts the implicit ones a real GPU would make)."""
+"""The pieces of a training run: the shared optimiser step and its device→host transfers (one per
+Mixer training step and per evaluation batch, a few per Energy MetaFormer step), the backend a
+run takes by default, and the run folder's lock.
+
+Every transfer refham makes goes through `backend.to_numpy`; here each module's binding of it is
+counted (the CuPy stand-in of the tests also counts the implicit ones a real GPU would make)."""
 import dataclasses
 import sys
 from types import SimpleNamespace
@@ -125,3 +127,22 @@ def _checkpoint():
     return SimpleNamespace(config={"train": cfg.to_dict(), "model": dataclasses.asdict(config)},
                            params={k: np.asarray(v) for k, v in Mixer(config).init(0).items()},
                            step=0, epoch=0)
+
+
+def test_a_run_folder_is_locked_inside_its_block_and_released_however_it_ends(tmp_path):
+    from refham.files.runlock import RunLock, RunLocked
+    from refham.training.distributed import SingleProcess
+    from refham.training.run_folder import RunFolder
+
+    out = str(tmp_path / "run")
+    with pytest.raises(ValueError, match="inside"):
+        with RunFolder(out, SingleProcess()) as folder:
+            folder.write("config.json", "{}")
+            with pytest.raises(RunLocked):
+                RunLock(out).acquire()
+            raise ValueError("inside")
+    RunLock(out).acquire().release()                        # free again
+    rank_1 = SimpleNamespace(rank=1, size=2)
+    with RunFolder(str(tmp_path / "other"), rank_1) as folder:   # not the writer: no lock,
+        folder.write("config.json", "{}")                   # no folder, no file
+    assert not (tmp_path / "other").exists()
