@@ -92,10 +92,9 @@ def mixer_bytes(config, batch, itemsize, optimizer_slots=2, training=True):
                                                    statistics, normalised input, both MLPs'
                                                    hidden units before and after the activation)
 
-    tests/test_safefiles.py holds it within 0.8-1.25× of tracemalloc's peak on digits models
-    (depth 1-8, dim 32-512, batch 4-256, all four models). P is read from the
-    parameter layout `mixer.param_shapes` of the model at depths 1 and 2 (the stem and head, and
-    one block), never by building the names of 10⁵ blocks."""
+    tests/test_safefiles.py holds it within 1.5× of tracemalloc's peak of a training step. P is
+    read from the parameter layout `mixer.param_shapes` of the model at depths 1 and 2 (the stem
+    and head, and one block), never by building the names of 10⁵ blocks."""
     one, two = (parameter_count(dataclasses.replace(config, depth=d)) for d in (1, 2))
     params = one + (config.depth - 1) * (two - one)
     S, C = config.num_tokens, config.dim

@@ -75,8 +75,7 @@ class Regime:
                 for init in (self.asym_inits if model == "asymmixer" else ("official",))]
 
 
-# The full study (docs/symmetry-study.md): 140 runs, as many epochs as 212 runs of 40 (two
-# processes: `refham sweep --study --part 1/2` and `--part 2/2`).
+# The full study (docs/symmetry-study.md, which counts its runs): `refham sweep --study`.
 STUDY_RATES = (2e-3, 8e-3, 3.2e-2)
 STUDY_LAMS = (1.0, 1e-2, 0.0)
 STUDY = (Regime("fixed"),

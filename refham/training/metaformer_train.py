@@ -32,8 +32,8 @@ PAPER_SETTINGS = dict(data="mnist", hidden=900, steps=10, lr=1e-4, batch_size=51
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-    """A training run. Defaults: built-in digits (D = 64), ~25 s on one CPU core (small matrices:
-    OMP_NUM_THREADS=1 is fastest, BLAS threads only add overhead);
+    """A training run. Defaults: built-in digits (D = 64; small matrices, so OMP_NUM_THREADS=1:
+    BLAS threads only add overhead; its time is in docs/performance.md);
     `PAPER_SETTINGS` are the paper's MNIST ones (D = 784, N_h = 900, T = 10, lr 1e-4, batch 512,
     100 epochs). Adam with the notebook's optax.adam defaults (β = 0.9, 0.999, ε = 1e-8)."""
     data: str = "digits"
