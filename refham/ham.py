@@ -227,11 +227,11 @@ class HAM:
         return self._energy_tree(xs, weights)
 
     def total_energy(self, xs, weights):
-        """E = Σ_A [⟨x_A, g_A⟩ − L_A(x_A)] + Σ_s E_s(g), shape (B,), :eq:`H1`."""
+        """E = Σ_A [⟨x_A, g_A⟩ − L_A(x_A)] + Σ_s E_s(g), shape (B,). Implements :eq:`H1`."""
         return self.energy_tree(xs, weights)["total"]
 
     def dEdg(self, xs, weights, gs=None):
-        """∂E/∂g_A = x_A + Σ_{s ∋ A} ∂E_s/∂g_A in closed form, :eq:`H2`; `gs`: the
+        """∂E/∂g_A = x_A + Σ_{s ∋ A} ∂E_s/∂g_A in closed form. Implements :eq:`H2`; `gs`: the
         activations, if already computed."""
         self._check(xs, weights)
         if gs is not None:
@@ -246,12 +246,12 @@ class HAM:
         return self._total_energy_and_dEdg(xs, weights)
 
     def velocity(self, xs, weights):
-        """ẋ_A = −(∂E/∂g_A)/τ_A, :eq:`H3`."""
+        """ẋ_A = −(∂E/∂g_A)/τ_A. Implements :eq:`H3`."""
         self._check(xs, weights)
         return self._velocity(xs, weights)
 
     def dEdt(self, xs, weights):
-        """:eq:`H4` dE/dt = −Σ_A τ_A ⟨ẋ_A, H_A ẋ_A⟩, shape (B,)."""
+        """dE/dt = −Σ_A τ_A ⟨ẋ_A, H_A ẋ_A⟩, shape (B,). Implements :eq:`H4`."""
         self._check(xs, weights)
         v = self._velocity(xs, weights)
         return -sum(layer.tau * batch_inner(v[name], layer.lagrangian.hvp(xs[name], v[name]))
@@ -259,7 +259,7 @@ class HAM:
 
     def adiabatic_energy(self, x, weights, visible):
         """The energy of the visible layer alone once every hidden layer sits at its fixed
-        point (the adiabatic limit τ_h → 0), :eq:`H6`:
+        point (the adiabatic limit τ_h → 0). Implements :eq:`H6`:
 
             E(x) = ⟨x, g⟩ − L_v(x) − Σ_h L_h(W_h g),   g = g_v(x),
 
@@ -333,7 +333,7 @@ class HAM:
         return bound
 
     def step(self, xs, weights, alpha):
-        """x_A ← x_A − (α/τ_A) ∂E/∂g_A for all layers at once, :eq:`H5`. E does not rise for
+        """x_A ← x_A − (α/τ_A) ∂E/∂g_A for all layers at once. Implements :eq:`H5`. E does not rise for
         any α within `descent_step_bound`; beyond it, it may."""
         self._check(xs, weights)
         return self._step(xs, weights, _positive("alpha", alpha))

@@ -72,7 +72,7 @@ class _Elementwise(Lagrangian):
 
 @dataclasses.dataclass(frozen=True)
 class Identity(_Elementwise):
-    """L = ½Σx²,  g = x,  Hv = v :eq:`L-identity`"""
+    """L = ½Σx²,  g = x,  Hv = v.  Implements :eq:`L-identity`."""
     name = "identity"
 
     def density(self, x):
@@ -87,7 +87,7 @@ class Identity(_Elementwise):
 
 @dataclasses.dataclass(frozen=True)
 class ReLU(_Elementwise):
-    """L = ½Σ relu(x)²,  g = relu(x),  Hv = 1[x>0]·v :eq:`L-relu`"""
+    """L = ½Σ relu(x)²,  g = relu(x),  Hv = 1[x>0]·v.  Implements :eq:`L-relu`."""
     name = "relu"
 
     def density(self, x):
@@ -102,8 +102,8 @@ class ReLU(_Elementwise):
 
 @dataclasses.dataclass(frozen=True)
 class RePU(_Elementwise):
-    """L = (1/n)Σ relu(x)^n,  g = relu(x)^{n−1},  Hv = (n−1)relu(x)^{n−2}·v  (n ≥ 2, real)
-    :eq:`L-repu`"""
+    """L = (1/n)Σ relu(x)^n,  g = relu(x)^{n−1},  Hv = (n−1)relu(x)^{n−2}·v  (n ≥ 2, real).
+    Implements :eq:`L-repu`."""
     n: float = 3
     name = "repu"
 
@@ -137,7 +137,7 @@ class _Tempered(_Elementwise):
 
 @dataclasses.dataclass(frozen=True)
 class Tanh(_Tempered):
-    """L = (1/β)Σ log cosh(βx),  g = tanh(βx),  Hv = β(1 − g²)·v :eq:`L-tanh`"""
+    """L = (1/β)Σ log cosh(βx),  g = tanh(βx),  Hv = β(1 − g²)·v.  Implements :eq:`L-tanh`."""
     name = "tanh"
 
     def density(self, x):
@@ -156,7 +156,7 @@ class Tanh(_Tempered):
 
 @dataclasses.dataclass(frozen=True)
 class Sigmoid(_Tempered):
-    """L = (1/β)Σ softplus(βx),  g = σ(βx),  Hv = βg(1 − g)·v :eq:`L-sigmoid`"""
+    """L = (1/β)Σ softplus(βx),  g = σ(βx),  Hv = βg(1 − g)·v.  Implements :eq:`L-sigmoid`."""
     name = "sigmoid"
 
     def density(self, x):
@@ -178,7 +178,7 @@ class Sigmoid(_Tempered):
 @dataclasses.dataclass(frozen=True)
 class GELU(_Elementwise):
     """L = Σ Φ(x),  g = GELU(x) = x·Φ_N(x),  Hv = (Φ_N(x) + xφ(x))·v.  Not convex: GELU′ < 0
-    below x ≈ −0.752 :eq:`L-gelu`"""
+    below x ≈ −0.752.  Implements :eq:`L-gelu`."""
     name = "gelu"
     convex = False
 
@@ -201,7 +201,7 @@ class GELU(_Elementwise):
 @dataclasses.dataclass(frozen=True)
 class Softmax(Lagrangian):
     """L = (1/β) logsumexp(βx) along `axis` (summed over the other event axes),
-    g = softmax(βx) along `axis`,  Hv = βg⊙(v − ⟨g, v⟩_axis) :eq:`L-softmax`"""
+    g = softmax(βx) along `axis`,  Hv = βg⊙(v − ⟨g, v⟩_axis).  Implements :eq:`L-softmax`."""
     beta: float = 1.0
     axis: int = -1
     name = "softmax"

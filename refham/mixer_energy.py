@@ -163,7 +163,7 @@ class MixerBlock:
         return self._mixer.block_update(self._params, self.block, g)
 
     def hidden_lagrangian(self, g):
-        """:eq:`M1` F(g) = Σ Φ(W_t g) + Σ Φ(g W_cᵀ) with the MLPs' input matrices (asym: W₁)."""
+        """Implements :eq:`M1`: F(g) = Σ Φ(W_t g) + Σ Φ(g W_cᵀ) with the MLPs' input matrices (asym: W₁)."""
         return sum(_HIDDEN.value(linear_forward(g, w, axis=axis)[0], event_ndim=2)
                    for axis, w in self._w_in)
 
@@ -173,7 +173,7 @@ class MixerBlock:
         return self.gamma * self._unit_norm.hvp(x, v)
 
     def velocity(self, x, kappa):
-        """:eq:`M3` ẋ = u(g) − κx."""
+        """Implements :eq:`M3`: ẋ = u(g) − κx."""
         return self.update(self.activation(x)) - _kappa(kappa) * x
 
     def unit_step(self, x):
@@ -190,14 +190,14 @@ class MixerBlock:
             self.activation(x))
 
     def lyapunov_energy(self, x):
-        """E(x) = ⟨x, g⟩ − L_v(x) − F(g), :eq:`M2`: the SymMixer block's energy, non-increasing
+        """E(x) = ⟨x, g⟩ − L_v(x) − F(g). Implements :eq:`M2`: the SymMixer block's energy, non-increasing
         along the flow of (M3) with κ = 1, :eq:`M4`. SymMixer and scalar affine only."""
         self._check_state(x)
         self._require_symmetric()
         return self._legendre_minus_hidden(x)
 
     def pseudo_energy(self, x):
-        """:eq:`M-pseudo` E(x) + ½⟨g, W₂ᵗᵒᵏ GELU(W₁ᵗᵒᵏ g)⟩ + ½⟨g, GELU(g W₁ᶜʰᵀ)W₂ᶜʰᵀ⟩, E the
+        """Implements :eq:`M-pseudo`: E(x) + ½⟨g, W₂ᵗᵒᵏ GELU(W₁ᵗᵒᵏ g)⟩ + ½⟨g, GELU(g W₁ᶜʰᵀ)W₂ᶜʰᵀ⟩, E the
         Lyapunov energy's form with W = W₁ (the sign of the paper's form, kept for comparability
         with the paper's plots). Not a Lyapunov function: it can rise along the dynamics; note that
         −∂/∂g of the added terms points against the breaking part of u (a −½ would point along
@@ -230,7 +230,7 @@ class MixerBlock:
 
     def lyapunov_energy_rate(self, x, kappa):
         """dE/dt = ⟨∂E/∂g, H_v ẋ⟩ = ⟨x − u, H_v ẋ⟩ along (M3); for κ = 1, x − u = −ẋ and
-        dE/dt = −⟨ẋ, H_v ẋ⟩ ≤ 0 (:eq:`M4`)."""
+        dE/dt = −⟨ẋ, H_v ẋ⟩ ≤ 0. Implements :eq:`M4`."""
         self._check_state(x)
         self._require_symmetric()
         self._require_lagrangian()
@@ -289,7 +289,7 @@ def _norm(a):
 
 
 def symmetry_measures(config, params):
-    """:eq:`M-symmetry` per block and MLP of any model, with out = W_out GELU(W_in z) (biases
+    """Implements :eq:`M-symmetry` per block and MLP of any model, with out = W_out GELU(W_in z) (biases
     ignored):
 
         {prefix}.cos            = ⟨W_out, W_inᵀ⟩/(‖W_out‖‖W_in‖)  (0 if either is zero)
