@@ -313,9 +313,8 @@ class HAM:
         x'_A + ∂E_syn/∂g_A = ∂E/∂g_A + Δx_A = −(τ_A/α − 1)Δx_A and ⟨Δx_A, Δg_A⟩ ≥ ‖Δg_A‖²/K_A
         (Δg_A = H̄_A Δx_A, H̄_A the mean Hessian on the step, 0 ⪯ H̄_A ⪯ K_A):
             ΔE ≤ Σ_A [ρ_A − (τ_A/α − 1)/K_A] ‖Δg_A‖²,  ≤ 0 within the bound.
-        The bound is sufficient, not necessary, and E can rise beyond it: on the paper's
-        relu–layernorm–relu HAM (examples/step_sizes.py, W = 0.02·N or 0.3·N) at most 0.2% of
-        steps raised E up to α = 0.9, 9–11% at α = 1 and about half at α = 1.1–2."""
+        The bound is sufficient, not necessary, and E can rise beyond it
+        (:ref:`sec-ham-step-size`)."""
         self._check_weights(weights)
         _check_keys("curvature", curvature, self.layers, "layer")
         nonconvex = [n for n, layer in self.layers.items() if not layer.lagrangian.convex]

@@ -9,11 +9,11 @@ product Hv, and the neuron energy ⟨x, g⟩ − L (the Legendre transform).
 | tanh(β)                  | (1/β)Σ log cosh(βx) | tanh(βx)           | β(1−g²)·v                |
 | sigmoid(β)               | (1/β)Σ softplus(βx) | σ(βx)              | βg(1−g)·v                |
 | softmax(β, axis)         | (1/β) logsumexp(βx) | softmax(βx)        | βg⊙(v − ⟨g, v⟩_axis)     |
-| gelu (not convex)        | Σ Φ(x)              | GELU(x) = x·Φ_N(x) | (Φ_N(x) + xφ(x))·v       |
+| gelu (not convex)        | Σ G(x)              | GELU(x) = x·Φ_N(x) | (Φ_N(x) + xφ(x))·v       |
 | layernorm(γ, δ, ε, axes) | γ·D·σ + ⟨δ, x⟩      | γ(x − x̄)/σ + δ     | (γ/σ)(Pv − x̂⟨x̂, Pv⟩/D)   |
 | spherical(γ, δ, ε, axes) | γ·r + ⟨δ, x⟩        | γx/r + δ           | (γ/r)(v − x⟨x, v⟩/r²)    |
 
-Φ(x) = ¼(x² + (x²−1)erf(x/√2) + x√(2/π)e^{−x²/2}); layernorm: x̄, var over `axes` (D elements),
+G(x) = ¼(x² + (x²−1)erf(x/√2) + x√(2/π)e^{−x²/2}); layernorm: x̄, var over `axes` (D elements),
 σ = √(var + ε), Pv = v − mean(v), x̂ = (x − x̄)/σ; spherical: r = √(Σ_axes x² + ε).
 
 Shapes. A layer state x has leading batch axes and then the layer's own ("event") axes; `value`
@@ -24,7 +24,7 @@ softmax over the tokens of an (S, C) layer, say) L is summed over the remaining 
 
 Numerics: tanh, sigmoid and softmax are written in overflow-free forms (finite at |βx| ~ 1e3 and
 beyond), their Hessians in forms free of cancellation where g saturates (β sech², βσ(y)σ(−y), a
-re-centred softmax Hv); Φ is written so that x² − x² does not cancel for x ≪ 0; layernorm and
+re-centred softmax Hv); G is written so that x² − x² does not cancel for x ≪ 0; layernorm and
 spherical return their energy in closed form (−γDε/σ, −γε/r), since ⟨x, g⟩ − L cancels
 catastrophically once the state is large against ε. Inputs are not scanned for NaN/inf here (a
 device sync per call on CuPy); callers validate their states once.
@@ -177,16 +177,16 @@ class Sigmoid(_Tempered):
 
 @dataclasses.dataclass(frozen=True)
 class GELU(_Elementwise):
-    """L = Σ Φ(x),  g = GELU(x) = x·Φ_N(x),  Hv = (Φ_N(x) + xφ(x))·v.  Not convex: GELU′ < 0
+    """L = Σ G(x),  g = GELU(x) = x·Φ_N(x),  Hv = (Φ_N(x) + xφ(x))·v.  Not convex: GELU′ < 0
     below x ≈ −0.752.  Implements :eq:`L-gelu`."""
     name = "gelu"
     convex = False
 
     def density(self, x):
-        """Φ(x) = ¼(x² + (x²−1)erf(x/√2) + x√(2/π)e^{−x²/2}) = ½(x²−1)Φ_N(x) + ½xφ(x) + ¼
+        """G(x) = ¼(x² + (x²−1)erf(x/√2) + x√(2/π)e^{−x²/2}) = ½(x²−1)Φ_N(x) + ½xφ(x) + ¼
         (erf(x/√2) = 2Φ_N − 1, √(2/π)e^{−x²/2} = 2φ). The second form avoids the cancellation
-        x² − x² for x ≪ 0. Φ′ = xΦ_N + ½(x²−1)φ + ½φ − ½x²φ = xΦ_N = GELU (φ′ = −xφ);
-        Φ(0) = 0 and Φ(−∞) = ¼."""
+        x² − x² for x ≪ 0. G′ = xΦ_N + ½(x²−1)φ + ½φ − ½x²φ = xΦ_N = GELU (φ′ = −xφ);
+        G(0) = 0 and G(−∞) = ¼."""
         return 0.5 * (x * x - 1.0) * normal_cdf(x) + 0.5 * x * normal_pdf(x) + 0.25
 
     def activation(self, x):

@@ -183,8 +183,9 @@ def unpatchify(patches, image_shape, patch):
 
 
 def patch_embed_forward(images, weight, bias):
-    """Implements :eq:`X-patch-embed`: tokens[b, s] = K · patch_s(images[b]) + bias: conv weight K (C, C_in, p,
-    p) seen as a (C, C_in·p·p) matrix; images (B, C_in, H, W) → tokens (B, S, C)."""
+    """Implements :eq:`X-patch-embed`: tokens[b, s] = W_emb · patch_s(images[b]) + bias, the conv
+    weight W_emb (C, C_in, p, p) seen as a (C, C_in·p·p) matrix; images (B, C_in, H, W) → tokens
+    (B, S, C)."""
     chans_out, chans_in, patch, patch_w = weight.shape
     if images.ndim != 4 or images.shape[1] != chans_in or patch != patch_w \
             or images.shape[2] % patch or images.shape[3] % patch:

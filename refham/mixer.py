@@ -222,8 +222,8 @@ def drop_path_mask(rate, batch, drop_rng, dtype):
 
 
 def head_forward(x, params, eps):
-    """logits = W_head mean_tokens(LN(x)) + b_head. Implements :eq:`X-head`: x (B, S, C) → (B, K), the
-    final LN over C with its per-element affine ('norm.weight', 'norm.bias')."""
+    """logits = W_head mean_tokens(LN(x)) + b_head. Implements :eq:`X-head`: x (B, S, C) →
+    (B, K), the final LN over C with its per-element affine ('norm.weight', 'norm.bias')."""
     y, norm_cache = layernorm_forward(x, params["norm.weight"], params["norm.bias"], eps=eps)
     pooled, mean_cache = token_mean_forward(y)
     logits, linear_cache = linear_forward(pooled, params["head.weight"], params["head.bias"])
