@@ -44,7 +44,8 @@ html_theme = "pydata_sphinx_theme"
 html_title = "refham"
 html_theme_options = {
     "navigation_with_keys": False,
-    "header_links_before_dropdown": 6,
+    "header_links_before_dropdown": 4,    # with the search icon: one header row at 1400 px
+    "navbar_persistent": ["search-button"],
     "show_toc_level": 2,
     "secondary_sidebar_items": ["page-toc"],
     "footer_start": ["copyright"],
