@@ -294,7 +294,7 @@ def _check_mlp_weights(kind, weights, n_in):
 def _as_matrix(z, axis):
     """The vectors of z along `axis` as one matrix: the rows of (N, n) for the channel axis (a
     view), the columns of (n, N) for the token axis (moved first: one copy of z, which turns the
-    B small GEMMs NumPy would run on a stack (B, n, C) into one large GEMM, ~2× faster)."""
+    B small GEMMs NumPy would run on a stack (B, n, C) into one large GEMM, which BLAS runs faster)."""
     if axis == CHANNEL_AXIS:
         return z.reshape(-1, z.shape[-1])
     return xp.moveaxis(z, TOKEN_AXIS, 0).reshape(z.shape[TOKEN_AXIS], -1)
