@@ -27,7 +27,7 @@ extensions = [
     "sphinx-mathjax-offline",      # a module whose name has hyphens: MathJax 3 bundled, no CDN
     "eqlabels",
     "plaindocstrings",
-    "apipages",
+    "apisite",
 ]
 
 source_suffix = {".md": "markdown"}

@@ -1,23 +1,13 @@
 """The API reference's pages: one per refham module, in the declared module order, plus the
-equation map; generated at every build OUTSIDE the source tree.
+equation map. Plain Python (tests/test_layout.py reads the same module table through it); the
+Sphinx side, which writes them outside the source tree at every build, is docs/_ext/apisite.py.
 
 The order is the module table of docs/reading-guide.md (each module imports only modules above
 it; tests/test_layout.py enforces that). A module missing from the table still gets a page, at the
 end, so the site builds while the layout test asks for its row.
-
-The pages are written under the build's doctree folder (never under docs/) and added to Sphinx's
-list of documents as `api/<module>`, so `git status` stays clean after a build. docs/api.md lists
-them with the `refham-api-toctree` directive. Under every labelled equation of the pages an
-"Implemented by" line is added as the page is read (the file itself is not changed).
 """
 import pathlib
 import re
-
-from docutils.statemachine import StringList
-from sphinx.directives.other import TocTree
-from sphinx.project import Project
-
-from equationmap import Implementations, equation_map_page, with_implemented_by
 
 TABLE_ROW = re.compile(r"^\|\s*`refham/([\w/]+)\.py`\s*\|", re.M)
 PAGE = """# refham.{name}
@@ -56,9 +46,10 @@ def api_modules(docs_dir, package_dir):
     return order + sorted(modules - set(order))
 
 
-def api_pages(docs_dir, package_dir, impl):
-    """{docname: Markdown} of the generated pages: the equation map, then one per module."""
-    pages = {"api/equations": equation_map_page(docs_dir, impl)}
+def api_pages(docs_dir, package_dir, equation_map):
+    """{docname: Markdown} of the generated pages: the equation map (its text given), then one
+    per module."""
+    pages = {"api/equations": equation_map}
     pages.update({f"api/{name}": PAGE.format(name=name)
                   for name in api_modules(docs_dir, package_dir)})
     return pages
@@ -75,58 +66,3 @@ def write_pages(pages, folder):
             path.write_text(text, encoding="utf-8")
         paths[docname] = path
     return paths
-
-
-class ProjectWithGenerated(Project):
-    """Sphinx's list of documents, plus the generated pages {docname: absolute path}."""
-
-    generated = {}
-
-    def discover(self, *args, **kwargs):
-        docnames = super().discover(*args, **kwargs)
-        for docname, path in self.generated.items():   # absolute: srcdir / path is path
-            docnames.add(docname)
-            self._path_to_docname[path] = docname
-            self._docname_to_path[docname] = path
-        return docnames
-
-
-class ApiToctree(TocTree):
-    """`refham-api-toctree`: a toctree of the generated API pages, in the declared order."""
-
-    has_content = False
-    option_spec = {}
-
-    def run(self):
-        names = self.env.app.refham_api_docnames
-        self.content = StringList([f"/{docname}" for docname in names], source="api")
-        self.options = {"maxdepth": 1}
-        return super().run()
-
-
-def implementations(app):
-    """The docstrings' equation citations, read once per build."""
-    if getattr(app, "refham_implementations", None) is None:
-        app.refham_implementations = Implementations("refham")
-    return app.refham_implementations
-
-
-def _on_builder_inited(app):
-    docs_dir = pathlib.Path(app.srcdir)
-    pages = api_pages(docs_dir, docs_dir.parent / "refham", implementations(app))
-    paths = write_pages(pages, pathlib.Path(app.doctreedir) / "refham-generated")
-    app.refham_api_docnames = list(paths)
-    app.project.__class__ = ProjectWithGenerated
-    app.project.generated = paths
-
-
-def _on_source_read(app, docname, source):
-    if "```{math}" in source[0]:
-        source[0] = with_implemented_by(source[0], implementations(app))
-
-
-def setup(app):
-    app.add_directive("refham-api-toctree", ApiToctree)
-    app.connect("builder-inited", _on_builder_inited)
-    app.connect("source-read", _on_source_read)
-    return {"parallel_read_safe": True, "parallel_write_safe": True}
