@@ -208,11 +208,11 @@ class HAM:
         return self._energy_tree(xs, weights)
 
     def total_energy(self, xs, weights):
-        """E = Σ_A [⟨x_A, g_A⟩ − L_A(x_A)] + Σ_s E_s(g), shape (B,), :eq:`H1`."""
+        """E = Σ_A [⟨x_A, g_A⟩ − L_A(x_A)] + Σ_s E_s(g), shape (B,). Implements :eq:`H1`."""
         return self.energy_tree(xs, weights)["total"]
 
     def dEdg(self, xs, weights, gs=None):
-        """∂E/∂g_A = x_A + Σ_{s ∋ A} ∂E_s/∂g_A in closed form, :eq:`H2`; `gs`: the
+        """∂E/∂g_A = x_A + Σ_{s ∋ A} ∂E_s/∂g_A in closed form. Implements :eq:`H2`; `gs`: the
         activations, if already computed."""
         self._check(xs, weights)
         if gs is not None:
@@ -227,12 +227,12 @@ class HAM:
         return self._total_energy_and_dEdg(xs, weights)
 
     def velocity(self, xs, weights):
-        """ẋ_A = −(∂E/∂g_A)/τ_A, :eq:`H3`."""
+        """ẋ_A = −(∂E/∂g_A)/τ_A. Implements :eq:`H3`."""
         self._check(xs, weights)
         return self._velocity(xs, weights)
 
     def dEdt(self, xs, weights):
-        """:eq:`H4` dE/dt = −Σ_A τ_A ⟨ẋ_A, H_A ẋ_A⟩, shape (B,)."""
+        """dE/dt = −Σ_A τ_A ⟨ẋ_A, H_A ẋ_A⟩, shape (B,). Implements :eq:`H4`."""
         self._check(xs, weights)
         v = self._velocity(xs, weights)
         return -sum(layer.tau * batch_inner(v[name], layer.lagrangian.hvp(xs[name], v[name]))
@@ -240,7 +240,7 @@ class HAM:
 
     def adiabatic_energy(self, x, weights, visible):
         """The energy of the visible layer alone once every hidden layer sits at its fixed
-        point (the adiabatic limit τ_h → 0), :eq:`H6`:
+        point (the adiabatic limit τ_h → 0). Implements :eq:`H6`:
 
             E(x) = ⟨x, g⟩ − L_v(x) − Σ_h L_h(W_h g),   g = g_v(x),
 
@@ -294,9 +294,8 @@ class HAM:
         x'_A + ∂E_syn/∂g_A = ∂E/∂g_A + Δx_A = −(τ_A/α − 1)Δx_A and ⟨Δx_A, Δg_A⟩ ≥ ‖Δg_A‖²/K_A
         (Δg_A = H̄_A Δx_A, H̄_A the mean Hessian on the step, 0 ⪯ H̄_A ⪯ K_A):
             ΔE ≤ Σ_A [ρ_A − (τ_A/α − 1)/K_A] ‖Δg_A‖²,  ≤ 0 within the bound.
-        The bound is sufficient, not necessary, and E can rise beyond it: on the paper's
-        relu–layernorm–relu HAM (examples/step_sizes.py, W = 0.02·N or 0.3·N) at most 0.2% of
-        steps raised E up to α = 0.9, 9–11% at α = 1 and about half at α = 1.1–2."""
+        The bound is sufficient, not necessary, and E can rise beyond it
+        (:ref:`sec-ham-step-size`)."""
         self._check_weights(weights)
         _check_keys("curvature", curvature, self.layers, "layer")
         nonconvex = [n for n, layer in self.layers.items() if not layer.lagrangian.convex]
@@ -314,7 +313,7 @@ class HAM:
         return bound
 
     def step(self, xs, weights, alpha):
-        """x_A ← x_A − (α/τ_A) ∂E/∂g_A for all layers at once, :eq:`H5`. E does not rise for
+        """x_A ← x_A − (α/τ_A) ∂E/∂g_A for all layers at once. Implements :eq:`H5`. E does not rise for
         any α within `descent_step_bound`; beyond it, it may."""
         self._check(xs, weights)
         return self._step(xs, weights, finite_real("alpha", alpha, HAMError))

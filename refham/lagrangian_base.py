@@ -106,7 +106,7 @@ class Lagrangian(abc.ABC):
         return self.activation_and_neuron_energy(x, event_ndim)[1]
 
     def activation_and_neuron_energy(self, x, event_ndim=1):
-        """(g(x), ⟨x, g(x)⟩ − L(x)) from one evaluation of g, :eq:`L-energy`: what the HAM's
+        """(g(x), ⟨x, g(x)⟩ − L(x)) from one evaluation of g. Implements :eq:`L-energy`; what the HAM's
         combined energy-and-gradient pass needs of each layer."""
         g = self.activation(x)
         return g, sum_over_events(x * g, event_ndim) - self.value(x, event_ndim)

@@ -99,7 +99,7 @@ def denoising_target(clean, target):
 
 
 def loss_floor(visible_size):
-    """:eq:`F-floor` (1 − 1/√D)², the lower bound of the paper's loss: mean((g − y)²) = (‖g‖² −
+    """Implements :eq:`F-floor`: (1 − 1/√D)², the lower bound of the paper's loss: mean((g − y)²) = (‖g‖² −
     2⟨g, y⟩ + 1)/D with ‖g‖² ≈ D and ⟨g, y⟩ ≤ √D."""
     return (1.0 - 1.0 / math.sqrt(visible_size)) ** 2
 
@@ -117,7 +117,8 @@ class UnrolledCache:
 
 def forward(weights, clean, noise, T, alpha=ALPHA, target="clean", hidden_start=None):
     """x⁰ = {s: 0, v: clean + noise, c: 0}; T steps of :eq:`H5` with α on all layers
-    (:eq:`F-dynamics`); loss = mean((g_v(x_v^T) − y)²) (:eq:`F-loss`) over batch and pixels.
+    (implements :eq:`F-dynamics`); loss = mean((g_v(x_v^T) − y)²) over batch and pixels
+    (implements :eq:`F-loss`).
     Returns (loss, UnrolledCache). `hidden_start` = {"s": (B, N_h), "c": (B, N_h)} replaces the
     zero hidden start states (with zeros g_s⁰ = g_c⁰ = 0, so W first acts in step 2 and T = 1 has
     zero gradient)."""

@@ -212,8 +212,8 @@ def drop_path_mask(rate, batch, drop_rng, dtype):
 
 
 def head_forward(x, params, eps):
-    """logits = W_head mean_tokens(LN(x)) + b_head, :eq:`X-head`: x (B, S, C) → (B, K), the
-    final LN over C with its per-element affine ('norm.weight', 'norm.bias')."""
+    """logits = W_head mean_tokens(LN(x)) + b_head. Implements :eq:`X-head`: x (B, S, C) →
+    (B, K), the final LN over C with its per-element affine ('norm.weight', 'norm.bias')."""
     y, norm_cache = layernorm_forward(x, params["norm.weight"], params["norm.bias"], eps=eps)
     pooled, mean_cache = token_mean_forward(y)
     logits, linear_cache = linear_forward(pooled, params["head.weight"], params["head.bias"])
@@ -401,7 +401,7 @@ class Mixer:
         return float(to_numpy(self._penalty_term(params, lam)))
 
     def objective(self, params, images, labels, lam=0.0, label_smoothing=0.0, drop_rng=None):
-        """:eq:`X-objective` J(θ) = CE_s(logits(θ), labels) + λ Σ ‖W₂‖², as forward-only xp code:
+        """Implements :eq:`X-objective`: J(θ) = CE_s(logits(θ), labels) + λ Σ ‖W₂‖², as forward-only xp code:
         the scalar that `loss_and_grads` differentiates by hand (and the tests with autograd)."""
         logits, _ = self.forward(params, images, drop_rng)
         return cross_entropy_forward(logits, labels, label_smoothing)[0] + \

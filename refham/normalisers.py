@@ -93,7 +93,7 @@ class _Normalizer(Lagrangian):
 class LayerNorm(_Normalizer):
     """L = γ·D·σ + ⟨δ, x⟩,  g = γ(x − x̄)/σ + δ,  Hv = (γ/σ)(Pv − x̂⟨x̂, Pv⟩/D), over `axes`
     (D elements, σ = √(var + ε), x̂ = (x − x̄)/σ, Pv = v − mean v). Energy −γDε/σ.
-    :eq:`L-layernorm`"""
+    Implements :eq:`L-layernorm`."""
     name = "layernorm"
 
     def _size(self, x):
@@ -134,7 +134,7 @@ class LayerNorm(_Normalizer):
 @dataclasses.dataclass(frozen=True, eq=False)
 class Spherical(_Normalizer):
     """L = γ·r + ⟨δ, x⟩,  g = γx/r + δ,  Hv = (γ/r)(v − x⟨x, v⟩/r²), r = √(Σ_axes x² + ε).
-    Energy −γε/r :eq:`L-spherical`"""
+    Energy −γε/r.  Implements :eq:`L-spherical`."""
     name = "spherical"
 
     def radius(self, x):

@@ -66,7 +66,7 @@ def _check_state(params, grads, state, slots):
 
 @dataclass(frozen=True)
 class AdamW:
-    """:eq:`T-adamw`: Adam with decoupled weight decay (Loshchilov & Hutter; torch.optim.AdamW's
+    """Implements :eq:`T-adamw`: Adam with decoupled weight decay (Loshchilov & Hutter; torch.optim.AdamW's
     arithmetic).
 
     With t = step + 1, for every parameter p with gradient g:
@@ -180,7 +180,7 @@ def make_optimizer(name, weight_decay, *, momentum=0.9, nesterov=False, decay_no
 
 
 def cosine_lr(step, total_steps, base_lr, warmup_steps=0, min_lr=0.0):
-    """:eq:`T-cosine`: learning rate of optimiser step `step` (0-based) of `total_steps`:
+    """Implements :eq:`T-cosine`: learning rate of optimiser step `step` (0-based) of `total_steps`:
 
         warm-up (step < W):  lr = base · (step + 1) / W         (reaches base at step W − 1)
         then:                lr = min + ½(base − min)(1 + cos(π (step − W) / (T − W)))
@@ -202,7 +202,7 @@ def global_norm(grads):
 
 
 def clip_by_global_norm(grads, max_norm):
-    """:eq:`T-clip`: scale all gradients by min(1, max_norm / (‖g‖ + 1e-6)) (torch's
+    """Implements :eq:`T-clip`: scale all gradients by min(1, max_norm / (‖g‖ + 1e-6)) (torch's
     clip_grad_norm_).
 
     Returns (clipped grads, ‖g‖ before clipping as a 0-d array). max_norm None or 0 means no
