@@ -57,7 +57,8 @@ html_css_files = ["refham.css"]
 # The mathematics pages are reached from the top bar; only the API pages need the side list.
 html_sidebars = {page: [] for page in (
     "index", "reading-guide", "lagrangians", "ham", "mixer", "mixer-energy", "metaformer",
-    "training", "symmetry-study", "paper-defects", "oracle")}
+    "training", "symmetry-study", "paper-defects", "oracle", "cli", "data", "safety",
+    "distributed", "performance", "changelog")}
 default_role = "literal"          # `name` in a docstring is code, as in MyST
 
 # A cross-reference to a refham name that does not exist is an error (with -W): the pages name

@@ -55,5 +55,5 @@ def test_the_api_pages_are_written_outside_the_source_tree(tmp_path):
     assert all(tmp_path.resolve() in path.parents and path.read_text(encoding="utf-8") == pages[name]
                for name, path in paths.items())
     modules = [name for name in paths if name != "api/equations"]
-    assert modules[:3] == ["api/errors", "api/backend", "api/special"]
+    assert modules[:4] == ["api/errors", "api/checks", "api/backend", "api/special"]
     assert len(modules) == len(apipages.package_modules(ROOT / "refham"))
