@@ -27,8 +27,12 @@ PRIMARY = re.compile(r"[Ii]mplements\b(?:\s+[\w-]+){0,8}?,?\s+((?::eq:`[^`<>]+`(
 LABEL_IN_ROLE = re.compile(r":eq:`([^`<>]+)`")
 TOCTREE_ENTRY = re.compile(r"^([a-z][a-z-]*)$", re.M)
 
-# The paper's own equation numbers (arXiv 2406.12220v1), by label, where refham's design notes
-# record them; every other label shows "—". Never filled in from memory.
+# The paper's own equation numbers (Karakida, Ota and Taki, arXiv 2406.12220v1), by label, as
+# strings in the paper's form ("(5)", "(A.3)"): an entry only where the paper's text, read, numbers
+# the same equation (its notation may differ), with a comment naming the paper's section. A label
+# without one shows "—": the paper has no numbered counterpart, or none has been read there yet.
+# Empty until then: the copies of v1 reachable while this was written held only its abstract, and
+# a number is never filled in from memory.
 PAPER_NUMBERS = {}
 
 
