@@ -5,7 +5,8 @@
 
 `xp` is a thin proxy that forwards each attribute to the active module, so a switch made with
 `set_backend` (or the REFHAM_BACKEND environment variable at import time) reaches code that
-imported `xp` earlier. Tests swap in `autograd.numpy` with `use_module` to differentiate the very
+imported `xp` earlier. An unusable REFHAM_BACKEND does not fail the import: `xp` raises its
+BackendError until `set_backend` chooses a backend (`environment_error` tells). Tests swap in `autograd.numpy` with `use_module` to differentiate the very
 same forward code that the hand-written gradients are checked against.
 
 Also here, because they depend on which module is active: erf (SciPy's or CuPy's), the default
@@ -34,12 +35,15 @@ class _State:
     module = numpy
     erf = staticmethod(scipy.special.erf)
     dtype = numpy.float64
+    unusable = None     # the BackendError of an unusable REFHAM_BACKEND, until set_backend
 
 
 class _ModuleProxy:
     """Forwards attribute access to the active array module (numpy, cupy or autograd.numpy)."""
 
     def __getattr__(self, attr):
+        if _State.unusable is not None:    # never compute silently on another backend
+            raise _State.unusable
         return getattr(_State.module, attr)
 
     def __repr__(self):
@@ -84,7 +88,13 @@ def set_backend(name):
         module, erf_fn = _load_cupy()
     else:
         module, erf_fn = numpy, scipy.special.erf
-    _State.name, _State.module, _State.erf = name, module, erf_fn
+    _State.name, _State.module, _State.erf, _State.unusable = name, module, erf_fn, None
+
+
+def environment_error():
+    """The BackendError of an unusable REFHAM_BACKEND (until set_backend chooses one), or
+    None: importing refham never fails on it, computing does."""
+    return _State.unusable
 
 
 @contextlib.contextmanager
@@ -171,4 +181,8 @@ def accelerated(plain):
 
 _env_backend = os.environ.get("REFHAM_BACKEND")
 if _env_backend:
-    set_backend(_env_backend)
+    try:
+        set_backend(_env_backend)
+    except BackendError as _exc:
+        _State.unusable = BackendError(f"REFHAM_BACKEND={_env_backend!r}: {_exc}; unset it or "
+                                       f"set it to numpy or cupy")

@@ -281,7 +281,7 @@ def test_sweep_spread_over_two_ranks_writes_what_a_serial_sweep_does(tmp_path):
     result = _run(["sweep", "--out", str(tmp_path / "mpi"), "--models", *kwargs["models"],
                    "--lams", "0.1", "0", "--seeds", "0"] + _options(settings))
     assert result.returncode == 0, result.stderr
-    timing = ("wall_time",)
+    timing = ("wall_time", "run_id")
     lines = {}
     for name in ("serial", "mpi"):
         with open(tmp_path / name / "results.jsonl", encoding="utf-8") as f:

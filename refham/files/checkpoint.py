@@ -19,10 +19,12 @@ which. Every array must be finite: a NaN/inf tensor is refused when writing and 
 a diverged state can neither become nor pass for a checkpoint. `atomic_write` and `read_npz`
 serve other files too (config and metrics logs, golden files).
 """
+import errno
 import hashlib
 import json
 import math
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field
 
@@ -30,7 +32,7 @@ import numpy
 
 from refham.files import safefiles
 from refham.backend import to_numpy
-from refham.errors import short_list
+from refham.errors import RefhamError, short_list
 
 FORMAT = "refham-checkpoint"
 VERSION = 1
@@ -39,6 +41,14 @@ TEMPORARY_SUFFIX = ".refham-tmp"
 
 class CheckpointError(ValueError):
     """A file that is not a readable, intact refham checkpoint of a supported version."""
+
+
+class WriteError(RefhamError, OSError):
+    """A file refham could not write (full disk, read-only or vanished folder, not a regular
+    file); the message names the file and the cause, and says what was kept."""
+
+    def __str__(self):
+        return self.strerror
 
 
 @dataclass
@@ -113,12 +123,16 @@ def save_checkpoint(path, params, optim_state, *, step, epoch, rng_state, config
 def atomic_write(path, write):
     """Create or replace the file `path` atomically: `write(f)` fills a temporary binary file in
     the same folder, which is fsync'ed and renamed over `path`. On any failure (Ctrl-C included)
-    the temporary file is removed and `path` keeps its previous content. The file gets the
-    usual permissions (0o666 less the umask), not mkstemp's private 0o600."""
+    the temporary file is removed and `path` keeps its previous content; an OSError becomes a
+    WriteError naming `path`. The file gets the usual permissions (0o666 less the umask), not
+    mkstemp's private 0o600."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
-                               suffix=TEMPORARY_SUFFIX)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)[:200]}.",
+                                   suffix=TEMPORARY_SUFFIX)
+    except OSError as exc:
+        raise _write_error(path, exc, kept=True) from exc
     try:
         os.fchmod(fd, 0o666 & ~_current_umask())
         with os.fdopen(fd, "wb") as f:
@@ -126,10 +140,73 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:     # the folder went away: nothing to clean, the real error follows
+            pass
+        if isinstance(exc, OSError) and not isinstance(exc, RefhamError):
+            raise _write_error(path, exc, kept=True) from exc
         raise
     _fsync_folder(folder)
+
+
+def _write_error(path, exc, kept):
+    """The WriteError of OSError `exc` while writing `path`."""
+    cause = exc.strerror or str(exc)
+    advice = " (the disk is full: free space, then resume)" if exc.errno == errno.ENOSPC else ""
+    return WriteError(exc.errno, f"cannot write {path}: {cause}{advice}"
+                                 f"{'; its previous content is kept' if kept else ''}")
+
+
+def append_line(path, line):
+    """Append `line` and a newline to the regular file `path` (created if missing) with one
+    O_APPEND write, so that writers sharing it never interleave; never through a symlink, never
+    into a FIFO or a device (opened without blocking, then checked). A short or failed write is
+    a WriteError naming the file."""
+    data = (line + "\n").encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                     | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):
+            exc.strerror = "it is a symlink, pipe or device, not a regular file; remove it"
+        raise _write_error(path, exc, kept=False) from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise WriteError(errno.EINVAL, f"cannot write {path}: it is not a regular file (a "
+                                           f"pipe or device); remove it")
+        try:
+            written = os.write(fd, data)
+            os.fsync(fd)
+        except OSError as exc:
+            raise _write_error(path, exc, kept=False) from exc
+        if written != len(data):
+            raise WriteError(errno.EIO, f"cannot write {path}: only {written} of {len(data)} "
+                                        f"bytes of a line were written (is the disk full?); a "
+                                        f"run resumed later rewrites or skips the cut line")
+    finally:
+        os.close(fd)
+
+
+def read_regular(path, error):
+    """The bytes of the regular file `path`, opened without blocking (a FIFO or a device there
+    is refused, not waited on); `error` (an exception class) naming the file otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise error(f"{path} cannot be read ({exc.strerror}): move it out of the way") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "Is a directory" if stat.S_ISDIR(mode) else "not a file: a pipe or device"
+            raise error(f"{path} cannot be read ({kind}): move it out of the way")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise error(f"{path} cannot be read ({exc.strerror}): move it out of the way") from exc
+    finally:
+        os.close(fd)
 
 
 def is_temporary(name):
@@ -231,13 +308,9 @@ def read_json_lines(path, is_record, error=CheckpointError):
     UTF-8 JSON passing `is_record`, in order, and the 1-based numbers of the other lines (a line
     cut short by a crash, or one damaged by hand). A missing file has neither; `error` (an
     exception class) for a path that cannot be read (a folder, no permission)."""
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return [], []
-    try:
-        with open(path, "rb") as f:
-            lines = f.read().splitlines()
-    except OSError as exc:
-        raise error(f"{path} cannot be read ({exc.strerror}): move it out of the way") from exc
+    lines = read_regular(path, error).splitlines()
     records, damaged = [], []
     for number, line in enumerate(lines, start=1):
         try:

@@ -24,13 +24,10 @@ training images, held out before training), all written atomically. A NaN/inf lo
 or an update that makes a parameter or an optimiser moment NaN/inf, stops the run before that
 step becomes its state, so no checkpoint ever holds a diverged state (and none could be written).
 """
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import signal
-import threading
 import time
 
 from tqdm import tqdm
@@ -38,7 +35,7 @@ from tqdm import tqdm
 from refham.backend import BackendError, asarray, rng, to_numpy, xp
 from refham.asym_init import initial_params
 from refham.files.checkpoint import (
-    CheckpointError, atomic_write, describe_names, load_checkpoint, nonfinite_entries,
+    CheckpointError, WriteError, append_line, atomic_write, describe_names, load_checkpoint, nonfinite_entries,
     save_checkpoint)
 from refham.training.data import (
     DataError, add_gaussian_noise, batches, hold_out, horizontal_flip, load_dataset, normalise,
@@ -47,14 +44,17 @@ from refham.training.distributed import (
     CommError, ShardedGenerator, broadcast_state, combine_gradients,
     get_communicator, shard)
 from refham.training.evaluation import active_backend, evaluate
+from refham.training.launch import check_same_settings
 from refham.layers import InputError
 from refham.mixer import ConfigError, Mixer, ParamError
 from refham.files.outputs import prepare_folder
 from refham.optim import OptimizerError, clip_by_global_norm, cosine_lr, make_optimizer
 from refham.training.resume import (
-    ResumeError, check_resumable, check_same_run, checked_progress,
+    ResumeError, check_best, check_resumable, check_same_run, checked_progress,
     finished_records, last_checkpoint, saved_settings)
-from refham.files.runlock import RunLock, RunLocked
+from refham.files.runfolder import ForeignRunError, check_fresh, check_metrics, new_run_id
+from refham.files.runlock import RunFolderReplaced, RunLock, RunLocked
+from refham.training.stopping import stop_requests
 from refham.training.train_config import (
     CROP_PAD, TrainConfig, TrainConfigError, model_config)
 
@@ -70,7 +70,8 @@ class TrainingDiverged(RuntimeError):
 
 # what bad settings, data or files raise: the CLI reports these as errors, not as crashes
 USER_ERRORS = (TrainConfigError, ResumeError, CheckpointError, DataError, ConfigError,
-               OptimizerError, BackendError, InputError, ParamError, RunLocked, CommError)
+               OptimizerError, BackendError, InputError, ParamError, RunLocked, CommError,
+               ForeignRunError, RunFolderReplaced, WriteError)
 
 
 def prepare_batch(images, dataset, cfg, gen):
@@ -100,29 +101,6 @@ def _json_floats(value):
     return value if isinstance(value, (str, bool, int, type(None))) else float(to_numpy(value))
 
 
-@contextlib.contextmanager
-def _stop_requests():
-    """A dict whose 'signal' entry is set by SIGINT/SIGTERM (checked between steps). A second
-    signal while one is pending raises KeyboardInterrupt (checkpoints are atomic: nothing tears).
-    Outside the main thread no handlers can be installed and the dict never changes."""
-    stop = {"signal": None}
-
-    def request_stop(signum, frame):
-        if stop["signal"] is not None:
-            raise KeyboardInterrupt
-        stop["signal"] = signal.Signals(signum).name
-
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
 @dataclasses.dataclass
 class _Progress:
     """What a checkpoint restores besides parameters and optimiser state (its `metrics`)."""
@@ -138,13 +116,10 @@ class _Progress:
 class _Run:
     """One training run in its output folder: data, model, optimiser and the loop."""
 
-    def __init__(self, cfg, resume, comm):
+    def __init__(self, cfg, resume, comm, force=False):
         """Load the data, build model and optimiser, lock cfg.out (rank 0: `self.lock`, which
         the caller releases), then start fresh or resume there; under several ranks (`comm`),
         all start from rank 0's parameters and optimiser state."""
-        if cfg.batch_size % comm.size:
-            raise TrainConfigError(f"batch_size {cfg.batch_size} is the global batch, split evenly "
-                                   f"over the {comm.size} ranks: choose a multiple of {comm.size}")
         self.cfg, self.comm, self.stop_agreed = cfg, comm, False
         self.writer = comm.rank == 0    # the one gate of every write into the run folder
         self.paths = {name: os.path.join(cfg.out, name)
@@ -177,7 +152,7 @@ class _Run:
             if resume:
                 self._resume()
             else:
-                self._start_fresh()
+                self._start_fresh(force)
             if comm.size > 1:
                 self.params, self.opt_state = broadcast_state(comm, self.params, self.opt_state)
         except BaseException:
@@ -186,11 +161,12 @@ class _Run:
             raise
 
     # ------------------------------------------------------------------ start, resume, save
-    def _start_fresh(self):
-        """Initial parameters and optimiser state; config.json and an empty metrics log."""
-        if os.path.exists(self.paths["last.npz"]):
-            raise ResumeError(f"{self.cfg.out} already holds a run (last.npz): pass --resume to "
-                              f"continue it, or choose another --out")
+    def _start_fresh(self, force):
+        """Initial parameters and optimiser state; config.json and an empty metrics log, in a
+        folder that holds no other run's files (`force`: they are removed)."""
+        if self.writer:
+            check_fresh(self.cfg.out, force)
+        self.run_id = new_run_id()
         self.params = initial_params(self.model.config, self.cfg.seed, self.cfg.asym_init)
         self.opt_state = self.optimizer.init(self.params)
         self.step, self.progress, self.last_record = 0, _Progress(), None
@@ -201,7 +177,8 @@ class _Run:
 
     def _config(self):
         """What config.json and checkpoints record of the run: its settings and model."""
-        return {"train": self.cfg.to_dict(), "model": dataclasses.asdict(self.model.config)}
+        return {"train": self.cfg.to_dict(), "model": dataclasses.asdict(self.model.config),
+                "run_id": self.run_id}
 
     def _resume(self):
         """Parameters, optimiser state, step and progress from last.npz, once refham.training.resume has
@@ -210,8 +187,10 @@ class _Run:
         ck = load_checkpoint(path)
         check_resumable(ck, path, self.cfg, self.model.config, self.optimizer,
                         self.steps_per_epoch, self._rng_state)
+        self.run_id = ck.config.get("run_id")
         if self.writer:     # it may write config.json again; a mismatch on rank 0 ends all
             check_same_run(ck, path, self.paths["config.json"])
+            check_best(self.paths["best.npz"], self.run_id, ck)
         self.progress = checked_progress(ck, path, _Progress)
         self.params = {k: asarray(v, dtype=v.dtype) for k, v in ck.params.items()}
         self.opt_state = {k: asarray(v, dtype=v.dtype) if hasattr(v, "shape") else v
@@ -224,6 +203,7 @@ class _Run:
         between a line and its checkpoint must not leave that epoch twice in the log); the last
         of them is the run's latest record."""
         records = finished_records(self.paths["metrics.jsonl"], epochs_done)
+        check_metrics(self.paths["metrics.jsonl"], records, self.run_id)
         text = "".join(json.dumps(r) + "\n" for r in records)
         if self.writer:
             atomic_write(self.paths["metrics.jsonl"], lambda f: f.write(text.encode()))
@@ -237,6 +217,7 @@ class _Run:
         """Write checkpoint `name` (last.npz or best.npz) of the current state, atomically."""
         self._tick()
         if self.writer:
+            self.lock.verify()
             save_checkpoint(self.paths[name], self.params, self.opt_state, step=self.step,
                             epoch=self.step // self.steps_per_epoch,
                             rng_state=self._rng_state(self.step),
@@ -263,7 +244,7 @@ class _Run:
             loss, correct, grads = 0.0, 0, {k: xp.zeros_like(p) for k, p in self.params.items()}
         if comm.size > 1:
             grads, (loss_sum, correct, stops) = combine_gradients(
-                comm, grads, len(labels), n, (loss * len(labels), correct, bool(self.stop["signal"])))
+                comm, grads, len(labels), n, (loss * len(labels), correct, bool(self.stop.signal)))
             loss, correct, self.stop_agreed = float(loss_sum) / n, int(correct), stops > 0
         grads = self.model.add_penalty_grad(self.params, grads, cfg.lam)
         loss += self.model.penalty(self.params, cfg.lam)
@@ -291,17 +272,18 @@ class _Run:
             f", lr {lr:.3g}): {what}; {last}. Lower --lr, set --clip-grad, or use --dtype float64")
 
     def run(self, stop, echo):
-        """Train from the current step to the last epoch → summary. `stop` is _stop_requests'
-        dict: when a signal sets it, save last.npz at the next step boundary and return."""
+        """Train from the current step to the last epoch → summary. `stop` is the StopRequest
+        (refham.training.stopping): when a signal sets it, save last.npz at the next step
+        boundary and return."""
         self._clock, self.stop = time.perf_counter(), stop
         for epoch in range(self.step // self.steps_per_epoch, self.cfg.epochs):
             if not self._train_epoch(epoch, stop):
                 self._save("last.npz")
-                return self._summary("interrupted", stop["signal"] or "a signal to another rank")
+                return self._summary("interrupted", stop.signal or "a signal to another rank")
             record = self._end_epoch(epoch)
-            if self.writer:
-                with open(self.paths["metrics.jsonl"], "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")   # before the checkpoint: _truncate_metrics
+            if self.writer:     # before the checkpoint: _truncate_metrics
+                self.lock.verify()
+                append_line(self.paths["metrics.jsonl"], json.dumps({**record, "run": self.run_id}))
             self._save("last.npz")
             if echo and self.writer:
                 tqdm.write(_epoch_line(record, self.cfg.epochs))
@@ -328,7 +310,7 @@ class _Run:
                     continue
                 # one process stops at its own signal; ranks stop after the step whose allreduce
                 # carried one, all at the same step boundary
-                if self.stop_agreed if self.comm.size > 1 else stop["signal"]:
+                if self.stop_agreed if self.comm.size > 1 else stop.signal:
                     return False
                 started = time.perf_counter()
                 loss, correct = self._train_step(images, labels)
@@ -386,7 +368,8 @@ class _Run:
     def _summary(self, status, signal_name, best=None):
         """The dict `train` returns (see there)."""
         last = self.last_record or {}
-        return {"status": status, "signal": signal_name, "out": self.cfg.out, "step": self.step,
+        return {"status": status, "signal": signal_name, "out": self.cfg.out,
+                "run_id": self.run_id, "step": self.step,
                 "epochs_done": self.step // self.steps_per_epoch, "epochs": self.cfg.epochs,
                 **{k: last.get(k) for k in ("train_loss", "train_acc", "val_loss", "val_acc",
                                              "test_loss", "test_acc", "img_per_s", "symmetry")},
@@ -406,9 +389,10 @@ def _epoch_line(record, epochs):
             f"{record['img_per_s']:.0f} img/s  {record['wall_time']:.1f} s")
 
 
-def train(cfg, resume=False, echo=False):
+def train(cfg, resume=False, echo=False, force=False):
     """Train (or with resume=True continue, exactly) the run described by `cfg` in `cfg.out`;
-    `echo` prints one line per epoch (through tqdm, so that progress bars stay intact).
+    `echo` prints one line per epoch (through tqdm, so that progress bars stay intact); `force`
+    lets a new run replace the files of another run in cfg.out (refham.files.runfolder).
 
     Returns a summary dict: status ('finished' | 'interrupted'), step, epochs_done, the last
     epoch's train/val/test loss and accuracy, best_epoch and best_val_acc (best.npz, chosen on
@@ -417,8 +401,10 @@ def train(cfg, resume=False, echo=False):
     Raises TrainConfigError / ResumeError for unusable settings and TrainingDiverged on NaN/inf."""
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"train needs a TrainConfig, got {type(cfg).__name__}")
-    with active_backend(cfg.backend, cfg.dtype, cfg.threads), _stop_requests() as stop:
-        run = _Run(cfg, resume, get_communicator(cfg.comm, cfg.backend))
+    comm = get_communicator(cfg.comm, cfg.backend)  # first: MPI starts before the handlers
+    check_same_settings(comm, {k: v for k, v in cfg.to_dict().items() if k != "progress"})
+    with active_backend(cfg.backend, cfg.dtype, cfg.threads), stop_requests() as stop:
+        run = _Run(cfg, resume, comm, force)
         try:
             return run.run(stop, echo)
         finally:

@@ -1,0 +1,66 @@
+"""Stop requests: SIGINT and SIGTERM become a request that the work checks at its next step
+boundary (a training step, a sweep's next run), so that it stops with its state saved.
+
+    with stop_requests() as stop:       # nested uses share ONE request: none is ever lost
+        while work_left and not stop.signal:
+            do_one_step()
+
+The handlers are installed by the outermost `stop_requests()` and put back when it ends; an inner
+one (`train` inside a sweep) shares the outer request, so a signal that arrives after a run's
+last step — while it evaluates, saves, or between runs — is still pending when the sweep looks.
+A second signal while one is pending raises KeyboardInterrupt (outputs are written atomically:
+nothing tears). Outside the main thread no handlers can be installed and no request is made.
+
+Exit statuses of a stopped command: 128 + the signal's number (130 for SIGINT, 143 for
+SIGTERM), as a shell reports a process the signal ended.
+"""
+import contextlib
+import signal
+import threading
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopRequest:
+    """The pending request: `signal` is the name of the first signal received (None: none)."""
+
+    def __init__(self):
+        self.signal = None
+        self.depth = 0
+
+    def exit_status(self):
+        """128 + the signal's number, the status of a command this request stopped (0: none)."""
+        return 128 + signal.Signals[self.signal].value if self.signal else 0
+
+    def _receive(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+
+_REQUEST = StopRequest()
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """The process's StopRequest while SIGINT/SIGTERM set it (see the module docstring); the
+    outermost use starts with no request pending and restores the handlers it found."""
+    request = _REQUEST
+    if threading.current_thread() is not threading.main_thread():
+        yield StopRequest()
+        return
+    if request.depth:
+        request.depth += 1
+        try:
+            yield request
+        finally:
+            request.depth -= 1
+        return
+    request.signal, request.depth = None, 1
+    previous = {s: signal.signal(s, request._receive) for s in STOP_SIGNALS}
+    try:
+        yield request
+    finally:
+        request.depth = 0
+        for s, handler in previous.items():
+            signal.signal(s, handler)
