@@ -23,11 +23,17 @@ import os
 import numpy
 import scipy.special
 
+from refham.errors import RefhamError
+
 _BACKENDS = ("numpy", "cupy")
 
 
 class BackendError(RuntimeError):
     """The requested array backend cannot be used here."""
+
+
+class SeedError(RefhamError, ValueError):
+    """A seed that is not an integer >= 0."""
 
 
 class _State:
@@ -134,7 +140,12 @@ def to_numpy(a):
 
 def rng(seed):
     """A seeded NumPy Generator; draw with it and move with `asarray` so that every backend
-    sees the same numbers for the same seed."""
+    sees the same numbers for the same seed. `seed`: an int ≥ 0 or a tuple of them (SeedError
+    otherwise, where NumPy would raise its own error)."""
+    parts = seed if isinstance(seed, tuple) else (seed,)
+    if not parts or not all(isinstance(p, (int, numpy.integer)) and not isinstance(p, bool)
+                            and p >= 0 for p in parts):
+        raise SeedError(f"a seed must be an integer >= 0 (or a tuple of them), got {seed!r}")
     return numpy.random.default_rng(seed)
 
 

@@ -76,6 +76,9 @@ def _add_train(p):
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out exactly where its last.npz left it; its "
                         "settings are read from the checkpoint (options given must match)")
+    p.add_argument("--force", action="store_true",
+                   help="start a new run in --out even if it holds another run's files "
+                        "(config.json, metrics.jsonl, last.npz, best.npz): they are removed")
 
 
 def _run_train(args):
@@ -92,7 +95,7 @@ def _run_train(args):
         cfg = TrainConfig.from_dict(settings)
         say(f"{'resuming' if args.resume else 'training'} {cfg.model} on {cfg.data} "
             f"in {cfg.out}:\n{cfg}", flush=True)
-        summary = train(cfg, resume=args.resume, echo=True)
+        summary = train(cfg, resume=args.resume, echo=True, force=args.force)
     except TrainingDiverged as exc:
         print(f"refham train: {exc}", file=sys.stderr)
         return 1
@@ -375,7 +378,7 @@ def expected_errors():
     from refham.study import sweep
     from refham.training import train
     from refham.training import train_config
-    return (backend.BackendError, checkpoint.CheckpointError, datafiles.DataError,
+    return (backend.BackendError, backend.SeedError, checkpoint.CheckpointError, datafiles.DataError,
             dynamics.DynamicsError, ham.HAMError, interop.InteropError,
             lagrangians.LagrangianError, layers.InputError, memory.MemoryLimitError,
             metaformer.MetaFormerError, metaformer_figures.PlottingUnavailable, mixer.ConfigError,
@@ -391,6 +394,9 @@ def main(argv=None):
     Anything else is a bug and keeps its traceback. Under mpiexec every rank ends here
     (refham.training.launch): a failing rank ends the job, an error every rank shares is said
     once."""
+    for stream in (sys.stdout, sys.stderr):   # a path that is not UTF-8 still prints
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     import warnings
     import numpy

@@ -47,8 +47,8 @@ class WriteError(RefhamError, OSError):
     """A file refham could not write (full disk, read-only or vanished folder, not a regular
     file); the message names the file and the cause, and says what was kept."""
 
-    def __str__(self):
-        return self.strerror
+    def __str__(self):      # the message alone, without OSError's "[Errno n]"
+        return self.strerror if isinstance(self.strerror, str) else super().__str__()
 
 
 @dataclass
@@ -124,10 +124,11 @@ def atomic_write(path, write):
     """Create or replace the file `path` atomically: `write(f)` fills a temporary binary file in
     the same folder, which is fsync'ed and renamed over `path`. On any failure (Ctrl-C included)
     the temporary file is removed and `path` keeps its previous content; an OSError becomes a
-    WriteError naming `path`. The file gets the usual permissions (0o666 less the umask), not
+    WriteError naming `path`. What is at `path` must be a regular file (`check_replaceable`). The file gets the usual permissions (0o666 less the umask), not
     mkstemp's private 0o600."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    check_replaceable(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)[:200]}.",
                                    suffix=TEMPORARY_SUFFIX)
@@ -149,6 +150,23 @@ def atomic_write(path, write):
             raise _write_error(path, exc, kept=True) from exc
         raise
     _fsync_folder(folder)
+
+
+def check_replaceable(path):
+    """WriteError unless `path` is absent or a regular file: a symlink, FIFO, device, socket or
+    folder there is never written through nor replaced (the checks of the run lock file)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise _write_error(path, exc, kept=True) from exc
+    if not stat.S_ISREG(mode):
+        kind = ("a symlink" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode)
+                else "a pipe, device or socket")
+        raise WriteError(errno.EEXIST, f"cannot write {path}: it is {kind}, not a regular file, "
+                                       f"and refham replaces only regular files; remove it or "
+                                       f"choose another path")
 
 
 def _write_error(path, exc, kept):

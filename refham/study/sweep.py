@@ -20,7 +20,7 @@ import os
 import time
 import zlib
 
-from refham.files.checkpoint import append_line, read_json_lines
+from refham.files.checkpoint import append_line, read_json_lines, read_regular
 from refham.training.distributed import get_communicator
 from refham.files.outputs import prepare_folder
 from refham.files.runlock import RunLock
@@ -66,8 +66,8 @@ def _read_results(path):
 def _curves(out):
     """Per-epoch curves of a finished run, from its metrics.jsonl: train/validation accuracy and
     the means over blocks and MLPs of cos(W_out, W_inᵀ), the breaking ratio and ‖W_out‖."""
-    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
-        records = [json.loads(line) for line in f]
+    path = os.path.join(out, "metrics.jsonl")
+    records = [json.loads(line) for line in read_regular(path, SweepError).splitlines()]
     curves = {key: [r.get(key) for r in records] for key in ("train_acc", "val_acc")}
     for measure in ("cos", "breaking_ratio", "norm_out"):
         curves[measure] = [_mean([v for k, v in (r.get("symmetry") or {}).items()
@@ -81,7 +81,8 @@ def _mean(values):
 
 
 def _train_run(run, settings, out):
-    """Train (or resume) one run → its results record, or None when a signal stopped it. A
+    """Train (or resume) one run → (its results record, None), or (None, the signal) when a
+    signal stopped it. A
     run not yet resumable (no last.npz) starts afresh over what an earlier try left there."""
     model, norm_affine = ARMS[run.model]
     cfg = TrainConfig(**{**settings, "eval_every": settings.get("eval_every") or run.epochs},
@@ -95,12 +96,12 @@ def _train_run(run, settings, out):
     except TrainingDiverged as exc:
         summary, curves = {"status": "diverged", "error": str(exc)}, None
     if summary["status"] == "interrupted":
-        return None
+        return None, summary["signal"]
     return {**run._asdict(), "settings": settings, "curves": curves,
             **{k: summary.get(k) for k in (
                 "run_id", "status", "test_acc", "test_loss", "val_acc", "val_loss", "train_acc",
                 "train_loss", "best_epoch", "best_test_acc", "wall_time", "symmetry",
-                "error")}}
+                "error")}}, None
 
 
 def _settings(settings):
@@ -171,10 +172,11 @@ def _execute(out, regimes, shared, part, log, poll, report_only, comm, stop):
                 waiting_logged = True
             time.sleep(poll)
             continue
-        record = _train_run(run, shared, out)
+        record, stopped_by = _train_run(run, shared, out)
         if record is None:
-            log(f"sweep stopped by {stop.signal} during {run_name(run)} (its last.npz is "
+            log(f"sweep stopped by {stopped_by} during {run_name(run)} (its last.npz is "
                 f"saved); run it again to continue")
+            stop.signal = stop.signal or stopped_by
             break
         append_line(results_path, json.dumps(record))
         accuracy = ("diverged" if record["test_acc"] is None

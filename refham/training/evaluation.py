@@ -6,6 +6,8 @@ there are several), and of a saved checkpoint on the test split it was trained a
 import contextlib
 import dataclasses
 import math
+import os
+import warnings
 
 from threadpoolctl import threadpool_limits
 
@@ -23,10 +25,17 @@ from refham.training.train_config import TrainConfig, TrainConfigError
 @contextlib.contextmanager
 def active_backend(name, dtype, threads=0):
     """Run with backend `name`, default dtype `dtype` and at most `threads` BLAS threads (0: as
-    the BLAS library likes; threadpoolctl, a scikit-learn dependency, sets it); restore after."""
+    the BLAS library likes; threadpoolctl, a scikit-learn dependency, sets it; more than the
+    cores this process may use: that many, with a warning); restore after."""
     saved = backend_name(), get_dtype()
     set_backend(name)
     set_dtype(dtype)
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else os.cpu_count() or 1
+    if threads > available:     # more would only make the threads wait for each other
+        warnings.warn(f"--threads {threads} exceeds the {available} cores this process may use: "
+                      f"using {available}", stacklevel=3)
+        threads = available
     try:
         with threadpool_limits(limits=threads or None, user_api="blas"):
             yield

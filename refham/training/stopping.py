@@ -30,7 +30,8 @@ class StopRequest:
 
     def exit_status(self):
         """128 + the signal's number, the status of a command this request stopped (0: none)."""
-        return 128 + signal.Signals[self.signal].value if self.signal else 0
+        known = self.signal in signal.Signals.__members__
+        return 128 + signal.Signals[self.signal].value if known else 1 if self.signal else 0
 
     def _receive(self, signum, frame):
         if self.signal is not None:

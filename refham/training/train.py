@@ -38,7 +38,7 @@ from refham.files.checkpoint import (
     CheckpointError, WriteError, append_line, atomic_write, describe_names, load_checkpoint, nonfinite_entries,
     save_checkpoint)
 from refham.training.data import (
-    DataError, add_gaussian_noise, batches, hold_out, horizontal_flip, load_dataset, normalise,
+    DataError, add_gaussian_noise, batches, check_every_class, hold_out, horizontal_flip, load_dataset, normalise,
     random_crop)
 from refham.training.distributed import (
     CommError, ShardedGenerator, broadcast_state, combine_gradients,
@@ -130,6 +130,8 @@ class _Run:
         if cfg.val_fraction:
             self.train_set, self.val_set = hold_out(self.train_set, cfg.val_fraction,
                                                     rng((cfg.data_seed, VALIDATION_STREAM)))
+        check_every_class(self.train_set, "training split", "raise --train-fraction or lower "
+                                                            "--val-fraction")
         self.model = Mixer(model_config(cfg, self.train_set))
         self.optimizer = make_optimizer(cfg.optimizer, cfg.weight_decay, momentum=cfg.momentum,
                                         nesterov=cfg.nesterov, decay_norms=cfg.decay_norms)
