@@ -61,14 +61,15 @@ class _Stream(io.StringIO):
 
     def __init__(self, real):
         super().__init__()
-        self.real = real
+        self.real, self.pending = real, ""
 
     def write(self, text):
-        if self.real is None:
-            _Held.lines += text.splitlines()
-        else:
+        if self.real is not None:
             self.real.write(text)
-            _Held.lines += [line for line in text.splitlines() if "\r" not in line][-100:]
+        *complete, self.pending = (self.pending + text).split("\n")
+        # rank 0 remembers its last lines, not its progress bars (redrawn with \r)
+        _Held.lines += complete if self.real is None else [
+            line for line in complete[-100:] if "\r" not in line]
         return len(text)
 
     def flush(self):
