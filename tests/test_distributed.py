@@ -228,14 +228,19 @@ def _start_long_run(tmp_path):
                                     code=WITH_PIDS),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
                            cwd=ROOT)
+    wait_for_checkpoint(job, lambda: (out / "last.npz").exists())
+    return job, out
+
+
+def wait_for_checkpoint(job, written):
+    """Return once `written()` is true (a checkpoint exists); fail if `job` ends first."""
     deadline = time.monotonic() + TIMEOUT
-    while not (out / "last.npz").exists():
+    while not written():
         if job.poll() is not None or time.monotonic() > deadline:
             job.kill()
-            pytest.fail(f"the run ended or stalled before its first checkpoint: "
+            pytest.fail(f"the job ended or stalled before its first checkpoint: "
                         f"{job.communicate()[1]}")
         time.sleep(0.1)
-    return job, out
 
 
 def _finish(job, timeout=60):

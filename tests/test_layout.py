@@ -103,8 +103,9 @@ def test_the_specification_imports_only_the_foundation():
 def test_the_foundation_imports_nothing_but_the_fast_variants_when_it_runs_them():
     modules = package_modules()
     assert refham_imports(_source("errors"), modules) == set()
-    assert refham_imports(_source("backend"), modules, deferred=False) == set()
-    assert refham_imports(_source("backend"), modules) == {"fast"}   # in Accelerated.__call__
+    assert refham_imports(_source("backend"), modules, deferred=False) <= {"errors"}
+    assert refham_imports(_source("backend"), modules) - {"errors"} == {"fast"}   # in
+    # Accelerated.__call__
 
 
 def test_the_fast_variants_import_nothing_of_refham_outside_fast():

@@ -10,12 +10,11 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from refham.files.checkpoint import load_checkpoint
 from refham.training.train import train
 from tests.test_distributed import (
-    MPIEXEC, ROOT, TIMEOUT, _env, _finish, _start_long_run, needs_mpi)
+    MPIEXEC, ROOT, TIMEOUT, WITH_PIDS, _env, _finish, _mpiexec, _start_long_run, needs_mpi,
+    wait_for_checkpoint)
 from tests.test_train import _cfg
 
 TINY = ["--data", "synthetic", "--dim", "8", "--depth", "1", "--batch-size", "32",
@@ -103,15 +102,26 @@ def test_a_sweep_under_mpiexec_stopped_by_sigterm_says_so_and_exits_143(tmp_path
          "--dim", "8", "--depth", "1", "--batch-size", "16", "--checkpoint-every", "2",
          "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=_env(), cwd=ROOT)
-    deadline = time.monotonic() + TIMEOUT
-    while not list(out.glob("runs/*/last.npz")):
-        if job.poll() is not None or time.monotonic() > deadline:
-            job.kill()
-            pytest.fail(f"the sweep ended or stalled before its first checkpoint: "
-                        f"{job.communicate()}")
-        time.sleep(0.1)
+    wait_for_checkpoint(job, lambda: list(out.glob("runs/*/last.npz")))
     job.send_signal(signal.SIGTERM)
     stdout, stderr = _finish(job, timeout=QUICK)       # it used to spin in a final barrier
     assert job.returncode == 143, stderr
     assert re.search(r"sweep stopped by SIGTERM (during|between)", stdout), stdout
+    assert not (out / "results.md").exists()
+
+
+@needs_mpi
+def test_sigint_to_one_rank_of_a_sweep_stops_the_other_between_its_runs(tmp_path):
+    out = tmp_path / "sweep"
+    job = subprocess.Popen(
+        _mpiexec([str(tmp_path), "sweep", "--models", "paramixer", "symmixer", "--seeds",
+                  *map(str, range(10)), "--epochs", "1", "--data", "synthetic", "--dim", "8",
+                  "--depth", "1", "--batch-size", "16", "--out", str(out)], code=WITH_PIDS),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+    wait_for_checkpoint(job, lambda: (out / "results.jsonl").exists())
+    os.kill(int((tmp_path / "pid1").read_text()), signal.SIGINT)
+    stdout, stderr = _finish(job, timeout=QUICK)
+    assert job.returncode == 130, stderr
+    assert "sweep stopped by SIGINT" in stdout
+    assert len((out / "results.jsonl").read_text().splitlines()) < 20
     assert not (out / "results.md").exists()

@@ -146,7 +146,7 @@ def _execute(out, regimes, shared, part, log, poll, report_only, comm, stop):
     """`execute` once the folder is locked and the part of this process is known; `stop`, the
     StopRequest, is looked at between runs (train looks at it between steps)."""
     results_path = os.path.join(out, "results.jsonl")
-    waiting_logged = False
+    waiting_logged, heard = False, None
     while True:
         results = _read_results(results_path)
         for run, previous in results.items():
@@ -158,6 +158,8 @@ def _execute(out, regimes, shared, part, log, poll, report_only, comm, stop):
                                  f"(differing: {changed}, run {run_name(run)}); choose another "
                                  f"--out")
         runs, rates = plan(regimes, results)
+        if not stop.signal:            # under mpiexec: did a signal stop another rank?
+            stop.signal = heard = comm.stop_received()
         if stop.signal:
             log(f"sweep stopped by {stop.signal} between runs; run it again to continue")
             break
@@ -184,7 +186,11 @@ def _execute(out, regimes, shared, part, log, poll, report_only, comm, stop):
         done = sum(r in results for r in runs) + 1
         log(f"[{done}/{len(runs)}] {run_name(run)}: {accuracy} ({record['wall_time'] or 0:.0f} s)")
     # every rank's part is done or stopped: rank 0 reports for all, unless one was stopped
+    if stop.signal and not heard:     # the others stop between their runs too
+        comm.send_stop(stop.signal)
     if comm.any_of(stop.signal):
+        while comm.stop_received():   # the other ranks' notes, if they were stopped too
+            pass
         return [results[r] for r in runs if r in results], False
     if comm.rank:
         return [], True

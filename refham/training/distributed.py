@@ -14,7 +14,8 @@ buffer gives the gradient of the global mean,
 which is exact for uneven (last, partial) batches too. Terms counted once per step (the λ
 penalty, weight decay) are added after the reduce, on every rank alike.
 
-Communicators (rank, size, local_rank, allreduce_mean_, bcast_, sum, allgather, any_of, abort):
+Communicators (rank, size, local_rank, allreduce_mean_, bcast_, sum, allgather, any_of,
+send_stop, stop_received, abort):
 `SingleProcess` (never imports mpi4py), `MPICommunicator` (mpi4py; CuPy buffers staged through
 the host) and `NCCLCommunicator` (cupy.cuda.nccl on device buffers, its unique id broadcast over
 MPI, one GPU per rank: device = local rank). How a job of several ranks ends when one of
@@ -34,6 +35,7 @@ COMMS = ("auto", "none", "mpi", "nccl")
 _LAUNCHER_SIZE = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 _LAUNCHER_RANK = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 POLL_SECONDS = 0.02        # how often a waiting rank looks whether the others have arrived
+STOP_TAG = 1               # the tag of send_stop's messages (on MPICommunicator.ending)
 FORWARD_SECONDS = 0.5      # what mpiexec needs to forward a rank's last lines before an abort
 _MPI_HINT = 'pip install "refham[mpi]" (mpi4py and MPICH; on a cluster: pip install mpi4py ' \
             'against the site\'s MPI)'
@@ -92,6 +94,14 @@ class SingleProcess:
         """True if `flag` is true on any rank; waits for every rank without spinning."""
         return bool(flag)
 
+    def send_stop(self, name):
+        """Tell every other rank, which may be busy with work of its own, that signal `name`
+        stopped this one (they look with `stop_received`)."""
+
+    def stop_received(self):
+        """The name of the signal another rank said stopped it (`send_stop`), or None."""
+        return None
+
     def abort(self, code=1):
         """End every rank of the job with exit status `code`."""
         sys.exit(code)
@@ -139,6 +149,17 @@ class MPICommunicator:
         wait(self.comm.Iallreduce(numpy.array([int(bool(flag))], dtype=numpy.int32), result,
                                   op=self.mpi.MAX))
         return bool(result[0])
+
+    def send_stop(self, name):
+        sent = [self.ending.isend(name, dest=rank, tag=STOP_TAG)
+                for rank in range(self.size) if rank != self.rank]
+        for request in sent:
+            wait(request)
+
+    def stop_received(self):
+        if not self.ending.iprobe(source=self.mpi.ANY_SOURCE, tag=STOP_TAG):
+            return None
+        return self.ending.recv(source=self.mpi.ANY_SOURCE, tag=STOP_TAG)
 
     def abort(self, code=1):
         for stream in (sys.stdout, sys.stderr, sys.__stderr__):
