@@ -124,8 +124,8 @@ def atomic_write(path, write):
     """Create or replace the file `path` atomically: `write(f)` fills a temporary binary file in
     the same folder, which is fsync'ed and renamed over `path`. On any failure (Ctrl-C included)
     the temporary file is removed and `path` keeps its previous content; an OSError becomes a
-    WriteError naming `path`. What is at `path` must be a regular file (`check_replaceable`). The file gets the usual permissions (0o666 less the umask), not
-    mkstemp's private 0o600."""
+    WriteError naming `path`. What is at `path` must be a regular file (`check_replaceable`).
+    The file gets the usual permissions (0o666 less the umask), not mkstemp's private 0o600."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     check_replaceable(path)

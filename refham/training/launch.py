@@ -49,11 +49,13 @@ def job_output():
         yield
         return
     real = sys.stderr
-    sys.stderr = _Stream(real if rank == 0 else None)
+    sys.stderr = stream = _Stream(real if rank == 0 else None)
     try:
         yield
     finally:
         sys.stderr = real
+        if stream.real is None and stream.pending:     # a last line without its newline
+            _Held.lines.append(stream.pending)
 
 
 class _Stream(io.StringIO):
@@ -67,9 +69,10 @@ class _Stream(io.StringIO):
         if self.real is not None:
             self.real.write(text)
         *complete, self.pending = (self.pending + text).split("\n")
-        # rank 0 remembers its last lines, not its progress bars (redrawn with \r)
-        _Held.lines += complete if self.real is None else [
-            line for line in complete[-100:] if "\r" not in line]
+        if self.real is None:
+            _Held.lines += complete
+        else:   # rank 0 remembers its last lines, not its progress bars (redrawn with \r)
+            _Held.lines = (_Held.lines + [line for line in complete if "\r" not in line])[-100:]
         return len(text)
 
     def flush(self):

@@ -14,7 +14,8 @@ import numpy
 from tqdm import tqdm
 
 from refham.backend import asarray, backend_name, get_dtype, rng, xp
-from refham.files.checkpoint import atomic_write, describe_names, nonfinite_entries, save_checkpoint
+from refham.files.checkpoint import (
+    append_line, atomic_write, describe_names, nonfinite_entries, save_checkpoint)
 from refham.training.data import load_digits, load_mnist, make_synthetic
 from refham.training.distributed import (
     COMMS, ShardedGenerator, broadcast_state, combine_gradients, get_communicator, shard)
@@ -189,8 +190,7 @@ def _train_in_locked_folder(settings, echo, comm):
                         **_prefixed(evaluate()), "seconds": time.perf_counter() - started})
         if not writer:
             continue
-        with open(paths["metrics.jsonl"], "a", encoding="utf-8") as f:
-            f.write(json.dumps(history[-1]) + "\n")
+        append_line(paths["metrics.jsonl"], json.dumps(history[-1]))
         save_checkpoint(paths["last.npz"], weights, opt_state, step=opt_state["step"],
                         epoch=epoch, rng_state=gen.bit_generator.state, config=config,
                         metrics=history[-1])

@@ -35,11 +35,11 @@ from tqdm import tqdm
 from refham.backend import BackendError, asarray, rng, to_numpy, xp
 from refham.asym_init import initial_params
 from refham.files.checkpoint import (
-    CheckpointError, WriteError, append_line, atomic_write, describe_names, load_checkpoint, nonfinite_entries,
-    save_checkpoint)
+    CheckpointError, WriteError, append_line, atomic_write, describe_names, load_checkpoint,
+    nonfinite_entries, save_checkpoint)
 from refham.training.data import (
-    DataError, add_gaussian_noise, batches, check_every_class, hold_out, horizontal_flip, load_dataset, normalise,
-    random_crop)
+    DataError, add_gaussian_noise, batches, check_every_class, hold_out, horizontal_flip,
+    load_dataset, normalise, random_crop)
 from refham.training.distributed import (
     CommError, ShardedGenerator, broadcast_state, combine_gradients,
     get_communicator, shard)
