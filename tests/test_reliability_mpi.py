@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from refham.files.checkpoint import load_checkpoint
 from refham.training.train import train
 from tests.test_distributed import (
@@ -93,35 +95,31 @@ def test_sigterm_to_one_rank_stops_every_rank_and_rank_0_saves(tmp_path):
     assert f"stopped by a signal to another rank at step {step} " in stdout
 
 
-@needs_mpi
-def test_a_sweep_under_mpiexec_stopped_by_sigterm_says_so_and_exits_143(tmp_path):
+def _start_long_sweep(tmp_path):
+    """A sweep of two long runs, one per rank, returned once both have a checkpoint →
+    (Popen, sweep folder); the ranks' pids are in tmp_path/pid0, pid1."""
     out = tmp_path / "sweep"
     job = subprocess.Popen(
-        [MPIEXEC, "-n", "2", sys.executable, "-m", "refham.cli", "sweep", "--models",
-         "paramixer", "symmixer", "--seeds", "0", "--epochs", "500", "--data", "synthetic",
-         "--dim", "8", "--depth", "1", "--batch-size", "16", "--checkpoint-every", "2",
-         "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=_env(), cwd=ROOT)
-    wait_for_checkpoint(job, lambda: list(out.glob("runs/*/last.npz")))
-    job.send_signal(signal.SIGTERM)
-    stdout, stderr = _finish(job, timeout=QUICK)       # it used to spin in a final barrier
-    assert job.returncode == 143, stderr
-    assert re.search(r"sweep stopped by SIGTERM (during|between)", stdout), stdout
-    assert not (out / "results.md").exists()
-
-
-@needs_mpi
-def test_sigint_to_one_rank_of_a_sweep_stops_the_other_between_its_runs(tmp_path):
-    out = tmp_path / "sweep"
-    job = subprocess.Popen(
-        _mpiexec([str(tmp_path), "sweep", "--models", "paramixer", "symmixer", "--seeds",
-                  *map(str, range(10)), "--epochs", "1", "--data", "synthetic", "--dim", "8",
-                  "--depth", "1", "--batch-size", "16", "--out", str(out)], code=WITH_PIDS),
+        _mpiexec([str(tmp_path), "sweep", "--models", "paramixer", "symmixer", "--seeds", "0",
+                  "--epochs", "500", "--data", "synthetic", "--dim", "8", "--depth", "1",
+                  "--batch-size", "16", "--checkpoint-every", "2", "--out", str(out)],
+                 code=WITH_PIDS),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
-    wait_for_checkpoint(job, lambda: (out / "results.jsonl").exists())
-    os.kill(int((tmp_path / "pid1").read_text()), signal.SIGINT)
-    stdout, stderr = _finish(job, timeout=QUICK)
-    assert job.returncode == 130, stderr
-    assert "sweep stopped by SIGINT" in stdout
-    assert len((out / "results.jsonl").read_text().splitlines()) < 20
-    assert not (out / "results.md").exists()
+    wait_for_checkpoint(job, lambda: len(list(out.glob("runs/*/last.npz"))) == 2)
+    return job, out
+
+
+@needs_mpi
+@pytest.mark.parametrize("to_rank_1", [False, True])
+def test_a_sweep_under_mpiexec_stopped_by_a_signal_says_so_and_exits_with_it(tmp_path,
+                                                                             to_rank_1):
+    job, out = _start_long_sweep(tmp_path)
+    if to_rank_1:       # rank 0 hears of it at its next step (each rank trains its own run)
+        os.kill(int((tmp_path / "pid1").read_text()), signal.SIGINT)
+    else:
+        job.send_signal(signal.SIGTERM)
+    stdout, stderr = _finish(job, timeout=QUICK)       # it used to spin in a final barrier
+    name, status = ("SIGINT", 130) if to_rank_1 else ("SIGTERM", 143)
+    assert job.returncode == status, stderr
+    assert f"sweep stopped by {name} during" in stdout, stdout
+    assert not (out / "results.jsonl").exists() and not (out / "results.md").exists()

@@ -135,18 +135,19 @@ def execute(out, regimes, settings=None, part=None, log=print, poll=10.0, report
     # share it: each trains its own runs and appends whole lines to results.jsonl.
     lock = RunLock(out).acquire() if part is None or (comm.size > 1 and comm.rank == 0) else None
     try:
-        with stop_requests() as stop:
-            return _execute(out, regimes, shared, part, log, poll, report_only, comm, stop)
+        with stop_requests() as stop, stop.also_from(comm.stop_received):
+            return _execute(out, regimes, shared, part, log, poll, report_only, comm, stop, lock)
     finally:
         if lock:
             lock.release()
 
 
-def _execute(out, regimes, shared, part, log, poll, report_only, comm, stop):
-    """`execute` once the folder is locked and the part of this process is known; `stop`, the
-    StopRequest, is looked at between runs (train looks at it between steps)."""
+def _execute(out, regimes, shared, part, log, poll, report_only, comm, stop, lock):
+    """`execute` once the folder is locked (`lock`, None for a part) and the part of this
+    process is known; `stop`, the StopRequest, is looked at between runs (train looks at it
+    between steps), and hears of the other ranks' signals."""
     results_path = os.path.join(out, "results.jsonl")
-    waiting_logged, heard = False, None
+    waiting_logged = False
     while True:
         results = _read_results(results_path)
         for run, previous in results.items():
@@ -158,8 +159,6 @@ def _execute(out, regimes, shared, part, log, poll, report_only, comm, stop):
                                  f"(differing: {changed}, run {run_name(run)}); choose another "
                                  f"--out")
         runs, rates = plan(regimes, results)
-        if not stop.signal:            # under mpiexec: did a signal stop another rank?
-            stop.signal = heard = comm.stop_received()
         if stop.signal:
             log(f"sweep stopped by {stop.signal} between runs; run it again to continue")
             break
@@ -178,16 +177,19 @@ def _execute(out, regimes, shared, part, log, poll, report_only, comm, stop):
         if record is None:
             log(f"sweep stopped by {stopped_by} during {run_name(run)} (its last.npz is "
                 f"saved); run it again to continue")
-            stop.signal = stop.signal or stopped_by
+            if not stop.signal:       # a train that stopped by itself (tests fake one)
+                stop.signal_here = stopped_by
             break
+        if lock:
+            lock.verify()
         append_line(results_path, json.dumps(record))
         accuracy = ("diverged" if record["test_acc"] is None
                     else f"test top-1 {100 * record['test_acc']:.2f}%")
         done = sum(r in results for r in runs) + 1
         log(f"[{done}/{len(runs)}] {run_name(run)}: {accuracy} ({record['wall_time'] or 0:.0f} s)")
     # every rank's part is done or stopped: rank 0 reports for all, unless one was stopped
-    if stop.signal and not heard:     # the others stop between their runs too
-        comm.send_stop(stop.signal)
+    if stop.signal_here:              # the others stop at their next step too
+        comm.send_stop(stop.signal_here)
     if comm.any_of(stop.signal):
         while comm.stop_received():   # the other ranks' notes, if they were stopped too
             pass

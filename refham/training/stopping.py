@@ -10,6 +10,8 @@ one (`train` inside a sweep) shares the outer request, so a signal that arrives 
 last step — while it evaluates, saves, or between runs — is still pending when the sweep looks.
 A second signal while one is pending raises KeyboardInterrupt (outputs are written atomically:
 nothing tears). Outside the main thread no handlers can be installed and no request is made.
+`also_from` adds a source asked at each look: under mpiexec a sweep's ranks each train runs of
+their own, and one rank's signal reaches the others through it (a note over MPI).
 
 Exit statuses of a stopped command: 128 + the signal's number (130 for SIGINT, 143 for
 SIGTERM), as a shell reports a process the signal ended.
@@ -22,11 +24,29 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class StopRequest:
-    """The pending request: `signal` is the name of the first signal received (None: none)."""
+    """The pending request: `signal` is the name of the first signal received (None: none),
+    here or — through a source added with `also_from` — by another process of the job."""
 
     def __init__(self):
-        self.signal = None
-        self.depth = 0
+        self.signal_here, self.signal_elsewhere = None, None
+        self.depth, self.sources = 0, []
+
+    @property
+    def signal(self):
+        """The name of the signal that asks to stop, or None; asks the sources while none has."""
+        if self.signal_here is None and self.signal_elsewhere is None:
+            self.signal_elsewhere = next(filter(None, (ask() for ask in self.sources)), None)
+        return self.signal_here or self.signal_elsewhere
+
+    @contextlib.contextmanager
+    def also_from(self, ask):
+        """While inside, `ask()` (→ a signal's name or None, cheap: it is asked at every step
+        boundary) may also request the stop: another rank's signal, under mpiexec."""
+        self.sources.append(ask)
+        try:
+            yield self
+        finally:
+            self.sources.remove(ask)
 
     def exit_status(self):
         """128 + the signal's number, the status of a command this request stopped (0: none)."""
@@ -34,9 +54,9 @@ class StopRequest:
         return 128 + signal.Signals[self.signal].value if known else 1 if self.signal else 0
 
     def _receive(self, signum, frame):
-        if self.signal is not None:
+        if self.signal_here is not None:
             raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
+        self.signal_here = signal.Signals(signum).name
 
 
 _REQUEST = StopRequest()
@@ -57,7 +77,7 @@ def stop_requests():
         finally:
             request.depth -= 1
         return
-    request.signal, request.depth = None, 1
+    request.signal_here, request.signal_elsewhere, request.depth = None, None, 1
     previous = {s: signal.signal(s, request._receive) for s in STOP_SIGNALS}
     try:
         yield request
