@@ -182,9 +182,9 @@ def check_same_settings(comm, settings, what="settings"):
 
 
 def under_launcher():
-    """True in a job of several ranks (a launcher variable that is not a number counts: the
+    """True in a job of several ranks (False for a launcher variable that is not a number: the
     command reports it)."""
     try:
         return launched_size() > 1
     except CommError:
-        return True
+        return False

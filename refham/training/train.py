@@ -168,7 +168,7 @@ class _Run:
         folder that holds no other run's files (`force`: they are removed)."""
         if self.writer:
             check_fresh(self.cfg.out, force)
-        self.run_id = new_run_id()
+        self.run_id = self.comm.allgather(new_run_id())[0]    # rank 0's, on every rank
         self.params = initial_params(self.model.config, self.cfg.seed, self.cfg.asym_init)
         self.opt_state = self.optimizer.init(self.params)
         self.step, self.progress, self.last_record = 0, _Progress(), None
@@ -178,7 +178,7 @@ class _Run:
             atomic_write(self.paths["metrics.jsonl"], lambda f: None)
 
     def _config(self):
-        """What config.json and checkpoints record of the run: its settings and model."""
+        """What config.json and checkpoints record of the run: its settings, model and id."""
         return {"train": self.cfg.to_dict(), "model": dataclasses.asdict(self.model.config),
                 "run_id": self.run_id}
 
