@@ -44,13 +44,19 @@ def _lines(stderr):
 
 
 @needs_mpi
-def test_a_rank_failing_before_mpi_starts_ends_the_job_with_one_line(tmp_path):
+@pytest.mark.parametrize("how", ["environment", "usage"])
+def test_a_rank_failing_before_mpi_starts_ends_the_job_with_one_line(tmp_path, how):
     args = ["train", *TINY, "--out", str(tmp_path / "run")]
-    result, seconds = _job(args, args, env1=[("REFHAM_BACKEND", "garbage")])
+    if how == "environment":
+        result, seconds = _job(args, args, env1=[("REFHAM_BACKEND", "garbage")])
+        expected = ["rank 1: refham train: error: REFHAM_BACKEND='garbage': unknown backend "
+                    "'garbage': choose one of numpy, cupy; unset it or set it to numpy or cupy"]
+    else:               # argparse prints its usage and exits, before any refham code runs
+        result, seconds = _job(args, args + ["--bogus"])
+        expected = ["usage: refham [-h] COMMAND ...",
+                    "refham: error: unrecognized arguments: --bogus", "rank 1: ended with status 2"]
     assert result.returncode != 0 and seconds < QUICK
-    assert _lines(result.stderr) == [
-        "rank 1: refham train: error: REFHAM_BACKEND='garbage': unknown backend 'garbage': "
-        "choose one of numpy, cupy; unset it or set it to numpy or cupy"]
+    assert _lines(result.stderr) == expected
 
 
 @needs_mpi

@@ -397,7 +397,13 @@ def main(argv=None):
     for stream in (sys.stdout, sys.stderr):   # a path that is not UTF-8 still prints
         if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        from refham.training.launch import end_job, under_launcher
+        if exc.code and under_launcher():   # a usage error on one rank ends the whole job
+            end_job(exc.code)
+        raise
     import warnings
     import numpy
     from refham.backend import environment_error

@@ -18,7 +18,7 @@ communicator of their own (MPICommunicator.ending), waiting without spinning:
 
 A rank that fails before MPI started (REFHAM_BACKEND unusable, a launcher variable that is not a
 number, a run folder its node cannot see) starts MPI here to reach the others; should MPI itself
-not start within GRACE_SECONDS, the process exits alone.
+not start within START_SECONDS, the process exits alone.
 """
 import contextlib
 import hashlib
@@ -34,6 +34,7 @@ from refham.training.distributed import (
     CommError, get_communicator, launched_rank, launched_size, started_world, wait)
 
 GRACE_SECONDS = 3.0    # how long a failed rank waits for the others before ending the job
+START_SECONDS = 30.0   # how long MPI may take to start on a rank that failed before it had
 
 
 @contextlib.contextmanager
@@ -130,12 +131,13 @@ def _flush_held(rank, code):
 
 def _start_mpi(rank, code):
     """Start MPI to reach the other ranks from a rank that failed before it started → the world
-    communicator, or None when MPI is missing or does not start within GRACE_SECONDS (the
-    others never start it either: then this process ends alone, with `code`)."""
+    communicator, or None when MPI is missing or does not start within START_SECONDS (the
+    others never start it either, as under --comm none: then this process ends alone, with
+    `code`)."""
     def give_up():
         _flush_held(rank, code)
         os._exit(code)
-    timer = threading.Timer(GRACE_SECONDS, give_up)
+    timer = threading.Timer(START_SECONDS, give_up)
     timer.daemon = True
     timer.start()
     try:
