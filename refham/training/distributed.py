@@ -224,7 +224,7 @@ def get_communicator(kind="auto", backend="numpy"):
     if kind == "auto":
         kind = "none" if launched_size() == 1 else "nccl" if backend == "cupy" else "mpi"
     if kind == "none":
-        return SingleProcess()
+        return _WORLD.setdefault("none", SingleProcess())
     if kind == "nccl" and backend != "cupy":
         raise CommError("--comm nccl reduces GPU buffers: it needs --backend cupy (on CPUs use "
                         "--comm mpi)")
@@ -241,8 +241,9 @@ def get_communicator(kind="auto", backend="numpy"):
 
 
 def started_world():
-    """The MPI communicator this process started (None before MPI starts, or without MPI)."""
-    return _WORLD.get("mpi") or _WORLD.get("nccl")
+    """The MPI communicator this process started: None before MPI starts, or without MPI
+    (`SingleProcess` where --comm none ruled MPI out)."""
+    return _WORLD.get("mpi") or _WORLD.get("nccl") or _WORLD.get("none")
 
 
 def _use_local_gpu(world):

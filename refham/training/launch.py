@@ -31,7 +31,8 @@ import time
 import traceback
 
 from refham.training.distributed import (
-    CommError, get_communicator, launched_rank, launched_size, started_world, wait)
+    CommError, SingleProcess, get_communicator, launched_rank, launched_size, started_world,
+    wait)
 
 GRACE_SECONDS = 3.0    # how long a failed rank waits for the others before ending the job
 START_SECONDS = 30.0   # how long MPI may take to start on a rank that failed before it had
@@ -93,8 +94,8 @@ def end_job(code):
     except CommError:
         size, rank = 1, 0
     world = started_world()
-    if size == 1 or (world is None and not code):
-        return _flush_held(rank, code)
+    if size == 1 or (world is None and not code) or isinstance(world, SingleProcess):
+        return _flush_held(rank, code)     # alone, or the ranks never meet (--comm none)
     if world is None:
         world = _start_mpi(rank, code)
         if world is None:
