@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU verification of refham (issue 7), for a machine with an NVIDIA GPU, CuPy and PyTorch (CUDA).
+# GPU verification of refham, for a machine with an NVIDIA GPU, CuPy and PyTorch (CUDA).
 #
 #   bash examples/gpu_check.sh [OUT_DIR] [bench|train|tests|dist|all]  (default: gpu_check_out all)
 #
@@ -11,7 +11,7 @@
 #   train.json                digits, ParaMixer, same seed and budget on the GPU and on the CPU:
 #                             final test accuracy of each (they should agree within noise)
 #   tests_cupy.log            the whole test suite with REFHAM_BACKEND=cupy
-#   dist.log                  data parallelism (issue 10), `mpiexec -n 2` against one process:
+#   dist.log                  data parallelism, `mpiexec -n 2` against one process:
 #                             2 ranks on CuPy arrays over MPI (staged through the host; one GPU
 #                             is enough) and, with two or more GPUs, 2 ranks over NCCL
 # Missing Python packages: autograd (tests only) and mpi4py + mpich (dist) are installed from

@@ -19,6 +19,7 @@ This module is the one part of refham that the specification imports.
 import contextlib
 import functools
 import os
+import warnings
 
 import numpy
 import scipy.special
@@ -28,7 +29,7 @@ from refham.errors import RefhamError
 _BACKENDS = ("numpy", "cupy")
 
 
-class BackendError(RuntimeError):
+class BackendError(RefhamError, RuntimeError):
     """The requested array backend cannot be used here."""
 
 
@@ -124,6 +125,34 @@ def set_dtype(dtype):
 
 def get_dtype():
     return _State.dtype
+
+
+@contextlib.contextmanager
+def active_backend(name, dtype, threads=0):
+    """Run with backend `name` (None: the active one, as REFHAM_BACKEND or `set_backend` chose),
+    default dtype `dtype` and at most `threads` BLAS threads (0: as the BLAS library likes;
+    threadpoolctl sets it; more than the cores this process may use: that many, with a
+    warning); restore all three after."""
+    from threadpoolctl import threadpool_limits
+
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else os.cpu_count() or 1
+    if threads > available:     # more would only make the threads wait for each other
+        warnings.warn(f"--threads {threads} exceeds the {available} cores this process may use: "
+                      f"using {available}", stacklevel=3)
+        threads = available
+    saved = backend_name(), get_dtype()
+    switch = bool(name) and name != saved[0]
+    if switch:
+        set_backend(name)
+    set_dtype(dtype)
+    try:
+        with threadpool_limits(limits=threads or None, user_api="blas"):
+            yield
+    finally:
+        if switch:
+            set_backend(saved[0])
+        set_dtype(saved[1])
 
 
 def asarray(a, dtype=None):

@@ -13,11 +13,12 @@ import pytest
 
 from refham.backend import SeedError, rng
 from refham.cli.commands import main
-from refham.files import checkpoint
-from refham.files.checkpoint import WriteError, append_line, atomic_write, load_checkpoint
+from refham.files import outputs
+from refham.files.checkpoint import load_checkpoint
+from refham.files.outputs import WriteError, append_line, atomic_write
 from refham.files.runlock import LOCK_NAME, RunFolderReplaced, RunLock
 from refham.mixer import Mixer, make_config
-from refham.training.train import _Run, train
+from refham.training.train import _EpochLoop, train
 from tests.test_train import _cfg, _interrupt_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,12 +45,12 @@ def _one_line(err, *parts):
 @pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_after_a_runs_last_step_stops_the_sweep_which_resumes(tmp_path, monkeypatch,
                                                                        capsys, sig, status):
-    original = _Run._best_on_test      # runs after the last step: the signal was lost there
+    original = _EpochLoop._best_on_test      # runs after the last step: the signal was lost there
 
     def signal_then_evaluate(self):
         os.kill(os.getpid(), sig)
         return original(self)
-    monkeypatch.setattr(_Run, "_best_on_test", signal_then_evaluate)
+    monkeypatch.setattr(_EpochLoop, "_best_on_test", signal_then_evaluate)
     out = str(tmp_path / "sweep")
     assert main([*SWEEP, "--out", out]) == status
     assert f"sweep stopped by {sig.name} between runs" in capsys.readouterr().out
@@ -155,7 +156,7 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_content(tmp_path):
 
 
 def test_a_short_write_of_a_line_is_an_error_naming_the_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint.os, "write", lambda fd, data: os.pwrite(fd, data[:3], 0))
+    monkeypatch.setattr(outputs.os, "write", lambda fd, data: os.pwrite(fd, data[:3], 0))
     with pytest.raises(WriteError, match=r"cannot write .*results.jsonl: only 3 of 9 bytes"):
         append_line(tmp_path / "results.jsonl", '{"a": 1}')
 

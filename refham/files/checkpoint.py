@@ -9,46 +9,33 @@ reads it):
                         rng_state, config, metrics, the optimiser's scalar state, and `sha256`,
                         a digest over every `param/` and `optim/` array (name, dtype, shape, bytes)
 
-Writing goes to a temporary file in the target folder, is flushed and fsync'ed, then renamed over
-the target with `os.replace` — a crash leaves either the old file or the new one, never half of
-one. A `kill -9` in the middle of a write can leave the temporary file behind; it is named
-`.<target>.<random>.refham-tmp` (`is_temporary`), so that a run that holds its folder's lock
-can recognise and remove it. Reading checks the archive (truncation, corruption), the format tag
+Writing is refham.files.outputs' `atomic_write`: a crash leaves either the old file or the new
+one, never half of one. Reading checks the archive (truncation, corruption), the format tag
 and version, the keys, the digest and the metadata's types, and raises CheckpointError saying
 which. Every array must be finite: a NaN/inf tensor is refused when writing and when reading, so
-a diverged state can neither become nor pass for a checkpoint. `atomic_write` and `read_npz`
-serve other files too (config and metrics logs, golden files).
+a diverged state can neither become nor pass for a checkpoint. `read_npz` serves other files
+too (golden files).
 """
-import errno
 import hashlib
 import json
 import math
 import os
 import stat
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy
 
 from refham.files import safefiles
+from refham.files.outputs import atomic_write
 from refham.backend import to_numpy
 from refham.errors import RefhamError, short_list
 
 FORMAT = "refham-checkpoint"
 VERSION = 1
-TEMPORARY_SUFFIX = ".refham-tmp"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RefhamError, ValueError):
     """A file that is not a readable, intact refham checkpoint of a supported version."""
-
-
-class WriteError(RefhamError, OSError):
-    """A file refham could not write (full disk, read-only or vanished folder, not a regular
-    file); the message names the file and the cause, and says what was kept."""
-
-    def __str__(self):      # the message alone, without OSError's "[Errno n]"
-        return self.strerror if isinstance(self.strerror, str) else super().__str__()
 
 
 @dataclass
@@ -120,137 +107,6 @@ def save_checkpoint(path, params, optim_state, *, step, epoch, rng_state, config
     atomic_write(path, lambda f: numpy.savez(f, **arrays))
 
 
-def atomic_write(path, write):
-    """Create or replace the file `path` atomically: `write(f)` fills a temporary binary file in
-    the same folder, which is fsync'ed and renamed over `path`. On any failure (Ctrl-C included)
-    the temporary file is removed and `path` keeps its previous content; an OSError becomes a
-    WriteError naming `path`. What is at `path` must be a regular file (`check_replaceable`).
-    The file gets the usual permissions (0o666 less the umask), not mkstemp's private 0o600."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    check_replaceable(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)[:200]}.",
-                                   suffix=TEMPORARY_SUFFIX)
-    except OSError as exc:
-        raise _write_error(path, exc, kept=True) from exc
-    try:
-        os.fchmod(fd, 0o666 & ~_current_umask())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:     # the folder went away: nothing to clean, the real error follows
-            pass
-        if isinstance(exc, OSError) and not isinstance(exc, RefhamError):
-            raise _write_error(path, exc, kept=True) from exc
-        raise
-    _fsync_folder(folder)
-
-
-def check_replaceable(path):
-    """WriteError unless `path` is absent or a regular file: a symlink, FIFO, device, socket or
-    folder there is never written through nor replaced (the checks of the run lock file)."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise _write_error(path, exc, kept=True) from exc
-    if not stat.S_ISREG(mode):
-        kind = ("a symlink" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode)
-                else "a pipe, device or socket")
-        raise WriteError(errno.EEXIST, f"cannot write {path}: it is {kind}, not a regular file, "
-                                       f"and refham replaces only regular files; remove it or "
-                                       f"choose another path")
-
-
-def _write_error(path, exc, kept):
-    """The WriteError of OSError `exc` while writing `path`."""
-    cause = exc.strerror or str(exc)
-    advice = " (the disk is full: free space, then resume)" if exc.errno == errno.ENOSPC else ""
-    return WriteError(exc.errno, f"cannot write {path}: {cause}{advice}"
-                                 f"{'; its previous content is kept' if kept else ''}")
-
-
-def append_line(path, line):
-    """Append `line` and a newline to the regular file `path` (created if missing) with one
-    O_APPEND write, so that writers sharing it never interleave; never through a symlink, never
-    into a FIFO or a device (opened without blocking, then checked). A short or failed write is
-    a WriteError naming the file."""
-    data = (line + "\n").encode()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
-                     | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENXIO):
-            exc.strerror = "it is a symlink, pipe or device, not a regular file; remove it"
-        raise _write_error(path, exc, kept=False) from exc
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise WriteError(errno.EINVAL, f"cannot write {path}: it is not a regular file (a "
-                                           f"pipe or device); remove it")
-        try:
-            written = os.write(fd, data)
-            os.fsync(fd)
-        except OSError as exc:
-            raise _write_error(path, exc, kept=False) from exc
-        if written != len(data):
-            raise WriteError(errno.EIO, f"cannot write {path}: only {written} of {len(data)} "
-                                        f"bytes of a line were written (is the disk full?); a "
-                                        f"run resumed later rewrites or skips the cut line")
-    finally:
-        os.close(fd)
-
-
-def read_regular(path, error):
-    """The bytes of the regular file `path`, opened without blocking (a FIFO or a device there
-    is refused, not waited on); `error` (an exception class) naming the file otherwise."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise error(f"{path} cannot be read ({exc.strerror}): move it out of the way") from exc
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = "Is a directory" if stat.S_ISDIR(mode) else "not a file: a pipe or device"
-            raise error(f"{path} cannot be read ({kind}): move it out of the way")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise error(f"{path} cannot be read ({exc.strerror}): move it out of the way") from exc
-    finally:
-        os.close(fd)
-
-
-def is_temporary(name):
-    """True for the name of an `atomic_write` temporary file (`.<target>.<random>.refham-tmp`)."""
-    return name.startswith(".") and name.endswith(TEMPORARY_SUFFIX)
-
-
-def _current_umask():
-    """The process umask (reading it means setting it; it is put straight back)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_folder(folder):
-    """Make the rename itself durable (POSIX; a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def load_checkpoint(path):
     """Read and verify a checkpoint written by `save_checkpoint` → Checkpoint (host arrays)."""
     path = os.fspath(path)
@@ -319,6 +175,26 @@ def _check_meta_types(path, meta):
     if wrong:
         raise CheckpointError(f"{path}: metadata has {'; '.join(wrong)}; the file was not "
                               f"written by refham as it is")
+
+
+def read_regular(path, error):
+    """The bytes of the regular file `path`, opened without blocking (a FIFO or a device there
+    is refused, not waited on); `error` (an exception class) naming the file otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise error(f"{path} cannot be read ({exc.strerror}): move it out of the way") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "Is a directory" if stat.S_ISDIR(mode) else "not a file: a pipe or device"
+            raise error(f"{path} cannot be read ({kind}): move it out of the way")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise error(f"{path} cannot be read ({exc.strerror}): move it out of the way") from exc
+    finally:
+        os.close(fd)
 
 
 def read_json_lines(path, is_record, error=CheckpointError):

@@ -2,7 +2,7 @@
 the energy-exact SymMixer (one γ per block norm) and AsymMixer(λ), each over several seeds, on
 one protocol — and the controls that separate what symmetry costs from how fast a model learns.
 
-    run_sweep("runs/sweep")                     # one fixed budget: 40 runs, ~7 min (4 on 2 ranks)
+    run_sweep("runs/sweep")                     # one fixed budget: 40 runs
     run_sweep("runs/t", tune_lr=(1e-3, 4e-3))   # lr per (model, λ) chosen on validation
     run_study("runs/study")                     # every regime of STUDY (docs/symmetry-study.md)
 
@@ -20,9 +20,9 @@ import os
 import time
 import zlib
 
-from refham.files.checkpoint import append_line, read_json_lines, read_regular
+from refham.files.checkpoint import read_json_lines, read_regular
+from refham.files.outputs import append_line, prepare_folder
 from refham.training.distributed import get_communicator
-from refham.files.outputs import prepare_folder
 from refham.files.runlock import RunLock
 from refham.study.plan import (  # noqa: F401  (re-exported: the sweep's public names)
     ARMS, STUDY, SWEEP_LAMS, SWEEP_SEEDS, SWEEP_SETTINGS, Regime, Run, SweepError, plan,

@@ -16,14 +16,16 @@ import math
 import os
 import warnings
 
+from refham.errors import RefhamError
 from refham.files.checkpoint import (
-    CheckpointError, atomic_write, describe_names, load_checkpoint, read_json_lines, read_regular)
+    CheckpointError, describe_names, load_checkpoint, read_json_lines, read_regular)
+from refham.files.outputs import atomic_write
 from refham.files.runfolder import ForeignRunError, check_artifact
 from refham.mixer import ParamError, check_params, param_shapes
 from refham.training.train_config import RESUMABLE_CHANGES, TrainConfig, TrainConfigError
 
 
-class ResumeError(ValueError):
+class ResumeError(RefhamError, ValueError):
     """A run that cannot be started or resumed in this output folder."""
 
 
