@@ -5,7 +5,8 @@
 
 `xp` is a thin proxy that forwards each attribute to the active module, so a switch made with
 `set_backend` (or the REFHAM_BACKEND environment variable at import time) reaches code that
-imported `xp` earlier. Tests swap in `autograd.numpy` with `use_module` to differentiate the very
+imported `xp` earlier. An unusable REFHAM_BACKEND does not fail the import: `xp` raises its
+BackendError until `set_backend` chooses a backend (`environment_error` tells). Tests swap in `autograd.numpy` with `use_module` to differentiate the very
 same forward code that the hand-written gradients are checked against.
 
 Also here, because they depend on which module is active: erf (SciPy's or CuPy's), the default
@@ -18,6 +19,7 @@ This module is the one part of refham that the specification imports.
 import contextlib
 import functools
 import os
+import warnings
 
 import numpy
 import scipy.special
@@ -31,17 +33,24 @@ class BackendError(RefhamError, RuntimeError):
     """The requested array backend cannot be used here."""
 
 
+class SeedError(RefhamError, ValueError):
+    """A seed that is not an integer >= 0."""
+
+
 class _State:
     name = "numpy"
     module = numpy
     erf = staticmethod(scipy.special.erf)
     dtype = numpy.float64
+    unusable = None     # the BackendError of an unusable REFHAM_BACKEND, until set_backend
 
 
 class _ModuleProxy:
     """Forwards attribute access to the active array module (numpy, cupy or autograd.numpy)."""
 
     def __getattr__(self, attr):
+        if _State.unusable is not None:    # never compute silently on another backend
+            raise _State.unusable
         return getattr(_State.module, attr)
 
     def __repr__(self):
@@ -86,7 +95,13 @@ def set_backend(name):
         module, erf_fn = _load_cupy()
     else:
         module, erf_fn = numpy, scipy.special.erf
-    _State.name, _State.module, _State.erf = name, module, erf_fn
+    _State.name, _State.module, _State.erf, _State.unusable = name, module, erf_fn, None
+
+
+def environment_error():
+    """The BackendError of an unusable REFHAM_BACKEND (until set_backend chooses one), or
+    None: importing refham never fails on it, computing does."""
+    return _State.unusable
 
 
 @contextlib.contextmanager
@@ -116,9 +131,16 @@ def get_dtype():
 def active_backend(name, dtype, threads=0):
     """Run with backend `name` (None: the active one, as REFHAM_BACKEND or `set_backend` chose),
     default dtype `dtype` and at most `threads` BLAS threads (0: as the BLAS library likes;
-    threadpoolctl sets it); restore all three after."""
+    threadpoolctl sets it; more than the cores this process may use: that many, with a
+    warning); restore all three after."""
     from threadpoolctl import threadpool_limits
 
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else os.cpu_count() or 1
+    if threads > available:     # more would only make the threads wait for each other
+        warnings.warn(f"--threads {threads} exceeds the {available} cores this process may use: "
+                      f"using {available}", stacklevel=3)
+        threads = available
     saved = backend_name(), get_dtype()
     switch = bool(name) and name != saved[0]
     if switch:
@@ -147,7 +169,12 @@ def to_numpy(a):
 
 def rng(seed):
     """A seeded NumPy Generator; draw with it and move with `asarray` so that every backend
-    sees the same numbers for the same seed."""
+    sees the same numbers for the same seed. `seed`: an int ≥ 0 or a tuple of them (SeedError
+    otherwise, where NumPy would raise its own error)."""
+    parts = seed if isinstance(seed, tuple) else (seed,)
+    if not parts or not all(isinstance(p, (int, numpy.integer)) and not isinstance(p, bool)
+                            and p >= 0 for p in parts):
+        raise SeedError(f"a seed must be an integer >= 0 (or a tuple of them), got {seed!r}")
     return numpy.random.default_rng(seed)
 
 
@@ -194,4 +221,8 @@ def accelerated(plain):
 
 _env_backend = os.environ.get("REFHAM_BACKEND")
 if _env_backend:
-    set_backend(_env_backend)
+    try:
+        set_backend(_env_backend)
+    except BackendError as _exc:
+        _State.unusable = BackendError(f"REFHAM_BACKEND={_env_backend!r}: {_exc}; unset it or "
+                                       f"set it to numpy or cupy")

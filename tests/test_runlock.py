@@ -112,15 +112,18 @@ def test_sweep_and_metaformer_refuse_a_folder_in_use(tmp_path, capsys, argv):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("plant", ["folder", "symlink"])
+@pytest.mark.parametrize("plant", ["folder", "symlink", "fifo"])
 def test_a_lock_path_that_is_not_a_plain_file_is_refused_and_never_written_through(tmp_path,
                                                                                   plant):
     target = tmp_path / "elsewhere.txt"
     target.write_text("keep")
     if plant == "folder":
         (tmp_path / LOCK_NAME).mkdir()
+    elif plant == "fifo":           # was "[Errno 22] Invalid argument", naming no file
+        os.mkfifo(tmp_path / LOCK_NAME)
     else:
         (tmp_path / LOCK_NAME).symlink_to(target)
-    with pytest.raises(RunLocked, match=f"cannot lock .*{LOCK_NAME} cannot be opened as a file"):
+    with pytest.raises(RunLocked, match=f"cannot lock .*{LOCK_NAME} cannot be opened as a "
+                                        f"regular file"):
         RunLock(tmp_path).acquire()
     assert target.read_text() == "keep"

@@ -74,7 +74,7 @@ class FakeTrain:
     def __init__(self, diverge=(), interrupt=()):
         self.calls, self.diverge, self.interrupt = [], set(diverge), set(interrupt)
 
-    def __call__(self, cfg, resume=False):
+    def __call__(self, cfg, resume=False, force=False):
         key = (cfg.model, cfg.lam, cfg.seed)
         self.calls.append((key, resume, cfg, threading.current_thread().name))
         os.makedirs(cfg.out, exist_ok=True)

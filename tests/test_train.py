@@ -11,6 +11,7 @@ import pytest
 
 from refham.backend import asarray, backend_name, get_dtype, rng, to_numpy
 from refham.files.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from refham.files.runfolder import ForeignRunError
 from refham.training.data import Dataset
 from refham.mixer import MODELS, Mixer, make_config
 from refham.optim import cosine_lr
@@ -121,7 +122,7 @@ def _assert_same_run(cfg_a, cfg_b):
         assert np.array_equal(a.params[name], b.params[name]), name
     for key in a.optim_state:
         assert np.array_equal(a.optim_state[key], b.optim_state[key]), key
-    timing = ("wall_time", "img_per_s")
+    timing = ("wall_time", "img_per_s", "run")     # and each run's identity
     strip = lambda records: [{k: v for k, v in r.items() if k not in timing} for r in records]
     assert strip(_records(cfg_a)) == strip(_records(cfg_b))
 
@@ -171,7 +172,7 @@ def test_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tmp_path, monkeypat
     summary = train(broken, resume=True)
     assert summary["status"] == "finished"
     _assert_same_run(straight, broken)
-    with pytest.raises(ResumeError, match="already holds a run"):
+    with pytest.raises(ForeignRunError, match="already holds a run"):
         train(broken)                                  # never overwrite a run by accident
 
 

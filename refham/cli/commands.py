@@ -73,6 +73,9 @@ def _add_train(p):
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out exactly where its last.npz left it; its "
                         "settings are read from the checkpoint (options given must match)")
+    p.add_argument("--force", action="store_true",
+                   help="start a new run in --out even if it holds another run's files "
+                        "(config.json, metrics.jsonl, last.npz, best.npz): they are removed")
 
 
 def _run_train(args):
@@ -89,7 +92,7 @@ def _run_train(args):
         cfg = TrainConfig.from_dict(settings)
         say(f"{'resuming' if args.resume else 'training'} {cfg.model} on {cfg.data} "
             f"in {cfg.out}:\n{cfg}", flush=True)
-        summary = train(cfg, resume=args.resume, echo=True)
+        summary = train(cfg, resume=args.resume, echo=True, force=args.force)
     except TrainingDiverged as exc:
         print(f"refham train: {exc}", file=sys.stderr)
         return 1
@@ -186,23 +189,27 @@ def _run_sweep(args):
     """The symmetry-breaking experiment (:ref:`sec-sweep`): models × λ × inits × budgets × seeds;
     tables, figures."""
     from refham.study.sweep import PER_RUN, run_study, run_sweep
+    from refham.training.distributed import get_communicator
+    from refham.training.stopping import stop_requests
     from refham.training.train_config import given_settings
 
     log = lambda line: print(line, flush=True)  # noqa: E731
-    try:
-        part = None if args.part is None else _part(args.part)
-        settings = given_settings(args, exclude=PER_RUN + ("epochs",))
-        if args.study:
-            run_study(args.out, settings, part, log, args.report_only)
-        else:
-            run_sweep(args.out, settings, args.models, args.lams, args.seeds, args.epochs,
-                      args.tune_lr, args.tune_seeds, args.asym_init, part, log,
-                      args.report_only)
-    except KeyboardInterrupt:
-        print("refham sweep: aborted; finished runs are kept, a re-run continues",
-              file=sys.stderr)
-        return 130
-    return 0  # also when a signal stopped it: the finished runs are saved, a re-run continues
+    get_communicator("auto")         # MPI starts before the stop handlers are installed
+    with stop_requests() as stop:    # the sweep's runs share it: no signal is lost between them
+        try:
+            part = None if args.part is None else _part(args.part)
+            settings = given_settings(args, exclude=PER_RUN + ("epochs",))
+            if args.study:
+                run_study(args.out, settings, part, log, args.report_only)
+            else:
+                run_sweep(args.out, settings, args.models, args.lams, args.seeds, args.epochs,
+                          args.tune_lr, args.tune_seeds, args.asym_init, part, log,
+                          args.report_only)
+        except KeyboardInterrupt:
+            print("refham sweep: aborted; finished runs are kept, a re-run continues",
+                  file=sys.stderr)
+            return 130
+    return stop.exit_status()   # 130/143 when a signal stopped it: a re-run continues
 
 
 def _add_metaformer(p):
@@ -344,29 +351,55 @@ def expected_errors():
 def main(argv=None):
     """Run one command; an expected error (see `expected_errors`) becomes one line on stderr
     and exit status 2 (1 for a diverged run or a missing plotting library; 130 for Ctrl-C).
-    Anything else is a bug and keeps its traceback."""
-    args = build_parser().parse_args(argv)
-    import numpy
-    from refham.training.distributed import exit_status
-
+    Anything else is a bug and keeps its traceback. Under mpiexec every rank ends here
+    (refham.training.launch): a failing rank ends the job, an error every rank shares is said
+    once."""
+    for stream in (sys.stdout, sys.stderr):   # a path that is not UTF-8 still prints
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
-        # overflow is reported by refham's own finiteness checks (the diverged dynamics, the
-        # training guard, golden files), which say what to do; numpy's warnings add only noise
-        with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            code = args.run(args) or 0
-    except KeyboardInterrupt:  # outputs are written atomically: nothing half-written remains
-        print(f"refham {args.command}: interrupted", file=sys.stderr)
-        code = 130
-    except Exception as exc:
-        if not isinstance(exc, expected_errors()):
-            raise
-        from refham.training.metaformer_figures import PlottingUnavailable
-        from refham.training.train import TrainingDiverged
-        code = 1 if isinstance(exc, (TrainingDiverged, PlottingUnavailable)) else 2
-        if isinstance(exc, MemoryError):
-            exc = f"out of memory ({exc or 'MemoryError'}): use a smaller model, batch or file"
-        print(f"refham {args.command}: error: {exc}", file=sys.stderr)
-    return exit_status(code)      # under MPI, a failing rank ends the whole job
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        from refham.training.launch import end_job, under_launcher
+        if exc.code and under_launcher():   # a usage error on one rank ends the whole job
+            end_job(exc.code)
+        raise
+    import warnings
+    import numpy
+    from refham.backend import environment_error
+    from refham.training.launch import end_job, job_output, report_crash, under_launcher
+
+    if under_launcher():
+        sys.excepthook = report_crash
+    with job_output(), warnings.catch_warnings():
+        warnings.showwarning = _warning_line
+        try:
+            if environment_error():
+                raise environment_error()
+            # overflow is reported by refham's own finiteness checks (the diverged dynamics, the
+            # training guard, golden files), which say what to do; numpy's warnings add only
+            # noise
+            with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                code = args.run(args) or 0
+        except KeyboardInterrupt:  # outputs are written atomically: nothing half-written remains
+            print(f"refham {args.command}: interrupted", file=sys.stderr)
+            code = 130
+        except Exception as exc:
+            if not isinstance(exc, expected_errors()):
+                raise
+            from refham.training.metaformer_figures import PlottingUnavailable
+            from refham.training.train import TrainingDiverged
+            code = 1 if isinstance(exc, (TrainingDiverged, PlottingUnavailable)) else 2
+            if isinstance(exc, MemoryError):
+                exc = f"out of memory ({exc or 'MemoryError'}): use a smaller model, batch or file"
+            print(f"refham {args.command}: error: {exc}", file=sys.stderr)
+    return end_job(code)
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None):
+    """Print a warning as one line for users (not the file, line and source of Python's
+    format)."""
+    print(f"refham: warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

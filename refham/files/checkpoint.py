@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass, field
 
 import numpy
@@ -176,18 +177,34 @@ def _check_meta_types(path, meta):
                               f"written by refham as it is")
 
 
+def read_regular(path, error):
+    """The bytes of the regular file `path`, opened without blocking (a FIFO or a device there
+    is refused, not waited on); `error` (an exception class) naming the file otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise error(f"{path} cannot be read ({exc.strerror}): move it out of the way") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "Is a directory" if stat.S_ISDIR(mode) else "not a file: a pipe or device"
+            raise error(f"{path} cannot be read ({kind}): move it out of the way")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise error(f"{path} cannot be read ({exc.strerror}): move it out of the way") from exc
+    finally:
+        os.close(fd)
+
+
 def read_json_lines(path, is_record, error=CheckpointError):
     """(records, damaged) of the JSON-lines file at `path`: the values of the lines that are
     UTF-8 JSON passing `is_record`, in order, and the 1-based numbers of the other lines (a line
     cut short by a crash, or one damaged by hand). A missing file has neither; `error` (an
     exception class) for a path that cannot be read (a folder, no permission)."""
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return [], []
-    try:
-        with open(path, "rb") as f:
-            lines = f.read().splitlines()
-    except OSError as exc:
-        raise error(f"{path} cannot be read ({exc.strerror}): move it out of the way") from exc
+    lines = read_regular(path, error).splitlines()
     records, damaged = [], []
     for number, line in enumerate(lines, start=1):
         try:

@@ -19,7 +19,9 @@ temporary file behind; it is named `.<target>.<random>.refham-tmp` (`is_temporar
 run that holds its folder's lock can recognise and remove it.
 This module imports nothing of refham but the error base.
 """
+import errno
 import os
+import stat
 import tempfile
 import zipfile
 
@@ -30,6 +32,14 @@ TEMPORARY_SUFFIX = ".refham-tmp"
 
 class OutputError(RefhamError, ValueError):
     """An output path refham must not or cannot write to."""
+
+
+class WriteError(RefhamError, OSError):
+    """A file refham could not write (full disk, read-only or vanished folder, not a regular
+    file); the message names the file and the cause, and says what was kept."""
+
+    def __str__(self):      # the message alone, without OSError's "[Errno n]"
+        return self.strerror if isinstance(self.strerror, str) else super().__str__()
 
 
 def _text(path, what):
@@ -108,12 +118,17 @@ def prepare_folder(path, what="output folder"):
 def atomic_write(path, write):
     """Create or replace the file `path` atomically: `write(f)` fills a temporary binary file in
     the same folder, which is fsync'ed and renamed over `path`. On any failure (Ctrl-C included)
-    the temporary file is removed and `path` keeps its previous content. The file gets the
-    usual permissions (0o666 less the umask), not mkstemp's private 0o600."""
+    the temporary file is removed and `path` keeps its previous content; an OSError becomes a
+    WriteError naming `path`. What is at `path` must be a regular file (`check_replaceable`).
+    The file gets the usual permissions (0o666 less the umask), not mkstemp's private 0o600."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
-                               suffix=TEMPORARY_SUFFIX)
+    check_replaceable(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)[:200]}.",
+                                   suffix=TEMPORARY_SUFFIX)
+    except OSError as exc:
+        raise _write_error(path, exc, kept=True) from exc
     try:
         os.fchmod(fd, 0o666 & ~_current_umask())
         with os.fdopen(fd, "wb") as f:
@@ -121,10 +136,70 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:     # the folder went away: nothing to clean, the real error follows
+            pass
+        if isinstance(exc, OSError) and not isinstance(exc, RefhamError):
+            raise _write_error(path, exc, kept=True) from exc
         raise
     _fsync_folder(folder)
+
+
+def check_replaceable(path):
+    """WriteError unless `path` is absent or a regular file: a symlink, FIFO, device, socket or
+    folder there is never written through nor replaced (the checks of the run lock file)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise _write_error(path, exc, kept=True) from exc
+    if not stat.S_ISREG(mode):
+        kind = ("a symlink" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode)
+                else "a pipe, device or socket")
+        raise WriteError(errno.EEXIST, f"cannot write {path}: it is {kind}, not a regular file, "
+                                       f"and refham replaces only regular files; remove it or "
+                                       f"choose another path")
+
+
+def _write_error(path, exc, kept):
+    """The WriteError of OSError `exc` while writing `path`."""
+    cause = exc.strerror or str(exc)
+    advice = " (the disk is full: free space, then resume)" if exc.errno == errno.ENOSPC else ""
+    return WriteError(exc.errno, f"cannot write {path}: {cause}{advice}"
+                                 f"{'; its previous content is kept' if kept else ''}")
+
+
+def append_line(path, line):
+    """Append `line` and a newline to the regular file `path` (created if missing) with one
+    O_APPEND write, so that writers sharing it never interleave; never through a symlink, never
+    into a FIFO or a device (opened without blocking, then checked). A short or failed write is
+    a WriteError naming the file."""
+    data = (line + "\n").encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                     | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):
+            exc.strerror = "it is a symlink, pipe or device, not a regular file; remove it"
+        raise _write_error(path, exc, kept=False) from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise WriteError(errno.EINVAL, f"cannot write {path}: it is not a regular file (a "
+                                           f"pipe or device); remove it")
+        try:
+            written = os.write(fd, data)
+            os.fsync(fd)
+        except OSError as exc:
+            raise _write_error(path, exc, kept=False) from exc
+        if written != len(data):
+            raise WriteError(errno.EIO, f"cannot write {path}: only {written} of {len(data)} "
+                                        f"bytes of a line were written (is the disk full?); a "
+                                        f"run resumed later rewrites or skips the cut line")
+    finally:
+        os.close(fd)
 
 
 def is_temporary(name):

@@ -19,6 +19,7 @@ import json
 import os
 import shlex
 import socket
+import stat
 import sys
 
 from refham.errors import RefhamError
@@ -30,6 +31,10 @@ LOCK_NAME = ".refham.lock"
 class RunLocked(RefhamError, RuntimeError):
     """The run folder is held by another process (a run, a resume or a sweep writing there), or
     its lock file cannot be opened."""
+
+
+class RunFolderReplaced(RefhamError, RuntimeError):
+    """The locked run folder was deleted, moved or replaced while the run held it."""
 
 
 class RunLock:
@@ -45,13 +50,19 @@ class RunLock:
         """Take the lock or raise RunLocked naming its holder; then remove orphaned temporary
         files. → self."""
         while True:
-            try:                    # O_NOFOLLOW: a symlink planted there is not written through
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                             0o666)
+            try:                    # O_NOFOLLOW: a symlink planted there is not written through;
+                fd = os.open(       # O_NONBLOCK: a FIFO there is not waited on
+                    self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+                    | os.O_NONBLOCK, 0o666)
+                regular = stat.S_ISREG(os.fstat(fd).st_mode)
             except OSError as exc:
+                regular, fd = exc.strerror, None
+            if regular is not True:
+                if fd is not None:
+                    os.close(fd)
                 raise RunLocked(f"cannot lock {self.folder}: {self.path} cannot be opened as a "
-                                f"file ({exc.strerror}); remove it if it is not refham's lock "
-                                f"file, or choose another --out") from exc
+                                f"regular file ({regular or 'a pipe, device or socket'}); remove "
+                                f"it if it is not refham's lock file, or choose another --out")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -67,19 +78,37 @@ class RunLock:
                   "since": datetime.datetime.now(datetime.timezone.utc).isoformat(
                       timespec="seconds"),
                   "command": shlex.join(sys.argv)}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
         self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode(), 0)
+        except OSError:     # the record only feeds the message refusing a second writer
+            pass
         self._remove_orphans()
         return self
 
+    def verify(self):
+        """Raise RunFolderReplaced unless the folder still holds the lock file this lock holds:
+        a folder deleted (or moved) and re-created under a run is another run's to take, and
+        this run must write nothing into it. Called before every write of a run."""
+        if self._fd is not None and not _still_linked(self._fd, self.path):
+            raise RunFolderReplaced(
+                f"{self.folder} was deleted, moved or replaced while this run held it (its lock "
+                f"file {LOCK_NAME} is gone or another's): stopping without writing into it; "
+                f"restore the folder and resume, or start again")
+
     def release(self):
-        """Remove the lock file, then let go of the lock (in this order: see the module
-        docstring). Releasing a lock not held does nothing."""
+        """Remove the lock file if it is still this lock's, then let go of the lock (in this
+        order: see the module docstring). Never raises: a folder that vanished or turned
+        read-only leaves at most a lock file nobody holds, which the next run takes; the error
+        that ended the run is the one to report. Releasing a lock not held does nothing."""
         if self._fd is None:
             return
         try:
-            os.unlink(self.path)
+            if _still_linked(self._fd, self.path):
+                os.unlink(self.path)
+        except OSError:
+            pass
         finally:
             os.close(self._fd)
             self._fd = None
@@ -104,9 +133,10 @@ class RunLock:
 def _still_linked(fd, path):
     """True if the open file `fd` is still the file at `path` (not unlinked or replaced)."""
     try:
-        return os.fstat(fd).st_ino == os.stat(path).st_ino
-    except FileNotFoundError:
+        mine, there = os.fstat(fd), os.lstat(path)
+    except OSError:         # gone, or its folder is
         return False
+    return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _describe(content):

@@ -20,14 +20,16 @@ import os
 import time
 import zlib
 
-from refham.files.checkpoint import read_json_lines
+from refham.files.checkpoint import read_json_lines, read_regular
+from refham.files.outputs import append_line, prepare_folder
 from refham.training.distributed import get_communicator
-from refham.files.outputs import prepare_folder
 from refham.files.runlock import RunLock
 from refham.study.plan import (  # noqa: F401  (re-exported: the sweep's public names)
     ARMS, STUDY, SWEEP_LAMS, SWEEP_SEEDS, SWEEP_SETTINGS, Regime, Run, SweepError, plan,
     run_name)
 from refham.study.report import write_report
+from refham.training.launch import check_same_settings
+from refham.training.stopping import stop_requests
 from refham.training.train import TrainingDiverged, train
 from refham.training.train_config import RESUMABLE_CHANGES, TrainConfig
 
@@ -61,21 +63,11 @@ def _read_results(path):
     return results
 
 
-def _append(path, record):
-    """Append one JSON line with a single O_APPEND write, so that parts never interleave."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (json.dumps(record) + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _curves(out):
     """Per-epoch curves of a finished run, from its metrics.jsonl: train/validation accuracy and
     the means over blocks and MLPs of cos(W_out, W_inᵀ), the breaking ratio and ‖W_out‖."""
-    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
-        records = [json.loads(line) for line in f]
+    path = os.path.join(out, "metrics.jsonl")
+    records = [json.loads(line) for line in read_regular(path, SweepError).splitlines()]
     curves = {key: [r.get(key) for r in records] for key in ("train_acc", "val_acc")}
     for measure in ("cos", "breaking_ratio", "norm_out"):
         curves[measure] = [_mean([v for k, v in (r.get("symmetry") or {}).items()
@@ -89,14 +81,17 @@ def _mean(values):
 
 
 def _train_run(run, settings, out):
-    """Train (or resume) one run → its results record, or None when a signal stopped it."""
+    """Train (or resume) one run → (its results record, None), or (None, the signal) when a
+    signal stopped it. A
+    run not yet resumable (no last.npz) starts afresh over what an earlier try left there."""
     model, norm_affine = ARMS[run.model]
     cfg = TrainConfig(**{**settings, "eval_every": settings.get("eval_every") or run.epochs},
                       model=model, norm_affine=norm_affine, lam=run.lam, asym_init=run.asym_init,
                       lr=run.lr, epochs=run.epochs, seed=run.seed, comm="none",
                       out=os.path.join(out, "runs", run_name(run)))
     try:
-        summary = train(cfg, resume=os.path.exists(os.path.join(cfg.out, "last.npz")))
+        resume = os.path.exists(os.path.join(cfg.out, "last.npz"))
+        summary = train(cfg, resume=resume, force=not resume)
         curves = _curves(cfg.out) if summary["status"] == "finished" else None
     except TrainingDiverged as exc:
         summary, curves = {"status": "diverged", "error": str(exc)}, None
@@ -104,7 +99,7 @@ def _train_run(run, settings, out):
         return None, summary["signal"]
     return {**run._asdict(), "settings": settings, "curves": curves,
             **{k: summary.get(k) for k in (
-                "status", "test_acc", "test_loss", "val_acc", "val_loss", "train_acc",
+                "run_id", "status", "test_acc", "test_loss", "val_acc", "val_loss", "train_acc",
                 "train_loss", "best_epoch", "best_test_acc", "wall_time", "symmetry",
                 "error")}}, None
 
@@ -127,6 +122,8 @@ def execute(out, regimes, settings=None, part=None, log=print, poll=10.0, report
     (results, finished): the records of the planned runs, and False when a signal stopped it."""
     shared = _settings(settings)
     comm = get_communicator("auto")
+    check_same_settings(comm, {"out": os.fspath(out), "regimes": repr(regimes), **shared,
+                               "part": part, "report_only": report_only})
     if comm.size > 1:
         if part is not None:
             raise SweepError("--part splits a sweep over separate processes; under mpiexec the "
@@ -138,14 +135,17 @@ def execute(out, regimes, settings=None, part=None, log=print, poll=10.0, report
     # share it: each trains its own runs and appends whole lines to results.jsonl.
     lock = RunLock(out).acquire() if part is None or (comm.size > 1 and comm.rank == 0) else None
     try:
-        return _execute(out, regimes, shared, part, log, poll, report_only, comm)
+        with stop_requests() as stop, stop.also_from(comm.stop_received):
+            return _execute(out, regimes, shared, part, log, poll, report_only, comm, stop, lock)
     finally:
         if lock:
             lock.release()
 
 
-def _execute(out, regimes, shared, part, log, poll, report_only, comm):
-    """`execute` once the folder is locked and the part of this process is known."""
+def _execute(out, regimes, shared, part, log, poll, report_only, comm, stop, lock):
+    """`execute` once the folder is locked (`lock`, None for a part) and the part of this
+    process is known; `stop`, the StopRequest, is looked at between runs (train looks at it
+    between steps), and hears of the other ranks' signals."""
     results_path = os.path.join(out, "results.jsonl")
     waiting_logged = False
     while True:
@@ -159,6 +159,9 @@ def _execute(out, regimes, shared, part, log, poll, report_only, comm):
                                  f"(differing: {changed}, run {run_name(run)}); choose another "
                                  f"--out")
         runs, rates = plan(regimes, results)
+        if stop.signal:
+            log(f"sweep stopped by {stop.signal} between runs; run it again to continue")
+            break
         run = None if report_only else _next_run(runs, results, part)
         if run is None and report_only:
             break
@@ -172,18 +175,28 @@ def _execute(out, regimes, shared, part, log, poll, report_only, comm):
             continue
         record, stopped_by = _train_run(run, shared, out)
         if record is None:
-            log(f"sweep stopped by {stopped_by} during {run_name(run)}; run it again to "
-                f"continue")
-            return [results[r] for r in runs if r in results], False
-        _append(results_path, record)
+            log(f"sweep stopped by {stopped_by} during {run_name(run)} (its last.npz is "
+                f"saved); run it again to continue")
+            if not stop.signal:       # a train that stopped by itself (tests fake one)
+                stop.signal_here = stopped_by
+            break
+        if lock:
+            lock.verify()
+        append_line(results_path, json.dumps(record))
         accuracy = ("diverged" if record["test_acc"] is None
                     else f"test top-1 {100 * record['test_acc']:.2f}%")
         done = sum(r in results for r in runs) + 1
         log(f"[{done}/{len(runs)}] {run_name(run)}: {accuracy} ({record['wall_time'] or 0:.0f} s)")
-    if comm.size > 1:                  # every rank's part is done: rank 0 reports for all
-        comm.barrier()
-        if comm.rank:
-            return [], True
+    # every rank's part is done or stopped: rank 0 reports for all, unless one was stopped
+    if stop.signal_here:              # the others stop at their next step too
+        comm.send_stop(stop.signal_here)
+    if comm.any_of(stop.signal):
+        while comm.stop_received():   # the other ranks' notes, if they were stopped too
+            pass
+        return [results[r] for r in runs if r in results], False
+    if comm.rank:
+        return [], True
+    if comm.size > 1:
         results = _read_results(results_path)
         runs, rates = plan(regimes, results)
     chosen = [results[r] for r in runs if r in results]

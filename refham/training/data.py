@@ -116,6 +116,15 @@ def hold_out(dataset, fraction, gen):
     return _subset(dataset, kept), _subset(dataset, held)
 
 
+def check_every_class(dataset, what, advice):
+    """DataError unless `dataset` (a split: `what`) holds images of every one of its classes:
+    a model trained without some classes is silently another experiment."""
+    present = len(numpy.unique(dataset.labels))
+    if present < dataset.num_classes:
+        raise DataError(f"the {what} holds images of only {present} of the {dataset.num_classes} "
+                        f"classes of {dataset.name} ({len(dataset)} images): {advice}")
+
+
 def _subset(dataset, index):
     """The images `index` of `dataset`, with its classes, name and normalisation constants."""
     return Dataset(dataset.images[index], dataset.labels[index], dataset.num_classes,

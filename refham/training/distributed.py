@@ -15,18 +15,17 @@ which is exact for uneven (last, partial) batches too. A term of the objective t
 depend on the batch (the λ penalty) is in every rank's J_r and counted once, as Σ_r n_r/n = 1;
 weight decay acts in the optimiser, after the reduce, on every rank alike.
 
-Communicators (rank, size, local_rank, allreduce_mean_, bcast_, sum, allgather, barrier, abort):
+Communicators (rank, size, local_rank, allreduce_mean_, bcast_, sum, allgather, any_of,
+send_stop, stop_received, abort):
 `SingleProcess` (never imports mpi4py), `MPICommunicator` (mpi4py; CuPy buffers staged through
 the host) and `NCCLCommunicator` (cupy.cuda.nccl on device buffers, its unique id broadcast over
-MPI, one GPU per rank: device = local rank). With more than one rank, an uncaught exception on
-any rank prints "rank r: message" and aborts the whole job (`MPI_Abort`) instead of leaving the
-other ranks waiting in their next collective.
+MPI, one GPU per rank: device = local rank). How a job of several ranks ends when one of
+them fails is refham.training.launch's part.
 """
-import functools
 import hashlib
 import os
 import sys
-import traceback
+import time
 
 import numpy
 
@@ -37,6 +36,9 @@ COMMS = ("auto", "none", "mpi", "nccl")
 # what launchers (MPICH/Hydra and Slurm's PMI, Open MPI, MVAPICH) set in every rank's environment
 _LAUNCHER_SIZE = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 _LAUNCHER_RANK = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+POLL_SECONDS = 0.02        # how often a waiting rank looks whether the others have arrived
+STOP_TAG = 1               # the tag of send_stop's messages (on MPICommunicator.ending)
+FORWARD_SECONDS = 0.5      # what mpiexec needs to forward a rank's last lines before an abort
 _MPI_HINT = 'pip install "refham[mpi]" (mpi4py and MPICH; on a cluster: pip install mpi4py ' \
             'against the site\'s MPI)'
 
@@ -45,23 +47,28 @@ class CommError(RefhamError, ValueError):
     """A data-parallel setting that cannot work here (missing mpi4py, NCCL without CuPy, ...)."""
 
 
-def _launcher_value(names):
-    """The first of the launcher variables `names` that is set, as an int; None if none is."""
+def _launcher_value(names, least):
+    """The first of the launcher variables `names` that is set, as an int ≥ `least`; None if
+    none is; CommError for a value that is not such an int (a launcher never sets one)."""
     for name in names:
         if name in os.environ:
-            return int(os.environ[name])
+            text = os.environ[name]
+            if not (text.strip().isdigit() and least <= int(text) < 1 << 24):
+                raise CommError(f"the launcher variable {name}={text[:40]!r} is not a number of "
+                                f"ranks or a rank: unset it, or start refham with mpiexec/srun")
+            return int(text)
     return None
 
 
 def launched_size():
     """How many ranks the launcher (mpiexec, srun) started, from the environment: 1 outside one.
     Read before importing mpi4py, so that a single-process run never loads MPI."""
-    return _launcher_value(_LAUNCHER_SIZE) or 1
+    return _launcher_value(_LAUNCHER_SIZE, 1) or 1
 
 
 def launched_rank():
     """This process's rank according to the launcher's environment (0 outside one)."""
-    return _launcher_value(_LAUNCHER_RANK) or 0
+    return _launcher_value(_LAUNCHER_RANK, 0) or 0
 
 
 # --------------------------------------------------------------------------- communicators
@@ -85,8 +92,17 @@ class SingleProcess:
         """[obj_0, …, obj_{N−1}]: one small picklable object from every rank."""
         return [obj]
 
-    def barrier(self):
-        """Wait until every rank is here."""
+    def any_of(self, flag):
+        """True if `flag` is true on any rank; waits for every rank without spinning."""
+        return bool(flag)
+
+    def send_stop(self, name):
+        """Tell every other rank, which may be busy with work of its own, that signal `name`
+        stopped this one (they look with `stop_received`)."""
+
+    def stop_received(self):
+        """The name of the signal another rank said stopped it (`send_stop`), or None."""
+        return None
 
     def abort(self, code=1):
         """End every rank of the job with exit status `code`."""
@@ -103,6 +119,9 @@ class MPICommunicator:
         node = self.comm.Split_type(mpi.COMM_TYPE_SHARED)
         self.local_rank = node.Get_rank()
         node.Free()
+        # where ranks agree how the job ends (refham.training.launch): a communicator of its
+        # own, so that a rank waiting there never meets another rank's training collectives
+        self.ending = self.comm.Dup()
 
     def allreduce_mean_(self, flat):
         host = to_numpy(flat)
@@ -127,13 +146,39 @@ class MPICommunicator:
     def allgather(self, obj):
         return self.comm.allgather(obj)
 
-    def barrier(self):
-        self.comm.Barrier()
+    def any_of(self, flag):
+        result = numpy.zeros(1, dtype=numpy.int32)
+        wait(self.comm.Iallreduce(numpy.array([int(bool(flag))], dtype=numpy.int32), result,
+                                  op=self.mpi.MAX))
+        return bool(result[0])
+
+    def send_stop(self, name):
+        sent = [self.ending.isend(name, dest=rank, tag=STOP_TAG)
+                for rank in range(self.size) if rank != self.rank]
+        for request in sent:
+            wait(request)
+
+    def stop_received(self):
+        if not self.ending.iprobe(source=self.mpi.ANY_SOURCE, tag=STOP_TAG):
+            return None
+        return self.ending.recv(source=self.mpi.ANY_SOURCE, tag=STOP_TAG)
 
     def abort(self, code=1):
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr, sys.__stderr__):
+            stream.flush()
+        time.sleep(FORWARD_SECONDS)   # mpiexec forwards the last lines before it kills the job
         self.comm.Abort(code)
+
+
+def wait(request, deadline=None):
+    """Wait for the MPI `request` without spinning a core (MPI's own waits busy-poll), and
+    letting signal handlers run in between. → True when it completed, False at `deadline`
+    (a time.monotonic() value; None: none)."""
+    while not request.Test():
+        if deadline is not None and time.monotonic() > deadline:
+            return False
+        time.sleep(POLL_SECONDS)
+    return True
 
 
 class NCCLCommunicator(MPICommunicator):
@@ -181,7 +226,7 @@ def get_communicator(kind="auto", backend="numpy"):
     if kind == "auto":
         kind = "none" if launched_size() == 1 else "nccl" if backend == "cupy" else "mpi"
     if kind == "none":
-        return SingleProcess()
+        return _WORLD.setdefault("none", SingleProcess())
     if kind == "nccl" and backend != "cupy":
         raise CommError("--comm nccl reduces GPU buffers: it needs --backend cupy (on CPUs use "
                         "--comm mpi)")
@@ -194,9 +239,13 @@ def get_communicator(kind="auto", backend="numpy"):
         if backend == "cupy":
             _use_local_gpu(world)
         _WORLD[kind] = world if kind == "mpi" else NCCLCommunicator(MPI)
-        if world.size > 1:
-            sys.excepthook = functools.partial(_abort_on_exception, world)
     return _WORLD[kind]
+
+
+def started_world():
+    """The MPI communicator this process started: None before MPI starts, or without MPI
+    (`SingleProcess` where --comm none ruled MPI out)."""
+    return _WORLD.get("mpi") or _WORLD.get("nccl") or _WORLD.get("none")
 
 
 def _use_local_gpu(world):
@@ -204,22 +253,6 @@ def _use_local_gpu(world):
     a launcher that binds a GPU per rank (srun --gpus-per-task=1) leaves visible."""
     import cupy
     cupy.cuda.Device(world.local_rank % cupy.cuda.runtime.getDeviceCount()).use()
-
-
-def _abort_on_exception(world, kind, value, tb):
-    """sys.excepthook under MPI: report with the rank, then end every rank (no hang)."""
-    text = "".join(traceback.format_exception(kind, value, tb))
-    sys.stderr.write("".join(f"rank {world.rank}: {line}\n" for line in text.splitlines()))
-    world.abort(1)
-
-
-def exit_status(code):
-    """`code`, the process's exit status — but a failing rank of a job of several ranks aborts
-    the whole job here (the others would wait forever in their next collective)."""
-    world = _WORLD.get("mpi") or _WORLD.get("nccl")
-    if code and world is not None and world.size > 1:
-        world.abort(code)
-    return code
 
 
 # --------------------------------------------------------------------------- data parallel

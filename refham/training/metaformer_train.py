@@ -25,6 +25,7 @@ from refham.metaformer import (
 from refham.optim import AdamW
 from refham.training.run_folder import RunFolder
 from refham.training.step import optimiser_step
+from refham.training.launch import check_same_settings
 
 DATASETS = ("digits", "mnist", "synthetic")
 PAPER_SETTINGS = dict(data="mnist", hidden=900, steps=10, lr=1e-4, batch_size=512, epochs=100)
@@ -106,6 +107,8 @@ def train(settings, echo=False):
     one process does) and of the test set; one allreduce per step combines the gradients; rank 0
     alone locks and writes the folder."""
     comm = get_communicator(settings.comm, backend_name())
+    check_same_settings(comm, {k: v for k, v in dataclasses.asdict(settings).items()
+                               if k != "progress"})
     with RunFolder(settings.out, comm) as folder:
         return _train_in_folder(settings, echo, comm, folder)
 
@@ -113,9 +116,6 @@ def train(settings, echo=False):
 def _train_in_folder(settings, echo, comm, folder):
     """`train`, once rank 0 holds the lock on `folder` (a RunFolder)."""
     s = settings
-    if s.batch_size % comm.size:
-        raise MetaFormerError(f"batch_size {s.batch_size} is the global batch, split evenly over "
-                              f"the {comm.size} ranks: choose a multiple of {comm.size}")
     train_images, test_images, test_split = load_images(s.data, s.data_path, s.seed)
     clean_train, clean_test = normalise_images(train_images), normalise_images(test_images)
     visible_size = clean_train.shape[1]

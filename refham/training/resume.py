@@ -17,8 +17,10 @@ import os
 import warnings
 
 from refham.errors import RefhamError
-from refham.files.checkpoint import CheckpointError, describe_names, read_json_lines
+from refham.files.checkpoint import (
+    CheckpointError, describe_names, load_checkpoint, read_json_lines, read_regular)
 from refham.files.outputs import atomic_write
+from refham.files.runfolder import ForeignRunError, check_artifact
 from refham.mixer import ParamError, check_params, param_shapes
 from refham.training.train_config import RESUMABLE_CHANGES, TrainConfig, TrainConfigError
 
@@ -135,17 +137,20 @@ def check_same_run(ck, path, config_path):
     """Raise ResumeError if the folder's config.json (at `config_path`) describes another run
     than checkpoint `ck`: a last.npz copied from elsewhere would mix two runs in one folder.
     A missing config.json is written again from the checkpoint."""
-    saved = {"train": ck.config["train"], "model": ck.config["model"]}
-    if not os.path.exists(config_path):
+    saved = {"train": ck.config["train"], "model": ck.config["model"],
+             "run_id": ck.config.get("run_id")}
+    if not os.path.lexists(config_path):
         atomic_write(config_path, lambda f: f.write(json.dumps(saved, indent=2).encode()))
         return
     try:
-        with open(config_path, "rb") as f:
-            folder = json.loads(f.read())
+        folder = json.loads(read_regular(config_path, ResumeError))
         ours = {k: v for k, v in folder["train"].items() if k not in RESUMABLE_CHANGES}
         theirs = {k: v for k, v in saved["train"].items() if k not in RESUMABLE_CHANGES}
         same = ours == theirs and folder["model"] == saved["model"]
+        folder_id = folder.get("run_id")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        if isinstance(exc, ResumeError):
+            raise
         raise ResumeError(f"{config_path} is unreadable ({type(exc).__name__}: {exc}), so "
                           f"whether {path} belongs to this folder's run cannot be told; "
                           f"delete config.json to have it written again from {path}") from exc
@@ -153,6 +158,22 @@ def check_same_run(ck, path, config_path):
         raise ResumeError(f"{path} comes from another run than the one {config_path} "
                           f"describes; resuming would mix the two: put the checkpoint back in "
                           f"its own folder")
+    check_artifact(config_path, folder_id, saved["run_id"])
+
+
+def check_best(best_path, run_id, ck):
+    """Raise ForeignRunError (or CheckpointError for a damaged file) unless the best.npz at
+    `best_path`, if there is one, belongs to the run of last.npz `ck` (id `run_id`): its id,
+    settings and model, so that no other run's best is ever reported as this one's."""
+    if not os.path.lexists(best_path):
+        return
+    best = load_checkpoint(best_path)
+    check_artifact(best_path, best.config.get("run_id"), run_id)
+    fixed = [{k: v for k, v in (c.config.get("train") or {}).items() if k not in RESUMABLE_CHANGES}
+             for c in (best, ck)]
+    if fixed[0] != fixed[1] or best.config.get("model") != ck.config["model"]:
+        raise ForeignRunError(f"{best_path} was written by a run with other settings or another "
+                              f"model than last.npz: move it out of the folder")
 
 
 def finished_records(metrics_path, epochs_done):

@@ -12,7 +12,7 @@ atomically; the metrics log grows by one line per epoch.
 import contextlib
 import os
 
-from refham.files.outputs import atomic_write, prepare_folder
+from refham.files.outputs import append_line, atomic_write, prepare_folder
 from refham.files.runlock import RunLock
 
 
@@ -21,14 +21,20 @@ class RunFolder:
     (rank 0) while the run uses it. `path(name)` is where file `name` lives in it."""
 
     def __init__(self, out, comm):
-        self.out, self.writer = out, comm.rank == 0
-        self._held = contextlib.ExitStack()
+        self.out, self.comm, self.writer = out, comm, comm.rank == 0
+        self._held, self._lock = contextlib.ExitStack(), None
 
     def __enter__(self):
         if self.writer:
             prepare_folder(self.out)
-            self._held.enter_context(RunLock(self.out))
+            self._lock = self._held.enter_context(RunLock(self.out))
         return self
+
+    def verify(self):
+        """RunFolderReplaced if the folder is no longer the one locked (deleted or replaced
+        under the run: refham.files.runlock); called before every write."""
+        if self._lock is not None:
+            self._lock.verify()
 
     def __exit__(self, *exc_info):
         self._held.close()
@@ -40,10 +46,12 @@ class RunFolder:
     def write(self, name, text):
         """Create or replace file `name` with `text` atomically (rank 0 only)."""
         if self.writer:
+            self.verify()
             atomic_write(self.path(name), lambda f: f.write(text.encode()))
 
     def append_line(self, name, line):
-        """Append `line` and a newline to file `name` (rank 0 only)."""
+        """Append `line` and a newline to file `name` (rank 0 only; refham.files.outputs'
+        checks: a regular file, the whole line written)."""
         if self.writer:
-            with open(self.path(name), "a", encoding="utf-8") as f:
-                f.write(line + "\n")
+            self.verify()
+            append_line(self.path(name), line)

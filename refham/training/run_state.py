@@ -11,13 +11,13 @@ checkpoint records the counter scheme's inputs (seed, step) and the step restore
 """
 import dataclasses
 import json
-import os
 
 from refham.asym_init import initial_params
 from refham.backend import asarray
 from refham.files.checkpoint import load_checkpoint, save_checkpoint
+from refham.files.runfolder import check_fresh, check_metrics, new_run_id
 from refham.training.resume import (
-    ResumeError, check_resumable, check_same_run, checked_progress, finished_records,
+    check_best, check_resumable, check_same_run, checked_progress, finished_records,
     last_checkpoint)
 
 RNG_SCHEME = "counter-v1"
@@ -28,9 +28,10 @@ def rng_state(seed, step):
     return {"scheme": RNG_SCHEME, "seed": seed, "step": step}
 
 
-def run_record(cfg, model_config):
-    """What config.json and checkpoints record of the run: its settings and its model."""
-    return {"train": cfg.to_dict(), "model": dataclasses.asdict(model_config)}
+def run_record(cfg, model_config, run_id):
+    """What config.json and checkpoints record of the run: its settings, its model and its id
+    (refham.files.runfolder)."""
+    return {"train": cfg.to_dict(), "model": dataclasses.asdict(model_config), "run_id": run_id}
 
 
 @dataclasses.dataclass
@@ -48,25 +49,28 @@ class Progress:
 @dataclasses.dataclass
 class RunState:
     """Parameters θ, optimiser state, step (optimiser steps done), progress, and the metrics
-    record of the last finished epoch (None before the first)."""
+    record of the last finished epoch (None before the first), and the run's id (None for a run
+    begun before run ids existed)."""
     params: dict
     opt_state: dict
     step: int
     progress: Progress
     last_record: dict = None
+    run_id: str = None
 
     @classmethod
-    def start(cls, folder, cfg, model, optimizer):
+    def start(cls, folder, cfg, model, optimizer, force=False):
         """The initial state of a new run in `folder` (a RunFolder): θ by cfg.asym_init from
-        cfg.seed, zero moments; writes config.json and an empty metrics log. ResumeError if the
-        folder already holds a run."""
-        if os.path.exists(folder.path("last.npz")):
-            raise ResumeError(f"{cfg.out} already holds a run (last.npz): pass --resume to "
-                              f"continue it, or choose another --out")
+        cfg.seed, zero moments, a new run id (rank 0's, on every rank); writes config.json and
+        an empty metrics log. ForeignRunError if the folder holds another run's files, unless
+        `force` (they are removed)."""
+        if folder.writer:
+            check_fresh(cfg.out, force)
+        run_id = folder.comm.allgather(new_run_id())[0]
         params = initial_params(model.config, cfg.seed, cfg.asym_init)
-        folder.write("config.json", json.dumps(run_record(cfg, model.config), indent=2))
+        folder.write("config.json", json.dumps(run_record(cfg, model.config, run_id), indent=2))
         folder.write("metrics.jsonl", "")
-        return cls(params, optimizer.init(params), 0, Progress())
+        return cls(params, optimizer.init(params), 0, Progress(), run_id=run_id)
 
     @classmethod
     def resume(cls, folder, cfg, model, optimizer, steps_per_epoch):
@@ -77,23 +81,29 @@ class RunState:
         ck = load_checkpoint(path)
         check_resumable(ck, path, cfg, model.config, optimizer, steps_per_epoch,
                         lambda step: rng_state(cfg.seed, step))
+        run_id = ck.config.get("run_id")
         if folder.writer:     # it may write config.json again; a mismatch on rank 0 ends all
             check_same_run(ck, path, folder.path("config.json"))
+            check_best(folder.path("best.npz"), run_id, ck)
         progress = checked_progress(ck, path, Progress)
         params = {k: asarray(v, dtype=v.dtype) for k, v in ck.params.items()}
         opt_state = {k: asarray(v, dtype=v.dtype) if hasattr(v, "shape") else v
                      for k, v in ck.optim_state.items()}
         # a crash between a metrics line and its checkpoint must not leave that epoch twice
         records = finished_records(folder.path("metrics.jsonl"), ck.epoch)
+        check_metrics(folder.path("metrics.jsonl"), records, run_id)
         folder.write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-        return cls(params, opt_state, ck.step, progress, records[-1] if records else None)
+        return cls(params, opt_state, ck.step, progress, records[-1] if records else None,
+                   run_id)
 
     def save(self, folder, name, cfg, model, steps_per_epoch, world_size):
         """Write checkpoint `name` (last.npz or best.npz) of this state into `folder`,
         atomically (rank 0 only)."""
         if folder.writer:
+            folder.verify()
             save_checkpoint(folder.path(name), self.params, self.opt_state, step=self.step,
                             epoch=self.step // steps_per_epoch,
                             rng_state=rng_state(cfg.seed, self.step),
-                            config={**run_record(cfg, model.config), "world_size": world_size},
+                            config={**run_record(cfg, model.config, self.run_id),
+                                    "world_size": world_size},
                             metrics=dataclasses.asdict(self.progress))

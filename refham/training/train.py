@@ -30,13 +30,10 @@ MetaFormer's loop; one device→host transfer), the folder a run owns (refham.tr
 the state its checkpoints hold (refham.training.run_state), and here the data, the schedule and
 the epoch loop.
 """
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import signal
-import threading
 import time
 
 from tqdm import tqdm
@@ -47,14 +44,17 @@ from refham.files.checkpoint import load_checkpoint
 from refham.mixer import Mixer
 from refham.optim import cosine_lr, make_optimizer
 from refham.training.data import (
-    add_gaussian_noise, batches, hold_out, horizontal_flip, load_dataset, normalise, random_crop)
+    add_gaussian_noise, batches, check_every_class, hold_out, horizontal_flip, load_dataset,
+    normalise, random_crop)
 from refham.training.distributed import (
     ShardedGenerator, broadcast_state, get_communicator, shard)
 from refham.training.evaluation import evaluate
+from refham.training.launch import check_same_settings
 from refham.training.resume import last_checkpoint, saved_settings
 from refham.training.run_folder import RunFolder
 from refham.training.run_state import RunState
 from refham.training.step import optimiser_step
+from refham.training.stopping import StopRequest, stop_requests
 from refham.training.train_config import CROP_PAD, TrainConfig, TrainConfigError, model_config
 
 ORDER_STREAM, STEP_STREAM = 1, 2      # rng((seed, stream, epoch or step)): see the module docstring
@@ -93,29 +93,6 @@ def _json_floats(value):
     return value if isinstance(value, (str, bool, int, type(None))) else float(to_numpy(value))
 
 
-@contextlib.contextmanager
-def _stop_requests():
-    """A dict whose 'signal' entry is set by SIGINT/SIGTERM (checked between steps). A second
-    signal while one is pending raises KeyboardInterrupt (checkpoints are atomic: nothing tears).
-    Outside the main thread no handlers can be installed and the dict never changes."""
-    stop = {"signal": None}
-
-    def request_stop(signum, frame):
-        if stop["signal"] is not None:
-            raise KeyboardInterrupt
-        stop["signal"] = signal.Signals(signum).name
-
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
 def run_datasets(cfg):
     """(train, validation or None, test) datasets of `cfg`: the validation split is held out of
     the training images with rng((data_seed, 3)), so it stays the same across seeds."""
@@ -125,6 +102,8 @@ def run_datasets(cfg):
         return train_set, None, test_set
     train_set, val_set = hold_out(train_set, cfg.val_fraction,
                                   rng((cfg.data_seed, VALIDATION_STREAM)))
+    check_every_class(train_set, "training split", "raise --train-fraction or lower "
+                                                   "--val-fraction")
     return train_set, val_set, test_set
 
 
@@ -165,18 +144,20 @@ class _EpochLoop:
         self.cfg, self.comm, self.folder, self.model = cfg, comm, folder, model
         self.train_set, self.val_set, self.test_set = datasets
         self.optimizer, self.schedule, self.state = optimizer, schedule, state
-        self.stop_agreed, self.stop, self._clock = False, {"signal": None}, time.perf_counter()
+        self.stop_agreed, self.stop, self._clock = False, StopRequest(), time.perf_counter()
 
     def run(self, stop, echo):
-        """Train to the last epoch → summary. `stop` is _stop_requests' dict: when a signal
-        sets it, save last.npz at the next step boundary and return."""
+        """Train to the last epoch → summary. `stop` is the StopRequest
+        (refham.training.stopping): when a signal sets it, save last.npz at the next step
+        boundary and return."""
         self._clock, self.stop = time.perf_counter(), stop
         for epoch in range(self.state.step // self.schedule.steps_per_epoch, self.cfg.epochs):
             if not self._train_epoch(epoch):
                 self._save("last.npz")
-                return self._summary("interrupted", stop["signal"] or "a signal to another rank")
+                return self._summary("interrupted", stop.signal or "a signal to another rank")
             record = self._end_epoch(epoch)
-            self.folder.append_line("metrics.jsonl", json.dumps(record))   # before the
+            self.folder.append_line("metrics.jsonl",    # before the
+                                    json.dumps({**record, "run": self.state.run_id}))
             self._save("last.npz")          # checkpoint: RunState.resume cuts what it has not
             if echo and self.folder.writer:
                 tqdm.write(_epoch_line(record, self.cfg.epochs))
@@ -202,7 +183,7 @@ class _EpochLoop:
         params, opt_state, scalars = optimiser_step(
             self.state.params, self.state.opt_state, loss_and_grads, self.optimizer, lr,
             lambda what: self._diverged(lr, what), clip=cfg.clip_grad, comm=comm,
-            n_local=len(labels), n_global=n, stop=bool(self.stop["signal"]))
+            n_local=len(labels), n_global=n, stop=bool(self.stop.signal))
         self.state.params, self.state.opt_state = params, opt_state
         self.state.step += 1
         self.stop_agreed = scalars.stop
@@ -246,7 +227,7 @@ class _EpochLoop:
                     continue
                 # one process stops at its own signal; ranks stop after the step whose allreduce
                 # carried one, all at the same step boundary
-                if self.stop_agreed if self.comm.size > 1 else self.stop["signal"]:
+                if self.stop_agreed if self.comm.size > 1 else self.stop.signal:
                     return False
                 started = time.perf_counter()
                 loss, correct = self._train_step(images, labels)
@@ -305,7 +286,8 @@ class _EpochLoop:
     def _summary(self, status, signal_name, best=None):
         """The dict `train` returns (see there)."""
         last, progress, step = self.state.last_record or {}, self.state.progress, self.state.step
-        return {"status": status, "signal": signal_name, "out": self.cfg.out, "step": step,
+        return {"status": status, "signal": signal_name, "out": self.cfg.out,
+                "run_id": self.state.run_id, "step": step,
                 "epochs_done": step // self.schedule.steps_per_epoch, "epochs": self.cfg.epochs,
                 **{k: last.get(k) for k in ("train_loss", "train_acc", "val_loss", "val_acc",
                                              "test_loss", "test_acc", "img_per_s", "symmetry")},
@@ -325,9 +307,10 @@ def _epoch_line(record, epochs):
             f"{record['img_per_s']:.0f} img/s  {record['wall_time']:.1f} s")
 
 
-def train(cfg, resume=False, echo=False):
+def train(cfg, resume=False, echo=False, force=False):
     """Train (or with resume=True continue, exactly) the run described by `cfg` in `cfg.out`;
-    `echo` prints one line per epoch (through tqdm, so that progress bars stay intact).
+    `echo` prints one line per epoch (through tqdm, so that progress bars stay intact); `force`
+    lets a new run replace the files of another run in cfg.out (refham.files.runfolder).
 
     Returns a summary dict: status ('finished' | 'interrupted'), step, epochs_done, the last
     epoch's train/val/test loss and accuracy, best_epoch and best_val_acc (best.npz, chosen on
@@ -337,12 +320,9 @@ def train(cfg, resume=False, echo=False):
     Under several ranks all start from rank 0's parameters and optimiser state."""
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"train needs a TrainConfig, got {type(cfg).__name__}")
-    with active_backend(cfg.backend, cfg.dtype, cfg.threads), _stop_requests() as stop:
-        comm = get_communicator(cfg.comm, cfg.backend)
-        if cfg.batch_size % comm.size:
-            raise TrainConfigError(f"batch_size {cfg.batch_size} is the global batch, split "
-                                   f"evenly over the {comm.size} ranks: choose a multiple of "
-                                   f"{comm.size}")
+    comm = get_communicator(cfg.comm, cfg.backend)  # first: MPI starts before the handlers
+    check_same_settings(comm, {k: v for k, v in cfg.to_dict().items() if k != "progress"})
+    with active_backend(cfg.backend, cfg.dtype, cfg.threads), stop_requests() as stop:
         datasets = run_datasets(cfg)
         model = Mixer(model_config(cfg, datasets[0]))
         optimizer = make_optimizer(cfg.optimizer, cfg.weight_decay, momentum=cfg.momentum,
@@ -350,7 +330,7 @@ def train(cfg, resume=False, echo=False):
         schedule = Schedule.of(cfg, len(datasets[0]))
         with RunFolder(cfg.out, comm) as folder:      # locked until the run ends, however
             state = (RunState.resume(folder, cfg, model, optimizer, schedule.steps_per_epoch)
-                     if resume else RunState.start(folder, cfg, model, optimizer))
+                     if resume else RunState.start(folder, cfg, model, optimizer, force))
             if comm.size > 1:
                 state.params, state.opt_state = broadcast_state(comm, state.params,
                                                                 state.opt_state)

@@ -65,7 +65,8 @@ class TrainConfig:
              "best.npz; 0: no validation split and no best.npz")
     epochs: int = _setting(20, "passes over the training set")
     batch_size: int = _setting(64, "images per optimiser step (under mpiexec: the global batch, "
-                                   "split evenly over the ranks)")
+                                   "split over the ranks, whose shares differ by at most one "
+                                   "image)")
     drop_last: bool = _setting(True, "drop each epoch's last partial training batch, as timm's "
                                      "training loader does (evaluation keeps every image)")
     optimizer: str = _setting("adamw", "optimiser", choices=OPTIMIZERS)
