@@ -11,7 +11,7 @@ import pytest
 
 from refham.backend import asarray, backend_name, get_dtype, rng, to_numpy
 from refham.files.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from refham.files.runfolder import ForeignRunError
+from refham.files.run_identity import ForeignRunError
 from refham.training.data import Dataset
 from refham.mixer import MODELS, Mixer, make_config
 from refham.optim import cosine_lr

@@ -20,7 +20,7 @@ from refham.errors import RefhamError
 from refham.files.checkpoint import (
     CheckpointError, describe_names, load_checkpoint, read_json_lines, read_regular)
 from refham.files.outputs import atomic_write
-from refham.files.runfolder import ForeignRunError, check_artifact
+from refham.files.run_identity import ForeignRunError, check_artifact
 from refham.mixer import ParamError, check_params, param_shapes
 from refham.training.train_config import RESUMABLE_CHANGES, TrainConfig, TrainConfigError
 

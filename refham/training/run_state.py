@@ -15,7 +15,7 @@ import json
 from refham.asym_init import initial_params
 from refham.backend import asarray
 from refham.files.checkpoint import load_checkpoint, save_checkpoint
-from refham.files.runfolder import check_fresh, check_metrics, new_run_id
+from refham.files.run_identity import check_fresh, check_metrics, new_run_id
 from refham.training.resume import (
     check_best, check_resumable, check_same_run, checked_progress, finished_records,
     last_checkpoint)
@@ -30,7 +30,7 @@ def rng_state(seed, step):
 
 def run_record(cfg, model_config, run_id):
     """What config.json and checkpoints record of the run: its settings, its model and its id
-    (refham.files.runfolder)."""
+    (refham.files.run_identity)."""
     return {"train": cfg.to_dict(), "model": dataclasses.asdict(model_config), "run_id": run_id}
 
 

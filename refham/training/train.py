@@ -310,7 +310,7 @@ def _epoch_line(record, epochs):
 def train(cfg, resume=False, echo=False, force=False):
     """Train (or with resume=True continue, exactly) the run described by `cfg` in `cfg.out`;
     `echo` prints one line per epoch (through tqdm, so that progress bars stay intact); `force`
-    lets a new run replace the files of another run in cfg.out (refham.files.runfolder).
+    lets a new run replace the files of another run in cfg.out (refham.files.run_identity).
 
     Returns a summary dict: status ('finished' | 'interrupted'), step, epochs_done, the last
     epoch's train/val/test loss and accuracy, best_epoch and best_val_acc (best.npz, chosen on
