@@ -18,7 +18,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "refham"
 FOUNDATION = {"backend", "errors"}
-SUBPACKAGES = ("fast", "files", "training", "study", "oracle", "cli")
+SUBPACKAGES = ("fast", "files", "training", "study", "oracle", "testing", "cli")
 
 
 def _apipages():
