@@ -32,8 +32,10 @@ def _selected(tensors, names):
 
 def check_case(case, candidate, profile="float32", names=None):
     """Compare candidate(case) with case.reference() (only the tensors matching `names`,
-    fnmatch patterns such as 'output/*', if given); AssertionError naming the case if not."""
+    fnmatch patterns such as 'output/*', or a function of the case giving them, if given);
+    AssertionError naming the case if not."""
     reference = case.reference()
+    names = names(case) if callable(names) else names
     if names is not None:
         reference = type(reference)(_selected(reference.tensors, names),
                                     reference.sensitivity, reference.reproduce)
@@ -61,7 +63,8 @@ def check_mixer_implementation(candidate, profile="float32", names=None, max_exa
                                models=None):
     """Run `candidate(MixerCase) → {golden name: array}` on drawn Mixers (refham.testing.
     strategies.mixer_cases; `models` restricts the variants) against refham under `profile`;
-    `names` restricts the compared tensors to fnmatch patterns; max_examples defaults to the
+    `names` restricts the compared tensors to fnmatch patterns (or a function of the case
+    giving them); max_examples defaults to the
     active hypothesis profile's."""
     cases = mixer_cases() if models is None else mixer_cases(tuple(models))
     _drive(cases, candidate, profile, names, max_examples)
