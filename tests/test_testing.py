@@ -338,6 +338,13 @@ def test_the_torch_model_in_float64_passes_the_float64_profile(torch_peer, case)
                FORWARD_AND_GRADIENTS)
 
 
+@settings(max_examples=5)
+@given(mixer_cases())
+def test_the_torch_model_in_bfloat16_passes_the_bfloat16_profile(torch_peer, case):
+    check_case(case, lambda c: torch_candidate(torch_peer, c, "bfloat16"), "bfloat16",
+               FORWARD_AND_GRADIENTS)
+
+
 # S = 4 tokens, C = 3 channels, token hidden N_s = 4: block 0's token fc1 (N_s, S) is square
 BUG_CONFIG = dict(image_size=4, patch=2, dim=3, depth=2, num_classes=4, token_hidden_units=4)
 
@@ -396,3 +403,23 @@ def test_a_ham_candidate_with_a_wrong_sign_fails():
     check_case(case, ham_float32, "float32")
     with pytest.raises(AssertionError, match="NOT OK +output/dEdg/h"):
         check_case(case, buggy, "float32")
+
+
+# --------------------------------------------------------------------------------------------
+# The rounding model itself
+# --------------------------------------------------------------------------------------------
+def test_the_rounding_model_sizes_a_sum_by_its_terms_not_its_result():
+    """Σ (1e8, 1, −1e8) = 1: storage rounds each term (σ_s ~ 1e8) and the accumulation is off by
+    the summands' size (σ_a ~ 2e8), though the result is 1; a GEMM likewise by |A|·|B|."""
+    from refham.testing.tolerances import sensitivities
+    terms = np.array([1e8, 1.0, -1e8])
+    _, sigma = sensitivities(lambda x: {"sum": np.asarray(x["t"].sum())}, {"t": terms})
+    storage, accumulation = (float(s) for s in sigma["sum"])
+    assert 1e7 < storage < 1e9 and 5e7 < accumulation < 1e9
+    a = np.array([[3.0, -3.0], [1.0, 1.0]])
+    b = np.array([[1.0], [1.0]])
+    _, sigma = sensitivities(lambda x: {"ab": np.asarray(x["a"] @ x["b"])}, {"a": a, "b": b})
+    accumulation = sigma["ab"][1].ravel()
+    assert 0.5 < accumulation[0] / 6.0 < 3 and 0.5 < accumulation[1] / 2.0 < 3
+    _, sigma = sensitivities(lambda x: {"ab": np.asarray(x["a"].max())}, {"a": a})
+    assert float(sigma["ab"][1]) == 0.0          # no sum, no accumulation error

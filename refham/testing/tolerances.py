@@ -52,7 +52,7 @@ class Profile:
     name: str
     storage: float
     accumulation: float
-    safety: float = 16.0
+    safety: float = 32.0
     floor: float = 0.25
 
     def __post_init__(self):
@@ -74,7 +74,8 @@ PROFILES = {
     "float64": Profile("float64", storage=2.0 ** -53, accumulation=2.0 ** -53),
     "float32": Profile("float32", storage=2.0 ** -24, accumulation=2.0 ** -24),
     # bfloat16 tensors, float32 accumulators (every bfloat16 GEMM on current hardware)
-    "bfloat16": Profile("bfloat16", storage=2.0 ** -8, accumulation=2.0 ** -24),
+    # (the model is first order; at u_s = 2⁻⁸ the second-order terms are not negligible)
+    "bfloat16": Profile("bfloat16", storage=2.0 ** -8, accumulation=2.0 ** -24, safety=64.0),
 }
 
 
@@ -99,6 +100,8 @@ class _Rounding(numpy.ndarray):
 
     @classmethod
     def _perturbed(cls, result, size):
+        if isinstance(result, numpy.floating):  # a full reduction's scalar: a 0-d array
+            result = numpy.asarray(result)
         if not isinstance(result, numpy.ndarray) or result.dtype.kind != "f":
             return result
         noise = cls.step * size * cls.generator.standard_normal(result.shape)
