@@ -88,9 +88,10 @@ def mixer_reference(config, params, images, labels, *, lam=0.0, label_smoothing=
     param/<name>, output/logits, output/loss, grad/<name>, block/<i>/out and (SymMixer)
     block/<i>/energy, as in a golden file. With drop_path > 0, `drop_seed` seeds the drop-path
     masks (numpy.random.default_rng(drop_seed), drawn as refham.mixer.Mixer.forward documents)."""
-    from refham.mixer import Mixer
+    from refham.mixer import ConfigError, Mixer
     if config.drop_path and drop_seed is None:
-        raise ValueError("drop_path > 0 needs drop_seed (the masks must be reproducible)")
+        raise ConfigError(f"drop_path {config.drop_path} needs drop_seed: the reference and the "
+                          f"candidate must draw the same masks")
     host = {"input/images": numpy.asarray(images, dtype=numpy.float64),
             "input/labels": numpy.asarray(labels).astype(numpy.int64),
             **{f"param/{name}": numpy.asarray(as_host_array(value), dtype=numpy.float64)
