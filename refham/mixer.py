@@ -78,6 +78,8 @@ class MixerConfig:
     norm_affine: str = "element"  # block norms' γ: "element" (the paper's) or "scalar", one γ
                                   # per norm: the Lagrangian's, so each SymMixer block is an
                                   # exact energy-descent step (:eq:`L-layernorm`, :eq:`M2`)
+    token_hidden_units: int = 0   # N_s when > 0, in place of the paper's rule below (models
+    channel_hidden_units: int = 0  # whose widths follow S, e.g. mlp-mixer-pytorch); N_c alike
 
     def __post_init__(self):
         _validate(self)
@@ -89,13 +91,14 @@ class MixerConfig:
 
     @property
     def token_hidden(self):
-        """N_s = int(int(0.5·C)·r): the token width follows C, not S, as in the paper's code."""
-        return int(int(0.5 * self.dim) * self.hidden_ratio)
+        """N_s = int(int(0.5·C)·r): the token width follows C, not S, as in the paper's code;
+        token_hidden_units when set."""
+        return self.token_hidden_units or int(int(0.5 * self.dim) * self.hidden_ratio)
 
     @property
     def channel_hidden(self):
-        """N_c = int(int(4·C)·r)."""
-        return int(int(4 * self.dim) * self.hidden_ratio)
+        """N_c = int(int(4·C)·r); channel_hidden_units when set."""
+        return self.channel_hidden_units or int(int(4 * self.dim) * self.hidden_ratio)
 
     @property
     def serial(self):
@@ -118,6 +121,8 @@ def _validate(cfg):
                           f"{', '.join(NORM_AFFINES)}")
     for name in ("image_size", "in_chans", "patch", "dim", "depth", "num_classes", "n_iter"):
         integer_at_least(name, getattr(cfg, name), 1, ConfigError)
+    for name in ("token_hidden_units", "channel_hidden_units"):   # 0: the hidden_ratio rule
+        integer_at_least(name, getattr(cfg, name), 0, ConfigError)
     if cfg.image_size % cfg.patch:
         raise ConfigError(f"patch {cfg.patch} does not divide image_size {cfg.image_size}: "
                           "pick a patch size that tiles the image")

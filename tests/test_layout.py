@@ -19,7 +19,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "refham"
 FOUNDATION = {"backend", "errors", "checks"}
-SUBPACKAGES = ("fast", "files", "training", "study", "oracle", "cli")
+SUBPACKAGES = ("fast", "files", "training", "study", "oracle", "testing", "cli")
 
 
 def _apipages():

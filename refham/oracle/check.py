@@ -134,7 +134,9 @@ def tolerance(name, rtol=None, atol=None, overrides=()):
 
 
 def compare(name, golden, candidate, rtol, atol):
-    """The verdict on one tensor pair (see the module docstring for the rule)."""
+    """The verdict on one tensor pair (see the module docstring for the rule). `atol` may be an
+    array broadcasting to the golden shape (refham.testing's per-element tolerances); the
+    report then names the tolerance that applied at the worst element."""
     candidate = numpy.asarray(candidate)
     if candidate.dtype.kind not in "iuf":
         return TensorCheck(name, NOT_OK, f"not a numeric array (dtype {candidate.dtype})")
@@ -149,15 +151,20 @@ def compare(name, golden, candidate, rtol, atol):
     with numpy.errstate(divide="ignore", invalid="ignore"):
         rel = numpy.where(diff == 0, 0.0, diff / numpy.abs(expected))
     max_abs, max_rel = float(diff.max(initial=0.0)), float(rel.max(initial=0.0))
-    excess = diff - (atol + rtol * numpy.abs(expected))
-    tol = f"(rtol {rtol:g}, atol {atol:g})"
+    allowed = numpy.broadcast_to(atol + rtol * numpy.abs(expected), expected.shape)
+    excess = diff - allowed
+    if numpy.ndim(atol) == 0:
+        tol = f"(rtol {rtol:g}, atol {float(atol):g})"
+    else:
+        tol = f"(rtol {rtol:g}, atol per element {numpy.min(atol):.3g} … {numpy.max(atol):.3g})"
     if excess.size == 0 or excess.max() <= 0:
         return TensorCheck(name, OK, tol, max_abs, max_rel)
     worst = numpy.unravel_index(numpy.argmax(excess), excess.shape)
     count = int(numpy.count_nonzero(excess > 0))
     return TensorCheck(name, NOT_OK, f"{count} value(s) out of {tol}; worst at "
                        f"{tuple(int(i) for i in worst)}: {float(candidate[worst]):.17g} vs "
-                       f"golden {float(golden[worst]):.17g}", max_abs, max_rel)
+                       f"golden {float(golden[worst]):.17g}, |Δ| {float(diff[worst]):.3g} > "
+                       f"tolerance {float(allowed[worst]):.3g}", max_abs, max_rel)
 
 
 def _tensors(source, what):
@@ -179,6 +186,14 @@ def check(golden, candidate, rtol=None, atol=None, overrides=()):
     read_meta(golden, "the golden file (first argument)")
     candidate = _tensors(candidate, "candidate")
     overrides = [parse_tolerance(o) if isinstance(o, str) else tuple(o) for o in overrides]
+    return compare_by_name(golden, candidate,
+                           lambda name: tolerance(name, rtol, atol, overrides))
+
+
+def compare_by_name(golden, candidate, tolerance_of):
+    """The pairing rules of the module docstring: `golden` and `candidate` are {name: host
+    array}, `tolerance_of(name)` gives (rtol, atol) of a golden tensor (atol may be an array)
+    → Report, in the golden order with the candidate's extras last."""
     inputs = [n for n in golden if n.startswith(INPUT_PREFIXES)]
     inputs_present = any(n in candidate for n in inputs)
     checks = []
@@ -195,8 +210,7 @@ def check(golden, candidate, rtol=None, atol=None, overrides=()):
         if expected.dtype.kind not in "iuf" or not numpy.all(numpy.isfinite(expected)):
             raise GoldenError(f"golden tensor {name} is not a finite numeric array: the golden "
                               f"file is corrupt")
-        checks.append(compare(name, expected, candidate[name],
-                              *tolerance(name, rtol, atol, overrides)))
+        checks.append(compare(name, expected, candidate[name], *tolerance_of(name)))
     checks += [TensorCheck(name, NOT_OK, "not in the golden file (renamed? unexpected)")
                for name in candidate if name not in golden and not name.startswith(META_PREFIX)]
     return Report(tuple(checks))

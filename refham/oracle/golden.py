@@ -75,7 +75,7 @@ def setting_defaults(writer):
 
 
 @contextlib.contextmanager
-def _float64():
+def computing_in_float64():
     """Golden values are always computed in float64, whatever the session's default dtype."""
     saved = get_dtype()
     set_dtype("float64")
@@ -116,7 +116,7 @@ def mixer_golden(model, *, size="digits", n_iter=1, norm="joint", lam=0.0, label
     perturb = finite_real("perturb", perturb, GoldenError, allow_zero=True)
     optimizer = AdamW(weight_decay=finite_real("weight_decay", weight_decay, GoldenError,
                                                allow_zero=True))
-    with _float64():
+    with computing_in_float64():
         config = make_config(model, size, n_iter=n_iter, norm=norm, **overrides)
         require(mixer_bytes(config, batch, 8, optimizer_slots=2), f"a {model} golden file "
                 f"(batch {batch}, depth {config.depth}, dim {config.dim})",
@@ -131,27 +131,46 @@ def mixer_golden(model, *, size="digits", n_iter=1, norm="joint", lam=0.0, label
         images = generator.standard_normal(
             (batch, config.in_chans, config.image_size, config.image_size))
         labels = generator.integers(0, config.num_classes, batch)
-        loss, logits, grads = mixer.loss_and_grads(params, asarray(images), labels, lam,
-                                                   label_smoothing)
-        states = {}  # (block, t) → x⁽ᵗ⁾
-        mixer.forward(params, asarray(images), observe=lambda block, t, x:
-                      states.__setitem__((block, t), x))
         tensors = {META_KEY: _meta("mixer", settings, model=dataclasses.asdict(config),
                                    optimizer=dataclasses.asdict(optimizer)),
                    "input/images": images, "input/labels": labels.astype(numpy.int64),
                    **{f"param/{name}": value for name, value in params.items()},
-                   "output/logits": logits, "output/loss": numpy.float64(loss),
-                   **{f"grad/{name}": value for name, value in grads.items()}}
-        for block in range(config.depth):
-            tensors[f"block/{block}/out"] = states[block, config.n_iter]
-            if config.mlp_kind == "sym":
-                tensors[f"block/{block}/energy"] = _block_energies(config, params, block, states)
+                   **mixer_outputs(mixer, params, images, labels, lam, label_smoothing)}
         if steps:
             losses, trained = _adamw_steps(mixer, optimizer, params, asarray(images), labels,
                                            steps, lr, lam, label_smoothing)
             tensors["train/losses"] = numpy.array(losses)
             tensors.update({f"train/param/{name}": value for name, value in trained.items()})
         return _host(tensors)
+
+
+def mixer_outputs(mixer, params, images, labels, lam=0.0, label_smoothing=0.0, drop_rng=None):
+    """The output tensors of a Mixer golden file — output/logits, output/loss, grad/<name>,
+    block/<i>/out, block/<i>/energy (SymMixer) — for given parameters and inputs, in the active
+    dtype (golden files: float64). With `drop_rng` (and drop_path > 0) the forward passes draw
+    their drop-path masks from two copies of it, so that both see the same masks."""
+    config = mixer.config
+    images = asarray(images)
+    copies = [None, None] if drop_rng is None else [_copy_rng(drop_rng) for _ in range(2)]
+    loss, logits, grads = mixer.loss_and_grads(params, images, labels, lam, label_smoothing,
+                                               drop_rng=copies[0])
+    states = {}  # (block, t) → x⁽ᵗ⁾
+    mixer.forward(params, images, drop_rng=copies[1],
+                  observe=lambda block, t, x: states.__setitem__((block, t), x))
+    tensors = {"output/logits": logits, "output/loss": numpy.float64(loss),
+               **{f"grad/{name}": value for name, value in grads.items()}}
+    for block in range(config.depth):
+        tensors[f"block/{block}/out"] = states[block, config.n_iter]
+        if config.mlp_kind == "sym":
+            tensors[f"block/{block}/energy"] = _block_energies(config, params, block, states)
+    return _host(tensors)
+
+
+def _copy_rng(generator):
+    """An independent numpy Generator in `generator`'s current state."""
+    copy = numpy.random.Generator(type(generator.bit_generator)())
+    copy.bit_generator.state = generator.bit_generator.state
+    return copy
 
 
 def _block_energies(config, params, block, states):
@@ -190,30 +209,44 @@ def ham_golden(ham="metaformer", *, visible=64, hidden=100, batch=2, seed=0, alp
         (("visible", visible, 2), ("hidden", hidden, 1), ("batch", batch, 1), ("seed", seed, 0)))
     alpha = finite_real("alpha", alpha, GoldenError)
     require_three_layer_ham(visible, hidden, batch, 1)
-    with _float64():
+    with computing_in_float64():
         net = three_layer_ham(visible, hidden)
         weights = net.init_weights(seed, scale=finite_real("weight_scale", weight_scale,
                                                            GoldenError, allow_zero=True))
         states = net.init_states(batch, seed=seed + 1,
                                  scale=finite_real("state_scale", state_scale, GoldenError))
-        tree = net.energy_tree(states, weights)
-        graph = {"layers": {name: {"shape": layer.shape, "lagrangian": repr(layer.lagrangian),
-                                   "tau": layer.tau} for name, layer in net.layers.items()},
-                 "synapses": {name: repr(s) for name, s in net.synapses.items()}}
-        tensors = {META_KEY: _meta("ham", settings, graph=graph),
+        tensors = {META_KEY: _meta("ham", settings, graph=ham_graph(net)),
                    **{f"input/state/{name}": x for name, x in states.items()},
                    **{f"param/{name}": w for name, w in weights.items()},
-                   **{f"output/activation/{name}": g
-                      for name, g in net.activations(states).items()},
-                   **{f"output/energy/layers/{name}": e for name, e in tree["layers"].items()},
-                   **{f"output/energy/synapses/{name}": e
-                      for name, e in tree["synapses"].items()},
-                   "output/energy/total": tree["total"],
-                   **{f"output/dEdg/{name}": d for name, d in net.dEdg(states, weights).items()},
-                   "output/dEdt": net.dEdt(states, weights),
-                   **{f"output/step/{name}": x
-                      for name, x in net.step(states, weights, alpha).items()}}
+                   **ham_outputs(net, states, weights, alpha)}
         return _host(tensors)
+
+
+def ham_graph(net):
+    """A JSON-able description of a HAM's layers and synapses (the golden meta's `graph`)."""
+    return {"layers": {name: {"shape": layer.shape, "lagrangian": repr(layer.lagrangian),
+                              "tau": layer.tau} for name, layer in net.layers.items()},
+            "synapses": {name: repr(s) for name, s in net.synapses.items()}}
+
+
+def ham_outputs(net, states, weights, alpha, steps=1):
+    """The output tensors of a HAM golden file — output/activation/<A>, output/energy/…,
+    output/dEdg/<A>, output/dEdt, output/step/<A> — for a refham.ham.HAM, states and weights, in
+    the active dtype. With steps > 1, output/step/<k>/<A> holds the states after k = 1..steps
+    Euler steps (:eq:`H5`) instead."""
+    tree = net.energy_tree(states, weights)
+    tensors = {**{f"output/activation/{name}": g for name, g in net.activations(states).items()},
+               **{f"output/energy/layers/{name}": e for name, e in tree["layers"].items()},
+               **{f"output/energy/synapses/{name}": e for name, e in tree["synapses"].items()},
+               "output/energy/total": tree["total"],
+               **{f"output/dEdg/{name}": d for name, d in net.dEdg(states, weights).items()},
+               "output/dEdt": net.dEdt(states, weights)}
+    current = states
+    for k in range(1, steps + 1):
+        current = net.step(current, weights, alpha)
+        prefix = "output/step/" if steps == 1 else f"output/step/{k}/"
+        tensors.update({f"{prefix}{name}": x for name, x in current.items()})
+    return _host(tensors)
 
 
 # ---------------------------------------------------------------------------------------------
