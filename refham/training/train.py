@@ -47,6 +47,8 @@ from refham.training.distributed import (
     CommError, ShardedGenerator, broadcast_state, combine_gradients,
     get_communicator, shard)
 from refham.training.evaluation import active_backend, evaluate
+from refham.training.gpu import tf32_mode, warm_up
+from refham.training.noise import step_generator
 from refham.layers import InputError
 from refham.mixer import ConfigError, Mixer, ParamError
 from refham.files.outputs import prepare_folder
@@ -254,6 +256,7 @@ class _Run:
         gen, rows = rng((cfg.seed, STEP_STREAM, self.step)), shard(n, comm)
         if comm.size > 1:
             gen, images, labels = ShardedGenerator(gen, n, rows), images[rows], labels[rows]
+        gen = step_generator(gen, cfg.noise_rng, (cfg.seed, self.step), n, rows)
         if len(labels):
             x = prepare_batch(images, self.train_set, cfg, gen)
             loss, logits, grads = self.model.loss_and_grads(
@@ -417,9 +420,11 @@ def train(cfg, resume=False, echo=False):
     Raises TrainConfigError / ResumeError for unusable settings and TrainingDiverged on NaN/inf."""
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"train needs a TrainConfig, got {type(cfg).__name__}")
-    with active_backend(cfg.backend, cfg.dtype, cfg.threads), _stop_requests() as stop:
+    with active_backend(cfg.backend, cfg.dtype, cfg.threads), tf32_mode(cfg.tf32), \
+            _stop_requests() as stop:
         run = _Run(cfg, resume, get_communicator(cfg.comm, cfg.backend))
         try:
+            warm_up(run, prepare_batch)
             return run.run(stop, echo)
         finally:
             if run.lock:
