@@ -94,8 +94,8 @@ def _probe(cupy):
     """Compile and run one of refham's fused kernels (NVRTC, CUDA's math library) and a float32
     GEMM (cuBLAS) on the current GPU, waiting for both: what training needs first, so that a
     missing library is one line here instead of a traceback at the first step."""
-    from refham.fast.kernels import CUDA    # the kernel table imports nothing of refham
-    kernel = cupy.ElementwiseKernel(*CUDA["refham.special.gelu_and_deriv"], "refham_probe")
+    from refham import fast      # deferred, as in Accelerated: it imports nothing of refham
+    kernel = cupy.ElementwiseKernel(*fast.CUDA["refham.special.gelu_and_deriv"], "refham_probe")
     x = cupy.asarray(numpy.linspace(-2, 2, 16, dtype=numpy.float32).reshape(4, 4))
     gelu, _ = kernel(x)
     gelu @ x
