@@ -322,6 +322,18 @@ class Device:
         _STATE["device"] = self._previous
 
 
+class _MemoryPool:
+    """cupy.get_default_memory_pool(): the stand-in keeps no pool (NumPy allocates)."""
+
+    def free_all_blocks(self):
+        pass
+
+    def used_bytes(self):
+        return 0
+
+    total_bytes = used_bytes
+
+
 class _Stream:
     ptr = 0
 
@@ -388,7 +400,8 @@ class NcclCommunicator:
 def modules(nccl=True):
     """{module name: module} of the stand-in (`nccl=False`: CuPy without NCCL, as its wheels)."""
     cupy = _Namespace("cupy", numpy, ndarray=ndarray, asnumpy=asnumpy,
-                      ElementwiseKernel=ElementwiseKernel, __version__="14.2.0-standin")
+                      ElementwiseKernel=ElementwiseKernel, __version__="14.2.0-standin",
+                      get_default_memory_pool=_MemoryPool)
     runtime = types.ModuleType("cupy.cuda.runtime")
     runtime.getDeviceCount, runtime.memGetInfo = _device_count, _mem_get_info
     runtime.deviceSynchronize = lambda: None
