@@ -154,7 +154,8 @@ def _standin_mpiexec(args, tmp_path, **env):
 def test_two_ranks_with_nccl_signatures_match_one_process(standin, tmp_path):
     settings = ["--model", "asymmixer", "--lam", "0.01", "--data", "digits", "--train-fraction",
                 "0.1", "--dim", "16", "--depth", "2", "--epochs", "1", "--batch-size", "32",
-                "--no-drop-last", "--dtype", "float64", "--no-progress", "--backend", "cupy"]
+                "--no-drop-last", "--dtype", "float64", "--no-progress", "--backend", "cupy",
+                "--input-noise", "0.3", "--noise-rng", "counter", "--drop-path", "0.2"]
     result = _standin_mpiexec(["train", *settings, "--out", "two"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert main(["train", *settings, "--comm", "none", "--out", str(tmp_path / "one")]) == 0

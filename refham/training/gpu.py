@@ -13,6 +13,7 @@ import contextlib
 
 from refham.backend import backend_name, rng, set_tf32, tf32_enabled, xp
 from refham.training.distributed import shard
+from refham.training.noise import step_generator
 from refham.training.train_config import TrainConfigError
 
 WARM_UP_STREAM = 4      # rng((seed, 4)): the warm-up's throwaway draws, apart from training's
@@ -50,7 +51,8 @@ def warm_up(run, prepare_batch):
     from refham.training.data import batches
     images, labels = next(batches(dataset, n))
     images, labels = images[rows], labels[rows]
-    gen = rng((cfg.seed, WARM_UP_STREAM))
+    gen = step_generator(rng((cfg.seed, WARM_UP_STREAM)), cfg.noise_rng,
+                         (cfg.seed, WARM_UP_STREAM, 0), n, rows)   # the steps' noise kernels too
     x = prepare_batch(images, dataset, cfg, gen)
     _, logits, grads = run.model.loss_and_grads(
         run.params, x, labels, label_smoothing=cfg.label_smoothing, drop_rng=gen)
