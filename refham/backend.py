@@ -60,8 +60,9 @@ def backend_name():
     return _State.name
 
 
-_LAUNCHER_LOCAL_RANK = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK",
-                        "SLURM_LOCALID")   # Open MPI, MPICH (Hydra), MVAPICH, Slurm
+# a rank's index on its node, as Open MPI, MPICH (Hydra), MVAPICH and Slurm set it
+_LAUNCHER_LOCAL_RANK = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID",
+                        "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")
 # what a CuPy wheel needs beside the driver, by the library name in CuPy's "failed to load" error
 _CUDA_PIECES = (("nvrtc", "NVRTC (CUDA's runtime compiler, which builds refham's fused kernels)"),
                 ("cublas", "cuBLAS (CUDA's matrix products)"), ("curand", "cuRAND"),

@@ -32,8 +32,8 @@ def test_standin_refuses_implicit_host_conversion_and_host_arguments(standin):
     x = B.xp.asarray(np.arange(6.0).reshape(2, 3))
     with pytest.raises(TypeError, match="Implicit conversion to a NumPy array is not allowed"):
         np.asarray(x)
-    for mixed in (lambda: x + np.ones(3), lambda: np.ones(3) + x, lambda: B.xp.maximum(x, np.ones(3)),
-                  lambda: B.xp.concatenate([x, np.ones((1, 3))])):
+    for mixed in (lambda: x + np.ones(3), lambda: np.ones(3) + x,
+                  lambda: B.xp.maximum(x, np.ones(3)), lambda: B.xp.concatenate([x, np.ones((1, 3))])):
         with pytest.raises(TypeError, match="Unsupported type"):
             mixed()
     assert isinstance(x.sum(), standin.ndarray) and x.sum().ndim == 0   # 0-d, as CuPy's

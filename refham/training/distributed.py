@@ -143,7 +143,7 @@ class NCCLCommunicator(MPICommunicator):
         from cupy.cuda import nccl
         self.nccl = nccl
         # every rank learns whether any lacks NCCL before the first NCCL call: all stop together
-        missing = self.comm.allgather(None if getattr(nccl, "available", False) else self.rank)
+        missing = self.comm.allgather(None if getattr(nccl, "available", True) else self.rank)
         if any(rank is not None for rank in missing):
             raise CommError(f"--comm nccl: CuPy finds no NCCL library on rank(s) "
                             f"{', '.join(str(r) for r in missing if r is not None)}; install it "
