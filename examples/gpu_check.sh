@@ -52,8 +52,8 @@ verdict() {  # verdict PART STATUS DETAIL: one summary line
 cupy.__version__, '| torch', torch.__version__, '| cuda', torch.version.cuda)"
 } > "$OUT/env.txt" 2>&1
 
-# suite (≤ 200 s): collection errors or failures fail the part; skips are listed in the log
-REFHAM_BACKEND=cupy timeout 200 $PY -m pytest -q -p no:cacheprovider -rs "${SUITE[@]}" \
+# suite (≤ 180 s): collection errors or failures fail the part; skips are listed in the log
+REFHAM_BACKEND=cupy timeout 180 $PY -m pytest -q -p no:cacheprovider -rs "${SUITE[@]}" \
     > "$OUT/suite.log" 2>&1
 verdict suite $? "($(tail -1 "$OUT/suite.log"))"
 
@@ -71,8 +71,8 @@ bench() {  # bench NAME LIMIT ARGS...: refham vs torch; PASS if every ratio ≥ 
     fi
     verdict "$name" $status "$detail"
 }
-bench bench32 100 "${B32[@]}"
-bench bench_s16 100 "${BS16[@]}"
+bench bench32 90 "${B32[@]}"
+bench bench_s16 90 "${BS16[@]}"
 
 # digits (≤ 100 s): the same run on the GPU and on the CPU, test accuracy within 0.5 points
 timeout 100 $PY examples/gpu_check_verdict.py digits "$OUT/digits.json" "$EPOCHS" \
