@@ -47,7 +47,7 @@ verdict() {  # verdict PART STATUS DETAIL: one summary line
 }
 
 # env (10 s)
-{ nvidia-smi 2>&1 || echo "no nvidia-smi"
+{ timeout 30 nvidia-smi 2>&1 || echo "no nvidia-smi"
   timeout 60 $PY -c "import numpy, cupy, torch; print('numpy', numpy.__version__, '| cupy',
 cupy.__version__, '| torch', torch.__version__, '| cuda', torch.version.cuda)"
 } > "$OUT/env.txt" 2>&1
