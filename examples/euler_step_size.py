@@ -4,7 +4,8 @@ For each block of a `digits` SymMixer, the block's inputs x for the test images 
 own forward pass) take one step x' = x + dt(u(g) − x) of (M3) with κ = 1 and the energy-exact
 (scalar γ) layer norm; the script prints, per block and dt, the share of inputs whose Lyapunov
 energy E (M2) rose, and how far the energy-exact block's unit step lies from the model's own
-(‖Δ‖/‖update‖). The MixerBlock docstring states the proven bound and these observations.
+(‖Δ‖/‖update‖). The MixerBlock docstring states the proven bound; the docs' step-size section
+(docs/ham.md) these observations.
 
 Run it:   python examples/euler_step_size.py [CHECKPOINT.npz] [--seed 0] [--dt 1 1.5 2 2.2 3]
 Without a checkpoint (a refham training checkpoint of a digits SymMixer, e.g. from

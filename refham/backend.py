@@ -23,10 +23,12 @@ import re
 import numpy
 import scipy.special
 
+from refham.errors import RefhamError
+
 _BACKENDS = ("numpy", "cupy")
 
 
-class BackendError(RuntimeError):
+class BackendError(RefhamError, RuntimeError):
     """The requested array backend cannot be used here."""
 
 
@@ -167,6 +169,27 @@ def set_dtype(dtype):
 
 def get_dtype():
     return _State.dtype
+
+
+@contextlib.contextmanager
+def active_backend(name, dtype, threads=0):
+    """Run with backend `name` (None: the active one, as REFHAM_BACKEND or `set_backend` chose),
+    default dtype `dtype` and at most `threads` BLAS threads (0: as the BLAS library likes;
+    threadpoolctl sets it); restore all three after."""
+    from threadpoolctl import threadpool_limits
+
+    saved = backend_name(), get_dtype()
+    switch = bool(name) and name != saved[0]
+    if switch:
+        set_backend(name)
+    set_dtype(dtype)
+    try:
+        with threadpool_limits(limits=threads or None, user_api="blas"):
+            yield
+    finally:
+        if switch:
+            set_backend(saved[0])
+        set_dtype(saved[1])
 
 
 def asarray(a, dtype=None):

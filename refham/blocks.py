@@ -88,7 +88,7 @@ def parallel_branches_backward(cache, du):
 # ---------------------------------------------------------------------------------------------
 def parallel_block_forward(x, weights, kind, n_iter=1, eps=1e-6, n_axes=None, masks=None,
                            observe=None):
-    """n_iter iterations of g = LN(x), x ← x + T(g) + Ch(g), :eq:`X-parallel-block`, with the
+    """n_iter iterations of g = LN(x), x ← x + T(g) + Ch(g) (implements :eq:`X-parallel-block`), with the
     same weights ('norm.weight', 'norm.bias', 'mlp_tokens.…', 'mlp_channels.…').
 
     n_axes: the axes the norm reduces over (2: the joint (S, C) norm, 1: per token over C);
@@ -145,7 +145,7 @@ def _residual_backward(cache, dy, grads):
 
 def serial_block_forward(x, weights, kind, n_iter=1, eps=1e-6, n_axes=None, masks=None,
                          observe=None):
-    """n_iter iterations of x ← x + T(LN₁(x)); x ← x + Ch(LN₂(x)), :eq:`X-serial-block`, with
+    """n_iter iterations of x ← x + T(LN₁(x)); x ← x + Ch(LN₂(x)) (implements :eq:`X-serial-block`), with
     the same weights ('norm1.…', 'mlp_tokens.…', 'norm2.…', 'mlp_channels.…'); the vanilla
     Mixer's block. Arguments and return as `parallel_block_forward`."""
     caches = []

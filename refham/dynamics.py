@@ -6,14 +6,13 @@ A state x is an array with a leading batch axis, or a dict of such arrays (a HAM
     trajectory.energies        # (n_steps + 1, B): E along the way
 """
 import dataclasses
-import math
-import numbers
-import operator
 
+from refham.checks import finite_real, integer_at_least
+from refham.errors import RefhamError
 from refham.backend import xp
 
 
-class DynamicsError(ValueError):
+class DynamicsError(RefhamError, ValueError):
     """An integration was asked for with bad settings, or its energy stopped being finite."""
 
 
@@ -107,16 +106,9 @@ def integrate(f, x0, dt, n_steps, method="rk4", energy=None, f_and_energy=None):
     if method not in STEPPERS:
         raise DynamicsError(f"unknown integration method {method!r}: choose one of "
                             f"{', '.join(STEPPERS)}")
-    if isinstance(dt, bool) or not isinstance(dt, numbers.Real) or not math.isfinite(dt) \
-            or dt <= 0:
-        raise DynamicsError(f"dt must be a finite real number > 0, got {dt!r}")
-    try:
-        count = operator.index(n_steps)
-    except TypeError:
-        count = -1
-    if isinstance(n_steps, bool) or count < 0:
-        raise DynamicsError(f"n_steps must be an integer >= 0, got {n_steps!r}")
-    stepper, dt = STEPPERS[method], float(dt)
+    dt = finite_real("dt", dt, DynamicsError)
+    n_steps = integer_at_least("n_steps", n_steps, 0, DynamicsError)
+    stepper = STEPPERS[method]
     if f_and_energy is None:
         def f_and_energy(x):
             return f(x), None if energy is None else energy(x)
@@ -124,4 +116,4 @@ def integrate(f, x0, dt, n_steps, method="rk4", energy=None, f_and_energy=None):
     def advance(x):
         fx, e = f_and_energy(x)
         return stepper(f, x, dt, fx), e
-    return iterate(advance, x0, count, energy)
+    return iterate(advance, x0, n_steps, energy)

@@ -23,34 +23,14 @@ only decays to x = 0 and is almost surely a wiring mistake (a misspelt name in a
 import dataclasses
 import math
 import numbers
-import operator
 import types
 
-from refham.backend import asarray, get_dtype, rng, xp
+from refham.backend import asarray, get_dtype, rng, to_numpy, xp
+from refham.checks import finite_real, integer_at_least
 from refham.dynamics import euler_step, integrate, is_tree, iterate
 from refham.lagrangians import Lagrangian, LagrangianError
 from refham.synapses import (  # noqa: F401  (the synapses are part of the HAM's interface)
     ChannelMixing, Dense, HAMError, Synapse, TokenMixing, batch_inner)
-
-
-def _positive(name, value, allow_zero=False):
-    """`value` as a float after checking that it is a finite real > 0 (≥ 0 with allow_zero)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or value < 0 or (value == 0 and not allow_zero):
-        raise HAMError(f"{name} must be a finite real number {'>=' if allow_zero else '>'} 0, "
-                       f"got {value!r}")
-    return float(value)
-
-
-def _count(name, value, minimum):
-    """`value` as an int after checking that it is an integer ≥ `minimum`."""
-    try:
-        count = operator.index(value)
-    except TypeError:
-        raise HAMError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
-    if isinstance(value, bool) or count < minimum:
-        raise HAMError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return count
 
 
 # ---------------------------------------------------------------- layers
@@ -72,7 +52,7 @@ class Layer:
         if not isinstance(self.lagrangian, Lagrangian):
             raise HAMError(f"a layer needs a refham.lagrangians.Lagrangian (e.g. ReLU()), got "
                            f"{self.lagrangian!r}")
-        object.__setattr__(self, "tau", _positive("layer time constant tau", self.tau))
+        object.__setattr__(self, "tau", finite_real("layer time constant tau", self.tau, HAMError))
         probe = xp.zeros((1,) + self.shape)
         try:  # axes reaching beyond the layer, a delta of the wrong shape, …
             self.lagrangian.value(probe, event_ndim=len(self.shape))
@@ -117,13 +97,14 @@ class HAM:
 
     def init_weights(self, seed, scale=0.02):
         """{synapse name: scale·N(0,1)} drawn in synapse order with backend.rng(seed)."""
-        gen, scale = rng(seed), _positive("weight scale", scale, allow_zero=True)
+        gen, scale = rng(seed), finite_real("weight scale", scale, HAMError, allow_zero=True)
         return {name: asarray(scale * gen.standard_normal(shape))
                 for name, shape in self._weight_shapes.items()}
 
     def init_states(self, batch, seed=None, scale=0.0):
         """{layer name: (batch, *shape)}: zeros, or scale·N(0,1) drawn in layer order."""
-        batch, scale = _count("batch", batch, 1), _positive("state scale", scale, allow_zero=True)
+        batch = integer_at_least("batch", batch, 1, HAMError)
+        scale = finite_real("state scale", scale, HAMError, allow_zero=True)
         if scale == 0:
             return {name: xp.zeros((batch,) + layer.shape, dtype=get_dtype())
                     for name, layer in self.layers.items()}
@@ -227,11 +208,11 @@ class HAM:
         return self._energy_tree(xs, weights)
 
     def total_energy(self, xs, weights):
-        """E = Σ_A [⟨x_A, g_A⟩ − L_A(x_A)] + Σ_s E_s(g), shape (B,), :eq:`H1`."""
+        """E = Σ_A [⟨x_A, g_A⟩ − L_A(x_A)] + Σ_s E_s(g), shape (B,). Implements :eq:`H1`."""
         return self.energy_tree(xs, weights)["total"]
 
     def dEdg(self, xs, weights, gs=None):
-        """∂E/∂g_A = x_A + Σ_{s ∋ A} ∂E_s/∂g_A in closed form, :eq:`H2`; `gs`: the
+        """∂E/∂g_A = x_A + Σ_{s ∋ A} ∂E_s/∂g_A in closed form. Implements :eq:`H2`; `gs`: the
         activations, if already computed."""
         self._check(xs, weights)
         if gs is not None:
@@ -246,12 +227,12 @@ class HAM:
         return self._total_energy_and_dEdg(xs, weights)
 
     def velocity(self, xs, weights):
-        """ẋ_A = −(∂E/∂g_A)/τ_A, :eq:`H3`."""
+        """ẋ_A = −(∂E/∂g_A)/τ_A. Implements :eq:`H3`."""
         self._check(xs, weights)
         return self._velocity(xs, weights)
 
     def dEdt(self, xs, weights):
-        """:eq:`H4` dE/dt = −Σ_A τ_A ⟨ẋ_A, H_A ẋ_A⟩, shape (B,)."""
+        """dE/dt = −Σ_A τ_A ⟨ẋ_A, H_A ẋ_A⟩, shape (B,). Implements :eq:`H4`."""
         self._check(xs, weights)
         v = self._velocity(xs, weights)
         return -sum(layer.tau * batch_inner(v[name], layer.lagrangian.hvp(xs[name], v[name]))
@@ -259,7 +240,7 @@ class HAM:
 
     def adiabatic_energy(self, x, weights, visible):
         """The energy of the visible layer alone once every hidden layer sits at its fixed
-        point (the adiabatic limit τ_h → 0), :eq:`H6`:
+        point (the adiabatic limit τ_h → 0). Implements :eq:`H6`:
 
             E(x) = ⟨x, g⟩ − L_v(x) − Σ_h L_h(W_h g),   g = g_v(x),
 
@@ -313,9 +294,8 @@ class HAM:
         x'_A + ∂E_syn/∂g_A = ∂E/∂g_A + Δx_A = −(τ_A/α − 1)Δx_A and ⟨Δx_A, Δg_A⟩ ≥ ‖Δg_A‖²/K_A
         (Δg_A = H̄_A Δx_A, H̄_A the mean Hessian on the step, 0 ⪯ H̄_A ⪯ K_A):
             ΔE ≤ Σ_A [ρ_A − (τ_A/α − 1)/K_A] ‖Δg_A‖²,  ≤ 0 within the bound.
-        The bound is sufficient, not necessary, and E can rise beyond it: on the paper's
-        relu–layernorm–relu HAM (examples/step_sizes.py, W = 0.02·N or 0.3·N) at most 0.2% of
-        steps raised E up to α = 0.9, 9–11% at α = 1 and about half at α = 1.1–2."""
+        The bound is sufficient, not necessary, and E can rise beyond it
+        (:ref:`sec-ham-step-size`)."""
         self._check_weights(weights)
         _check_keys("curvature", curvature, self.layers, "layer")
         nonconvex = [n for n, layer in self.layers.items() if not layer.lagrangian.convex]
@@ -326,17 +306,17 @@ class HAM:
                  for name, W in weights.items()}
         bound = math.inf
         for name, layer in self.layers.items():
-            k = _positive(f"curvature[{name!r}]", curvature[name], allow_zero=True)
+            k = finite_real(f"curvature[{name!r}]", curvature[name], HAMError, allow_zero=True)
             rho = 0.5 * sum(norms[s] for s, synapse in self.synapses.items()
                             if name in synapse.layers)
             bound = min(bound, layer.tau / (1 + k * rho))
         return bound
 
     def step(self, xs, weights, alpha):
-        """x_A ← x_A − (α/τ_A) ∂E/∂g_A for all layers at once, :eq:`H5`. E does not rise for
+        """x_A ← x_A − (α/τ_A) ∂E/∂g_A for all layers at once. Implements :eq:`H5`. E does not rise for
         any α within `descent_step_bound`; beyond it, it may."""
         self._check(xs, weights)
-        return self._step(xs, weights, _positive("alpha", alpha))
+        return self._step(xs, weights, finite_real("alpha", alpha, HAMError))
 
     def step_vjp(self, xs, weights, alpha, cotangents):
         """Backprop through :eq:`H5`: for cotangents c_A of the new states x'_A returns
@@ -345,7 +325,10 @@ class HAM:
         H_A is symmetric, so the VJP of g_A = ∂L_A/∂x_A is the Hessian-vector product."""
         self._check(xs, weights)
         self._check_states(cotangents, what="cotangents", batch_of=xs)
-        alpha = _positive("alpha", alpha)
+        return self._step_vjp(xs, weights, finite_real("alpha", alpha, HAMError), cotangents)
+
+    def _step_vjp(self, xs, weights, alpha, cotangents):
+        """The unchecked core of `step_vjp` (see refham.checks), for backprop through T steps."""
         gs = self._activations(xs)
         d = {name: -alpha / layer.tau * cotangents[name] for name, layer in self.layers.items()}
         d_gs = {name: xp.zeros_like(g) for name, g in gs.items()}
@@ -372,9 +355,9 @@ class HAM:
         ‖Δx_A‖) is below `tol`, or at max_steps. E is guaranteed not to rise only for α within
         `descent_step_bound`; see there for what larger steps do."""
         self._check(xs, weights)
-        alpha = _positive("alpha", alpha)
-        tol = None if tol is None else _positive("tol", tol)
-        steps = _count("max_steps", max_steps, 0)
+        alpha = finite_real("alpha", alpha, HAMError)
+        tol = None if tol is None else finite_real("tol", tol, HAMError)
+        steps = integer_at_least("max_steps", max_steps, 0, HAMError)
 
         def advance(x):
             velocity, energy = self._velocity_and_energy(x, weights)
@@ -409,7 +392,10 @@ def _check_keys(what, given, expected, kind):
 
 
 def _check_finite(what, arrays):
-    """No NaN or inf in any of the arrays (one host sync per array)."""
-    bad = [name for name, a in arrays.items() if not bool(xp.all(xp.isfinite(a)))]
+    """No NaN or inf in any of the arrays (one device→host transfer for all of them)."""
+    if not arrays:
+        return
+    finite = to_numpy(xp.stack([xp.all(xp.isfinite(a)) for a in arrays.values()]))
+    bad = [name for name, ok in zip(arrays, finite) if not ok]
     if bad:
         raise HAMError(f"{what} {bad} contain NaN or inf")

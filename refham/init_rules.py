@@ -26,7 +26,7 @@ def lecun_normal(shape, generator):
 
 
 def initial_value(name, shape, generator):
-    """The initial value of parameter `name`, :eq:`X-init` (timm's MlpMixer and the paper's
+    """The initial value of parameter `name` (implements :eq:`X-init`; timm's MlpMixer and the paper's
     code), drawn from the numpy Generator `generator`:
 
         every bias (stem, MLPs, norms, head), head.weight    zeros

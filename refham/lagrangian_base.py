@@ -5,14 +5,15 @@ refham.lagrangians, the normalisers of refham.normalisers.
 The shapes (batch and event axes, `event_ndim`) are described in refham.lagrangians.
 """
 import abc
-import math
 import numbers
 import operator
 
+from refham.checks import finite_real
+from refham.errors import RefhamError
 from refham.backend import xp
 
 
-class LagrangianError(ValueError):
+class LagrangianError(RefhamError, ValueError):
     """A Lagrangian was given invalid parameters or an array it cannot act on."""
 
 
@@ -42,18 +43,9 @@ def check_same_shape(x, v):
             f"hvp needs a direction v of the state's shape {tuple(x.shape)}, got {tuple(v.shape)}")
 
 
-def positive_real(name, value):
-    """`value` as a float after checking that it is a finite positive real number."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise LagrangianError(f"{name} must be a positive real number, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise LagrangianError(f"{name} must be finite and > 0, got {value!r}")
-    return float(value)
-
-
 def store_positive(lagrangian, field):
     """Validate a frozen dataclass's positive parameter `field` and store it as a float."""
-    value = positive_real(f"{lagrangian.name} {field}", getattr(lagrangian, field))
+    value = finite_real(f"{lagrangian.name} {field}", getattr(lagrangian, field), LagrangianError)
     object.__setattr__(lagrangian, field, value)
 
 
@@ -114,7 +106,7 @@ class Lagrangian(abc.ABC):
         return self.activation_and_neuron_energy(x, event_ndim)[1]
 
     def activation_and_neuron_energy(self, x, event_ndim=1):
-        """(g(x), ⟨x, g(x)⟩ − L(x)) from one evaluation of g, :eq:`L-energy`: what the HAM's
+        """(g(x), ⟨x, g(x)⟩ − L(x)) from one evaluation of g. Implements :eq:`L-energy`; what the HAM's
         combined energy-and-gradient pass needs of each layer."""
         g = self.activation(x)
         return g, sum_over_events(x * g, event_ndim) - self.value(x, event_ndim)

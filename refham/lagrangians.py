@@ -9,11 +9,11 @@ product Hv, and the neuron energy ⟨x, g⟩ − L (the Legendre transform).
 | tanh(β)                  | (1/β)Σ log cosh(βx) | tanh(βx)           | β(1−g²)·v                |
 | sigmoid(β)               | (1/β)Σ softplus(βx) | σ(βx)              | βg(1−g)·v                |
 | softmax(β, axis)         | (1/β) logsumexp(βx) | softmax(βx)        | βg⊙(v − ⟨g, v⟩_axis)     |
-| gelu (not convex)        | Σ Φ(x)              | GELU(x) = x·Φ_N(x) | (Φ_N(x) + xφ(x))·v       |
+| gelu (not convex)        | Σ G(x)              | GELU(x) = x·Φ_N(x) | (Φ_N(x) + xφ(x))·v       |
 | layernorm(γ, δ, ε, axes) | γ·D·σ + ⟨δ, x⟩      | γ(x − x̄)/σ + δ     | (γ/σ)(Pv − x̂⟨x̂, Pv⟩/D)   |
 | spherical(γ, δ, ε, axes) | γ·r + ⟨δ, x⟩        | γx/r + δ           | (γ/r)(v − x⟨x, v⟩/r²)    |
 
-Φ(x) = ¼(x² + (x²−1)erf(x/√2) + x√(2/π)e^{−x²/2}); layernorm: x̄, var over `axes` (D elements),
+G(x) = ¼(x² + (x²−1)erf(x/√2) + x√(2/π)e^{−x²/2}); layernorm: x̄, var over `axes` (D elements),
 σ = √(var + ε), Pv = v − mean(v), x̂ = (x − x̄)/σ; spherical: r = √(Σ_axes x² + ε).
 
 Shapes. A layer state x has leading batch axes and then the layer's own ("event") axes; `value`
@@ -24,7 +24,7 @@ softmax over the tokens of an (S, C) layer, say) L is summed over the remaining 
 
 Numerics: tanh, sigmoid and softmax are written in overflow-free forms (finite at |βx| ~ 1e3 and
 beyond), their Hessians in forms free of cancellation where g saturates (β sech², βσ(y)σ(−y), a
-re-centred softmax Hv); Φ is written so that x² − x² does not cancel for x ≪ 0; layernorm and
+re-centred softmax Hv); G is written so that x² − x² does not cancel for x ≪ 0; layernorm and
 spherical return their energy in closed form (−γDε/σ, −γε/r), since ⟨x, g⟩ − L cancels
 catastrophically once the state is large against ε. Inputs are not scanned for NaN/inf here (a
 device sync per call on CuPy); callers validate their states once.
@@ -38,10 +38,11 @@ import math
 import numbers
 
 from refham.backend import xp
+from refham.checks import finite_real
 from refham.special import gelu, gelu_deriv, normal_cdf, normal_pdf
 from refham.lagrangian_base import (  # Lagrangian, LagrangianError, event_axes: public here too
     Lagrangian, LagrangianError, check_axes_fit, check_same_shape, event_axes, negative_axes,
-    positive_real, store_positive, sum_over_events)
+    store_positive, sum_over_events)
 from refham.normalisers import LayerNorm, Spherical  # re-exported: the registry's normalisers
 
 LOG_2 = math.log(2.0)
@@ -72,7 +73,7 @@ class _Elementwise(Lagrangian):
 
 @dataclasses.dataclass(frozen=True)
 class Identity(_Elementwise):
-    """L = ½Σx²,  g = x,  Hv = v :eq:`L-identity`"""
+    """L = ½Σx²,  g = x,  Hv = v.  Implements :eq:`L-identity`."""
     name = "identity"
 
     def density(self, x):
@@ -87,7 +88,7 @@ class Identity(_Elementwise):
 
 @dataclasses.dataclass(frozen=True)
 class ReLU(_Elementwise):
-    """L = ½Σ relu(x)²,  g = relu(x),  Hv = 1[x>0]·v :eq:`L-relu`"""
+    """L = ½Σ relu(x)²,  g = relu(x),  Hv = 1[x>0]·v.  Implements :eq:`L-relu`."""
     name = "relu"
 
     def density(self, x):
@@ -102,13 +103,13 @@ class ReLU(_Elementwise):
 
 @dataclasses.dataclass(frozen=True)
 class RePU(_Elementwise):
-    """L = (1/n)Σ relu(x)^n,  g = relu(x)^{n−1},  Hv = (n−1)relu(x)^{n−2}·v  (n ≥ 2, real)
-    :eq:`L-repu`"""
+    """L = (1/n)Σ relu(x)^n,  g = relu(x)^{n−1},  Hv = (n−1)relu(x)^{n−2}·v  (n ≥ 2, real).
+    Implements :eq:`L-repu`."""
     n: float = 3
     name = "repu"
 
     def __post_init__(self):
-        n = positive_real("repu power n", self.n)
+        n = finite_real("repu power n", self.n, LagrangianError)
         if n < 2:
             raise LagrangianError(
                 f"repu needs n >= 2, got n={n}: below 2 the Hessian (n−1)relu(x)^(n−2) is "
@@ -137,7 +138,7 @@ class _Tempered(_Elementwise):
 
 @dataclasses.dataclass(frozen=True)
 class Tanh(_Tempered):
-    """L = (1/β)Σ log cosh(βx),  g = tanh(βx),  Hv = β(1 − g²)·v :eq:`L-tanh`"""
+    """L = (1/β)Σ log cosh(βx),  g = tanh(βx),  Hv = β(1 − g²)·v.  Implements :eq:`L-tanh`."""
     name = "tanh"
 
     def density(self, x):
@@ -156,7 +157,7 @@ class Tanh(_Tempered):
 
 @dataclasses.dataclass(frozen=True)
 class Sigmoid(_Tempered):
-    """L = (1/β)Σ softplus(βx),  g = σ(βx),  Hv = βg(1 − g)·v :eq:`L-sigmoid`"""
+    """L = (1/β)Σ softplus(βx),  g = σ(βx),  Hv = βg(1 − g)·v.  Implements :eq:`L-sigmoid`."""
     name = "sigmoid"
 
     def density(self, x):
@@ -177,16 +178,16 @@ class Sigmoid(_Tempered):
 
 @dataclasses.dataclass(frozen=True)
 class GELU(_Elementwise):
-    """L = Σ Φ(x),  g = GELU(x) = x·Φ_N(x),  Hv = (Φ_N(x) + xφ(x))·v.  Not convex: GELU′ < 0
-    below x ≈ −0.752 :eq:`L-gelu`"""
+    """L = Σ G(x),  g = GELU(x) = x·Φ_N(x),  Hv = (Φ_N(x) + xφ(x))·v.  Not convex: GELU′ < 0
+    below x ≈ −0.752.  Implements :eq:`L-gelu`."""
     name = "gelu"
     convex = False
 
     def density(self, x):
-        """Φ(x) = ¼(x² + (x²−1)erf(x/√2) + x√(2/π)e^{−x²/2}) = ½(x²−1)Φ_N(x) + ½xφ(x) + ¼
+        """G(x) = ¼(x² + (x²−1)erf(x/√2) + x√(2/π)e^{−x²/2}) = ½(x²−1)Φ_N(x) + ½xφ(x) + ¼
         (erf(x/√2) = 2Φ_N − 1, √(2/π)e^{−x²/2} = 2φ). The second form avoids the cancellation
-        x² − x² for x ≪ 0. Φ′ = xΦ_N + ½(x²−1)φ + ½φ − ½x²φ = xΦ_N = GELU (φ′ = −xφ);
-        Φ(0) = 0 and Φ(−∞) = ¼."""
+        x² − x² for x ≪ 0. G′ = xΦ_N + ½(x²−1)φ + ½φ − ½x²φ = xΦ_N = GELU (φ′ = −xφ);
+        G(0) = 0 and G(−∞) = ¼."""
         return 0.5 * (x * x - 1.0) * normal_cdf(x) + 0.5 * x * normal_pdf(x) + 0.25
 
     def activation(self, x):
@@ -201,7 +202,7 @@ class GELU(_Elementwise):
 @dataclasses.dataclass(frozen=True)
 class Softmax(Lagrangian):
     """L = (1/β) logsumexp(βx) along `axis` (summed over the other event axes),
-    g = softmax(βx) along `axis`,  Hv = βg⊙(v − ⟨g, v⟩_axis) :eq:`L-softmax`"""
+    g = softmax(βx) along `axis`,  Hv = βg⊙(v − ⟨g, v⟩_axis).  Implements :eq:`L-softmax`."""
     beta: float = 1.0
     axis: int = -1
     name = "softmax"

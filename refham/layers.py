@@ -13,6 +13,7 @@ Axis convention for a Mixer state x (B, S, C): the channel axis is −1 and the 
 `linear_forward(..., axis=−2)` maps every column x[b, :, c] (S → out) with a left matmul W @ x, so
 the token MLP needs no transposes.
 """
+from refham.errors import RefhamError
 from refham.backend import accelerated, xp
 from refham.special import gelu_and_deriv
 
@@ -21,7 +22,7 @@ TOKEN_AXIS = -2
 MLP_KINDS = ("vanilla", "sym", "asym")
 
 
-class InputError(ValueError):
+class InputError(RefhamError, ValueError):
     """An array handed to a layer has the wrong shape, dtype or values."""
 
 
@@ -104,7 +105,7 @@ def _affine_shape_ok(param, normalized_shape):
 
 def layernorm_forward(x, weight, bias, eps=1e-6, n_axes=None):
     """y = γ ⊙ x̂ + δ, x̂ = (x − x̄)/σ, σ = sqrt(var + ε), mean and (biased) variance over the last
-    n_axes axes (D elements): the joint norm :eq:`X-joint-norm` over n_axes = 2.
+    n_axes axes (D elements): the joint norm over n_axes = 2. Implements :eq:`X-joint-norm`.
 
     With a scalar γ this is g = ∇L of the layernorm Lagrangian :eq:`L-layernorm`,
     L = γDσ + ⟨δ, x⟩ (δ may be per-element). With a per-element γ it is the paper's LayerNorm but
@@ -183,8 +184,9 @@ def unpatchify(patches, image_shape, patch):
 
 
 def patch_embed_forward(images, weight, bias):
-    """:eq:`X-patch-embed` tokens[b, s] = K · patch_s(images[b]) + bias: conv weight K (C, C_in, p,
-    p) seen as a (C, C_in·p·p) matrix; images (B, C_in, H, W) → tokens (B, S, C)."""
+    """Implements :eq:`X-patch-embed`: tokens[b, s] = W_emb · patch_s(images[b]) + bias, the conv
+    weight W_emb (C, C_in, p, p) seen as a (C, C_in·p·p) matrix; images (B, C_in, H, W) → tokens
+    (B, S, C)."""
     chans_out, chans_in, patch, patch_w = weight.shape
     if images.ndim != 4 or images.shape[1] != chans_in or patch != patch_w \
             or images.shape[2] % patch or images.shape[3] % patch:
@@ -222,13 +224,12 @@ def token_mean_backward(cache, dy):
 # ---------------------------------------------------------------------------------------------
 # Softmax cross-entropy with label smoothing
 # ---------------------------------------------------------------------------------------------
-def _check_labels(logits, labels):
-    if logits.ndim != 2:
-        raise InputError(f"logits must be (B, K), got shape {tuple(logits.shape)}")
-    batch, classes = logits.shape
+def check_labels(labels, batch, classes):
+    """Raise InputError unless `labels` are `batch` integer class indices in [0, `classes`)
+    (the range check reads two numbers: two device→host transfers on a GPU)."""
     if tuple(labels.shape) != (batch,):
-        raise InputError(f"labels must have shape ({batch},) to match logits "
-                         f"{tuple(logits.shape)}, got {tuple(labels.shape)}")
+        raise InputError(f"labels must have shape ({batch},) to match the batch of {batch} "
+                         f"logits, got {tuple(labels.shape)}")
     if labels.dtype.kind not in "iu":
         raise InputError(f"labels must be integer class indices, got dtype {labels.dtype}")
     if batch and not 0 <= int(labels.min()) <= int(labels.max()) < classes:
@@ -243,8 +244,15 @@ def cross_entropy_forward(logits, labels, smoothing=0.0):
     logits (B, K), labels (B,) integers in [0, K). Returns the 0-d loss and the cache.
     """
     labels = xp.asarray(labels)
-    _check_labels(logits, labels)
-    if not 0.0 <= smoothing < 1.0:
+    if logits.ndim != 2:
+        raise InputError(f"logits must be (B, K), got shape {tuple(logits.shape)}")
+    check_labels(labels, *logits.shape)
+    return _cross_entropy_forward(logits, labels, smoothing)
+
+
+def _cross_entropy_forward(logits, labels, smoothing):
+    """The unchecked core of `cross_entropy_forward` (see refham.checks): labels checked."""
+    if not 0.0 <= smoothing < 1.0:     # a check on the host: it costs no transfer
         raise InputError(f"label smoothing must be in [0, 1), got {smoothing}")
     batch, classes = logits.shape
     shifted = logits - logits.max(axis=-1, keepdims=True)
@@ -293,7 +301,7 @@ def _check_mlp_weights(kind, weights, n_in):
 def _as_matrix(z, axis):
     """The vectors of z along `axis` as one matrix: the rows of (N, n) for the channel axis (a
     view), the columns of (n, N) for the token axis (moved first: one copy of z, which turns the
-    B small GEMMs NumPy would run on a stack (B, n, C) into one large GEMM, ~2× faster)."""
+    B small GEMMs NumPy would run on a stack (B, n, C) into one large GEMM, which BLAS runs faster)."""
     if axis == CHANNEL_AXIS:
         return z.reshape(-1, z.shape[-1])
     return xp.moveaxis(z, TOKEN_AXIS, 0).reshape(z.shape[TOKEN_AXIS], -1)
@@ -317,8 +325,8 @@ def mlp_forward(kind, weights, z, axis=CHANNEL_AXIS):
     The asym output is computed as the single matmul with M = W₁ᵀ + W₂: equal by linearity and
     cheaper than two; sym is the same path with M = Wᵀ. The vectors are gathered into one matrix
     first (`_as_matrix`), so each linear map is a single GEMM. `weights` maps the names within
-    the MLP ('fc1.weight', …) to arrays. Returns (out, cache). The kinds are
-    :eq:`X-mlp-vanilla`, :eq:`X-mlp-sym` and :eq:`X-mlp-asym`.
+    the MLP ('fc1.weight', …) to arrays. Returns (out, cache). Implements the three
+    kinds, :eq:`X-mlp-vanilla`, :eq:`X-mlp-sym` and :eq:`X-mlp-asym`.
     """
     if kind not in MLP_KINDS:
         raise InputError(f"unknown MLP kind {kind!r}: choose one of {', '.join(MLP_KINDS)}")

@@ -23,6 +23,8 @@ import math
 
 import numpy
 
+from refham.checks import finite_real, integer_at_least
+from refham.errors import RefhamError
 from refham.backend import xp
 from refham.ham import HAM, Dense, Layer
 from refham.lagrangians import LayerNorm, ReLU
@@ -33,7 +35,7 @@ TARGETS = ("clean", "standardised")
 EVAL_CHUNK = 1000  # test images per forward pass: bounds the memory of the kept states
 
 
-class MetaFormerError(ValueError):
+class MetaFormerError(RefhamError, ValueError):
     """Bad weights, data or settings for the Energy MetaFormer, or a diverged training run."""
 
 
@@ -97,7 +99,7 @@ def denoising_target(clean, target):
 
 
 def loss_floor(visible_size):
-    """:eq:`F-floor` (1 − 1/√D)², the lower bound of the paper's loss: mean((g − y)²) = (‖g‖² −
+    """Implements :eq:`F-floor`: (1 − 1/√D)², the lower bound of the paper's loss: mean((g − y)²) = (‖g‖² −
     2⟨g, y⟩ + 1)/D with ‖g‖² ≈ D and ⟨g, y⟩ ≤ √D."""
     return (1.0 - 1.0 / math.sqrt(visible_size)) ** 2
 
@@ -115,7 +117,8 @@ class UnrolledCache:
 
 def forward(weights, clean, noise, T, alpha=ALPHA, target="clean", hidden_start=None):
     """x⁰ = {s: 0, v: clean + noise, c: 0}; T steps of :eq:`H5` with α on all layers
-    (:eq:`F-dynamics`); loss = mean((g_v(x_v^T) − y)²) (:eq:`F-loss`) over batch and pixels.
+    (implements :eq:`F-dynamics`); loss = mean((g_v(x_v^T) − y)²) over batch and pixels
+    (implements :eq:`F-loss`).
     Returns (loss, UnrolledCache). `hidden_start` = {"s": (B, N_h), "c": (B, N_h)} replaces the
     zero hidden start states (with zeros g_s⁰ = g_c⁰ = 0, so W first acts in step 2 and T = 1 has
     zero gradient)."""
@@ -124,15 +127,15 @@ def forward(weights, clean, noise, T, alpha=ALPHA, target="clean", hidden_start=
         raise MetaFormerError(f"clean and noise must both be (B, D), got "
                               f"{getattr(clean, 'shape', clean)} and "
                               f"{getattr(noise, 'shape', noise)}")
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise MetaFormerError(f"T, the number of unrolled steps, must be an integer >= 1, "
-                              f"got {T!r}")
+    integer_at_least("T, the number of unrolled steps,", T, 1, MetaFormerError)
+    alpha = finite_real("alpha", alpha, MetaFormerError)
     if hidden_start is None:
         zeros = xp.zeros((clean.shape[0], ham.layers["s"].shape[0]), dtype=clean.dtype)
         hidden_start = {"s": zeros, "c": zeros}
     states = [{"s": hidden_start["s"], "v": clean + noise, "c": hidden_start["c"]}]
+    ham._check(states[0], weights)        # once: the T steps run the unchecked core
     for _ in range(T):
-        states.append(ham.step(states[-1], weights, alpha))
+        states.append(ham._step(states[-1], weights, alpha))
     output = ham.layers["v"].lagrangian.activation(states[-1]["v"])
     residual = output - denoising_target(clean, target)
     cache = UnrolledCache(ham, weights, alpha, states, output, residual)
@@ -149,16 +152,17 @@ def backward(cache):
                   "v": ham.layers["v"].lagrangian.hvp(final["v"], seed)}
     grads = {name: xp.zeros_like(w) for name, w in cache.weights.items()}
     for xs in reversed(cache.states[:-1]):
-        cotangents, step_grads = ham.step_vjp(xs, cache.weights, cache.alpha, cotangents)
+        cotangents, step_grads = ham._step_vjp(xs, cache.weights, cache.alpha, cotangents)
         grads = {name: grads[name] + step_grads[name] for name in grads}
     return grads
 
 
 def loss_and_grads(weights, clean, noise, T, alpha=ALPHA, target="clean", hidden_start=None):
     """(loss, {"sv": ∂loss/∂W_sv, "vc": ∂loss/∂W_vc}) by hand-written backprop through the T
-    steps of `forward` (same arguments)."""
+    steps of `forward` (same arguments); the loss is a 0-d array of the backend, left on the
+    device (read it with `to_numpy`)."""
     loss, cache = forward(weights, clean, noise, T, alpha, target, hidden_start)
-    return float(loss), backward(cache)
+    return loss, backward(cache)
 
 
 def denoising_losses(weights, clean, noise, T, alpha=ALPHA, chunk=EVAL_CHUNK):

@@ -15,7 +15,6 @@ and roles: the `Mixer` docstring; init: `refham.init_rules`. Weight interop with
 PyTorch models: `to_timm_state` / `from_timm_state`.
 """
 import dataclasses
-import math
 import numbers
 
 import numpy
@@ -25,11 +24,13 @@ from refham.blocks import (
     BLOCK_LAYERS, parallel_block_backward, parallel_block_forward, parallel_branches_forward,
     serial_block_backward, serial_block_forward)
 from refham.init_rules import initial_value
-from refham.errors import short_list
+from refham.checks import finite_real, integer_at_least
+from refham.errors import RefhamError, short_list
 from refham.layers import (
-    InputError, cross_entropy_backward, cross_entropy_forward, layernorm_backward,
-    layernorm_forward, linear_backward, linear_forward, mlp_param_shapes, patch_embed_backward,
-    patch_embed_forward, token_mean_backward, token_mean_forward)
+    InputError, _cross_entropy_forward, check_labels, cross_entropy_backward,
+    cross_entropy_forward, layernorm_backward, layernorm_forward, linear_backward, linear_forward,
+    mlp_param_shapes, patch_embed_backward, patch_embed_forward, token_mean_backward,
+    token_mean_forward)
 
 MODELS = ("vanilla", "paramixer", "symmixer", "asymmixer")
 _MLP_KIND = {"vanilla": "vanilla", "paramixer": "vanilla", "symmixer": "sym", "asymmixer": "asym"}
@@ -47,11 +48,11 @@ SIZES = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(RefhamError, ValueError):
     """A Mixer configuration that cannot be built."""
 
 
-class ParamError(ValueError):
+class ParamError(RefhamError, ValueError):
     """A parameter dict whose names or shapes do not match the model's configuration."""
 
 
@@ -107,14 +108,6 @@ class MixerConfig:
         return _MLP_KIND[self.model]
 
 
-def _is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value):
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _validate(cfg):
     if cfg.model not in MODELS:
         raise ConfigError(f"unknown model {cfg.model!r}: choose one of {', '.join(MODELS)}")
@@ -124,14 +117,11 @@ def _validate(cfg):
         raise ConfigError(f"unknown norm_affine {cfg.norm_affine!r}: choose one of "
                           f"{', '.join(NORM_AFFINES)}")
     for name in ("image_size", "in_chans", "patch", "dim", "depth", "num_classes", "n_iter"):
-        value = getattr(cfg, name)
-        if not _is_int(value) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        integer_at_least(name, getattr(cfg, name), 1, ConfigError)
     if cfg.image_size % cfg.patch:
         raise ConfigError(f"patch {cfg.patch} does not divide image_size {cfg.image_size}: "
                           "pick a patch size that tiles the image")
-    if not _is_real(cfg.hidden_ratio) or cfg.hidden_ratio <= 0:
-        raise ConfigError(f"hidden_ratio must be a positive number, got {cfg.hidden_ratio!r}")
+    finite_real("hidden_ratio", cfg.hidden_ratio, ConfigError)
     if cfg.token_hidden < 1:
         raise ConfigError(f"hidden_ratio {cfg.hidden_ratio} with dim {cfg.dim} leaves the token "
                           f"MLP no hidden units (N_s = {cfg.token_hidden}): raise either")
@@ -140,9 +130,9 @@ def _validate(cfg):
     if cfg.bias and cfg.mlp_kind != "vanilla":
         raise ConfigError(f"bias=True is for the vanilla MLPs (models vanilla, paramixer); "
                           f"{cfg.model} has tied {cfg.mlp_kind} MLPs without biases")
-    if not _is_real(cfg.ln_eps) or cfg.ln_eps <= 0:
-        raise ConfigError(f"ln_eps must be a positive number, got {cfg.ln_eps!r}")
-    if not _is_real(cfg.drop_path) or not 0.0 <= cfg.drop_path < 1.0:
+    finite_real("ln_eps", cfg.ln_eps, ConfigError)
+    if isinstance(cfg.drop_path, bool) or not isinstance(cfg.drop_path, numbers.Real) \
+            or not 0.0 <= cfg.drop_path < 1.0:
         raise ConfigError(f"drop_path must be in [0, 1), got {cfg.drop_path!r}")
 
 
@@ -222,8 +212,8 @@ def drop_path_mask(rate, batch, drop_rng, dtype):
 
 
 def head_forward(x, params, eps):
-    """logits = W_head mean_tokens(LN(x)) + b_head, :eq:`X-head`: x (B, S, C) → (B, K), the
-    final LN over C with its per-element affine ('norm.weight', 'norm.bias')."""
+    """logits = W_head mean_tokens(LN(x)) + b_head. Implements :eq:`X-head`: x (B, S, C) →
+    (B, K), the final LN over C with its per-element affine ('norm.weight', 'norm.bias')."""
     y, norm_cache = layernorm_forward(x, params["norm.weight"], params["norm.bias"], eps=eps)
     pooled, mean_cache = token_mean_forward(y)
     logits, linear_cache = linear_forward(pooled, params["head.weight"], params["head.bias"])
@@ -357,8 +347,12 @@ class Mixer:
         t = 0..n_iter (x⁽⁰⁾ the block's input, x⁽ⁿ_iter⁾ its output): the golden files'
         per-block outputs. Returns (logits, cache)."""
         check_params(self.param_shapes, params)
-        cfg = self.config
         images = self._check_images(images, params["stem.proj.weight"].dtype)
+        return self._forward(params, images, drop_rng, observe)
+
+    def _forward(self, params, images, drop_rng=None, observe=None):
+        """The unchecked core of `forward` (see refham.checks): `images` already checked."""
+        cfg = self.config
         x, stem_cache = patch_embed_forward(images, params["stem.proj.weight"],
                                             params["stem.proj.bias"])
         block_caches = []
@@ -394,8 +388,7 @@ class Mixer:
     def _penalty_term(self, params, lam):
         """λ Σ_blocks (‖W₂ᵗᵒᵏ‖² + ‖W₂ᶜʰ‖²) as xp code (no ½; the penalty of :eq:`X-objective`),
         asym only."""
-        if not _is_real(lam) or lam < 0:
-            raise InputError(f"lam must be a finite number ≥ 0, got {lam!r}")
+        finite_real("lam", lam, InputError, allow_zero=True)
         if lam and not self._penalized:
             raise InputError(f"lam = {lam} penalises the asym W₂ matrices; model "
                              f"{self.config.model!r} has none (use lam=0 or asymmixer)")
@@ -408,7 +401,7 @@ class Mixer:
         return float(to_numpy(self._penalty_term(params, lam)))
 
     def objective(self, params, images, labels, lam=0.0, label_smoothing=0.0, drop_rng=None):
-        """:eq:`X-objective` J(θ) = CE_s(logits(θ), labels) + λ Σ ‖W₂‖², as forward-only xp code:
+        """Implements :eq:`X-objective`: J(θ) = CE_s(logits(θ), labels) + λ Σ ‖W₂‖², as forward-only xp code:
         the scalar that `loss_and_grads` differentiates by hand (and the tests with autograd)."""
         logits, _ = self.forward(params, images, drop_rng)
         return cross_entropy_forward(logits, labels, label_smoothing)[0] + \
@@ -416,18 +409,31 @@ class Mixer:
 
     def loss_and_grads(self, params, images, labels, lam=0.0, label_smoothing=0.0,
                        drop_rng=None):
-        """(J as a float, logits (B, K), ∂J/∂θ for every θ): J of `objective`, gradient by
-        forward, cross-entropy backward, model backward, plus 2λW₂ for the penalised W₂."""
-        penalty = self.penalty(params, lam)
-        logits, cache = self.forward(params, images, drop_rng)
-        loss, loss_cache = cross_entropy_forward(logits, labels, label_smoothing)
-        grads = self.backward(params, cache, cross_entropy_backward(loss_cache))
-        return float(to_numpy(loss)) + penalty, logits, self.add_penalty_grad(params, grads, lam)
+        """(J, logits (B, K), ∂J/∂θ for every θ): J of `objective`, gradient by forward,
+        cross-entropy backward, model backward, plus 2λW₂ for the penalised W₂. J is a 0-d
+        float64 array of the backend (the cross-entropy and the penalty, each in the model's
+        dtype, summed in float64), left on the device: read it with `to_numpy`."""
+        check_params(self.param_shapes, params)
+        images = self._check_images(images, params["stem.proj.weight"].dtype)
+        labels = xp.asarray(labels)
+        check_labels(labels, images.shape[0], self.config.num_classes)
+        return self._loss_and_grads(params, images, labels, lam, label_smoothing, drop_rng)
 
-    def add_penalty_grad(self, params, grads, lam):
+    def _loss_and_grads(self, params, images, labels, lam=0.0, label_smoothing=0.0,
+                        drop_rng=None):
+        """The unchecked core of `loss_and_grads` (see refham.checks): the training step calls
+        it on batches of a dataset checked (finite images, labels in range) when it was made,
+        sparing three device→host transfers per step."""
+        penalty = self._penalty_term(params, lam)
+        logits, cache = self._forward(params, images, drop_rng)
+        loss, loss_cache = _cross_entropy_forward(logits, labels, label_smoothing)
+        grads = self.backward(params, cache, cross_entropy_backward(loss_cache))
+        objective = xp.asarray(loss, dtype=xp.float64) + xp.asarray(penalty, dtype=xp.float64)
+        return objective, logits, self._add_penalty_grad(params, grads, lam)
+
+    def _add_penalty_grad(self, params, grads, lam):
         """`grads` (changed in place and returned) plus ∂(λ Σ ‖W₂‖²)/∂W₂ = 2λW₂ on the
-        penalised W₂, :eq:`X-objective`: data-parallel training adds it once, after summing the
-        ranks' cross-entropy gradients."""
+        penalised W₂, :eq:`X-objective`."""
         for name in self._penalized if lam else ():
             grads[name] = grads[name] + (2.0 * lam) * params[name]
         return grads

@@ -3,7 +3,7 @@ and the symmetry measures of trained MLPs (:eq:`M-symmetry`).
 
 One parallel block of a SymMixer, g = LN(x), x ← x + u(g), is the unit Euler step of
 
-    (M1)  F(g) = Σ Φ(W_t g) + Σ Φ(g W_cᵀ)       token hidden (N_s, C), channel hidden (S, N_c)
+    (M1)  F(g) = Σ G(W_t g) + Σ G(g W_cᵀ)       token hidden (N_s, C), channel hidden (S, N_c)
     (M2)  E(x) = ⟨x, g⟩ − L_v(x) − F(g)           L_v: the layernorm Lagrangian, scalar γ
     (M3)  dx/dt = u(g) − κx,  u = ∇_g F           κ = 1: HAM dynamics, κ = 0: skip connection
     (M4)  κ = 1: dE/dt = −⟨ẋ, H_v ẋ⟩ ≤ 0;   κ = 0: E₀ = −F(g), dE₀/dt = −⟨u, J u⟩
@@ -25,6 +25,7 @@ import math
 import numbers
 import operator
 
+from refham.errors import RefhamError
 from refham.backend import asarray, to_numpy, xp
 from refham.special import gelu
 from refham.blocks import BRANCH_AXIS
@@ -41,7 +42,7 @@ _NORM_AXES = {"joint": (-2, -1), "channel": (-1,)}
 _HIDDEN = GELU()
 
 
-class EnergyError(ValueError):
+class EnergyError(RefhamError, ValueError):
     """An energy was asked of a block that has none, or with invalid arguments."""
 
 
@@ -71,12 +72,8 @@ class MixerBlock:
     E = L_v*(g) − F(g), convexity of L_v* and ∇²F ⪰ −ρ give E(x') − E(x) ≤ ⟨x' − u, g' − g⟩ +
     (ρ/2)‖g' − g‖², where x' − u = −((1 − dt)/dt)(x' − x); and ⟨x' − x, g' − g⟩ ≥ ‖g' − g‖²/M
     (co-coercivity of ∇L_v). For a convex F (ρ = 0) that is every dt ≤ 1; with GELU's
-    non-convex Φ and ε = 1e-6 the bound is tiny.
-    Observed (`digits` SymMixer, scalar γ, each block's inputs for the 359 test images): no rise
-    at dt ≤ 1. Init weights (seeds 0, 1): blocks 0–1 none up to dt = 3; blocks 2–3 first rise at
-    dt = 1.4–1.8, then E rises for 12–100% of the inputs at dt = 2.0 and 51–100% at dt = 2.2.
-    Trained weights (98.6% test accuracy): none up to dt = 8. Random x of scale 3: from
-    dt ≈ 2.3. The unit step with κ = 0 (the block itself) can raise E₀
+    non-convex G and ε = 1e-6 the bound is tiny; what larger steps do is measured in
+    :ref:`sec-ham-step-size`. The unit step with κ = 0 (the block itself) can raise E₀
     (tests/test_mixer_energy.py holds an example).
     """
 
@@ -163,7 +160,8 @@ class MixerBlock:
         return self._mixer.block_update(self._params, self.block, g)
 
     def hidden_lagrangian(self, g):
-        """:eq:`M1` F(g) = Σ Φ(W_t g) + Σ Φ(g W_cᵀ) with the MLPs' input matrices (asym: W₁)."""
+        """Implements :eq:`M1`: F(g) = Σ G(W_t g) + Σ G(g W_cᵀ) with the MLPs' input matrices
+        (asym: W₁)."""
         return sum(_HIDDEN.value(linear_forward(g, w, axis=axis)[0], event_ndim=2)
                    for axis, w in self._w_in)
 
@@ -173,7 +171,7 @@ class MixerBlock:
         return self.gamma * self._unit_norm.hvp(x, v)
 
     def velocity(self, x, kappa):
-        """:eq:`M3` ẋ = u(g) − κx."""
+        """Implements :eq:`M3`: ẋ = u(g) − κx."""
         return self.update(self.activation(x)) - _kappa(kappa) * x
 
     def unit_step(self, x):
@@ -190,18 +188,17 @@ class MixerBlock:
             self.activation(x))
 
     def lyapunov_energy(self, x):
-        """E(x) = ⟨x, g⟩ − L_v(x) − F(g), :eq:`M2`: the SymMixer block's energy, non-increasing
+        """E(x) = ⟨x, g⟩ − L_v(x) − F(g). Implements :eq:`M2`: the SymMixer block's energy, non-increasing
         along the flow of (M3) with κ = 1, :eq:`M4`. SymMixer and scalar affine only."""
         self._check_state(x)
         self._require_symmetric()
         return self._legendre_minus_hidden(x)
 
     def pseudo_energy(self, x):
-        """:eq:`M-pseudo` E(x) + ½⟨g, W₂ᵗᵒᵏ GELU(W₁ᵗᵒᵏ g)⟩ + ½⟨g, GELU(g W₁ᶜʰᵀ)W₂ᶜʰᵀ⟩, E the
-        Lyapunov energy's form with W = W₁ (the sign of the paper's form, kept for comparability
-        with the paper's plots). Not a Lyapunov function: it can rise along the dynamics; note that
-        −∂/∂g of the added terms points against the breaking part of u (a −½ would point along
-        it). AsymMixer and scalar affine only."""
+        """Implements :eq:`M-pseudo`: E(x) + ½⟨g, W₂ᵗᵒᵏ GELU(W₁ᵗᵒᵏ g)⟩ + ½⟨g, GELU(g W₁ᶜʰᵀ)W₂ᶜʰᵀ⟩, E the
+        Lyapunov energy's form with W = W₁, and the + sign the paper uses (so that plots compare
+        with the paper's). Not a Lyapunov function: it can rise along the dynamics
+        (:ref:`sec-mixer-energy`). AsymMixer and scalar affine only."""
         self._check_state(x)
         if self.symmetric:
             raise EnergyError("pseudo_energy is the AsymMixer's; a SymMixer block has a true "
@@ -230,7 +227,7 @@ class MixerBlock:
 
     def lyapunov_energy_rate(self, x, kappa):
         """dE/dt = ⟨∂E/∂g, H_v ẋ⟩ = ⟨x − u, H_v ẋ⟩ along (M3); for κ = 1, x − u = −ẋ and
-        dE/dt = −⟨ẋ, H_v ẋ⟩ ≤ 0 (:eq:`M4`)."""
+        dE/dt = −⟨ẋ, H_v ẋ⟩ ≤ 0. Implements :eq:`M4`."""
         self._check_state(x)
         self._require_symmetric()
         self._require_lagrangian()
@@ -289,7 +286,7 @@ def _norm(a):
 
 
 def symmetry_measures(config, params):
-    """:eq:`M-symmetry` per block and MLP of any model, with out = W_out GELU(W_in z) (biases
+    """Implements :eq:`M-symmetry` per block and MLP of any model, with out = W_out GELU(W_in z) (biases
     ignored):
 
         {prefix}.cos            = ⟨W_out, W_inᵀ⟩/(‖W_out‖‖W_in‖)  (0 if either is zero)

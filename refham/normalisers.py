@@ -12,8 +12,9 @@ import math
 import numbers
 
 from refham.backend import xp
+from refham.checks import finite_real
 from refham.lagrangian_base import (
-    Lagrangian, LagrangianError, check_axes_fit, check_same_shape, negative_axes, positive_real,
+    Lagrangian, LagrangianError, check_axes_fit, check_same_shape, negative_axes,
     store_positive, sum_over_events)
 
 
@@ -27,7 +28,7 @@ def _scalar_gamma(name, gamma):
             f"use the per-element affine layer norm of refham.layers for that")
     if hasattr(gamma, "ndim"):  # a 0-d array (NumPy or CuPy)
         gamma = float(gamma)
-    return positive_real(f"{name} gamma", gamma)
+    return finite_real(f"{name} gamma", gamma, LagrangianError)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: delta may be an array
@@ -92,7 +93,7 @@ class _Normalizer(Lagrangian):
 class LayerNorm(_Normalizer):
     """L = γ·D·σ + ⟨δ, x⟩,  g = γ(x − x̄)/σ + δ,  Hv = (γ/σ)(Pv − x̂⟨x̂, Pv⟩/D), over `axes`
     (D elements, σ = √(var + ε), x̂ = (x − x̄)/σ, Pv = v − mean v). Energy −γDε/σ.
-    :eq:`L-layernorm`"""
+    Implements :eq:`L-layernorm`."""
     name = "layernorm"
 
     def _size(self, x):
@@ -133,7 +134,7 @@ class LayerNorm(_Normalizer):
 @dataclasses.dataclass(frozen=True, eq=False)
 class Spherical(_Normalizer):
     """L = γ·r + ⟨δ, x⟩,  g = γx/r + δ,  Hv = (γ/r)(v − x⟨x, v⟩/r²), r = √(Σ_axes x² + ε).
-    Energy −γε/r :eq:`L-spherical`"""
+    Energy −γε/r.  Implements :eq:`L-spherical`."""
     name = "spherical"
 
     def radius(self, x):

@@ -18,12 +18,13 @@ weight (a name with a component starting with `norm`), which is the usual choice
 import math
 from dataclasses import dataclass
 
+from refham.errors import RefhamError
 from refham.backend import accelerated, xp
 
 OPTIMIZERS = ("adamw", "sgd")
 
 
-class OptimizerError(ValueError):
+class OptimizerError(RefhamError, ValueError):
     """Bad optimiser settings, or a state that does not belong to these parameters."""
 
 
@@ -65,7 +66,7 @@ def _check_state(params, grads, state, slots):
 
 @dataclass(frozen=True)
 class AdamW:
-    """:eq:`T-adamw`: Adam with decoupled weight decay (Loshchilov & Hutter; torch.optim.AdamW's
+    """Implements :eq:`T-adamw`: Adam with decoupled weight decay (Loshchilov & Hutter; torch.optim.AdamW's
     arithmetic).
 
     With t = step + 1, for every parameter p with gradient g:
@@ -179,7 +180,7 @@ def make_optimizer(name, weight_decay, *, momentum=0.9, nesterov=False, decay_no
 
 
 def cosine_lr(step, total_steps, base_lr, warmup_steps=0, min_lr=0.0):
-    """:eq:`T-cosine`: learning rate of optimiser step `step` (0-based) of `total_steps`:
+    """Implements :eq:`T-cosine`: learning rate of optimiser step `step` (0-based) of `total_steps`:
 
         warm-up (step < W):  lr = base · (step + 1) / W         (reaches base at step W − 1)
         then:                lr = min + ½(base − min)(1 + cos(π (step − W) / (T − W)))
@@ -195,17 +196,21 @@ def cosine_lr(step, total_steps, base_lr, warmup_steps=0, min_lr=0.0):
 
 
 def global_norm(grads):
-    """‖g‖ = sqrt(Σ over all parameters of Σ g²), as a Python float (one device sync)."""
-    return float(xp.sqrt(sum(xp.sum(g * g) for g in grads.values())))
+    """‖g‖ = sqrt(Σ over all parameters of Σ g²), a 0-d array of the gradients' dtype, left on
+    the device (a training step fetches it with its other scalars, `fetch_scalars`)."""
+    return xp.sqrt(sum(xp.sum(g * g) for g in grads.values()))
 
 
 def clip_by_global_norm(grads, max_norm):
-    """:eq:`T-clip`: scale all gradients by min(1, max_norm / (‖g‖ + 1e-6)) (torch's
+    """Implements :eq:`T-clip`: scale all gradients by min(1, max_norm / (‖g‖ + 1e-6)) (torch's
     clip_grad_norm_).
 
-    Returns (clipped grads, ‖g‖ before clipping). max_norm None or 0 means no clipping."""
+    Returns (clipped grads, ‖g‖ before clipping as a 0-d array). max_norm None or 0 means no
+    clipping. The factor is computed on the device, in float64 and rounded to the gradients'
+    dtype, so the step never waits for ‖g‖; a factor of 1 leaves every gradient as it is."""
     norm = global_norm(grads)
-    if not max_norm or norm + 1e-6 <= max_norm:
+    if not max_norm:
         return grads, norm
-    scale = max_norm / (norm + 1e-6)
-    return {name: g * scale for name, g in grads.items()}, norm
+    shifted = norm.astype(xp.float64) + 1e-6
+    factor = xp.where(shifted <= max_norm, 1.0, max_norm / shifted)
+    return {name: g * factor.astype(g.dtype) for name, g in grads.items()}, norm

@@ -1,9 +1,11 @@
 """The special functions of the Mixer's nonlinearity: the standard normal cdf Φ_N and pdf φ,
 GELU(x) = x·Φ_N(x) in its exact erf form (not the tanh approximation) and its derivative.
 
-These are the definitions; `gelu_and_deriv` is the one chain the training step runs, and
-refham.fast holds its faster variants (a float32 form without erf on NumPy, one CUDA kernel on
-CuPy), which tests/test_fast_paths.py holds equal to it.
+These are the definitions. `gelu_and_deriv` is the one chain the training step runs, and what
+runs is its accelerated variant (refham.fast): on CuPy one CUDA kernel of the same erf form; on
+NumPy in float32 a form without erf (a rational fit of Φ_N's tail, within a few float32 ulp of
+this one); on NumPy in float64 this definition itself. tests/test_fast_paths.py holds the
+variants equal to it.
 """
 import math
 

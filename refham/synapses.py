@@ -13,10 +13,11 @@ import abc
 import dataclasses
 import math
 
+from refham.errors import RefhamError
 from refham.backend import xp
 
 
-class HAMError(ValueError):
+class HAMError(RefhamError, ValueError):
     """A HAM graph, or a call on one, is invalid (unknown names, shapes, NaN states, …)."""
 
 
@@ -26,7 +27,7 @@ def batch_inner(a, b):
 
 
 def _contract(subscripts, a, b):
-    """einsum of two operands; optimize=True routes it through BLAS (10× faster than without)."""
+    """einsum of two operands; optimize=True routes it through BLAS instead of einsum's own loops."""
     return xp.einsum(subscripts, a, b, optimize=True)
 
 
@@ -123,8 +124,8 @@ class Synapse(abc.ABC):
 
 @dataclasses.dataclass(frozen=True)
 class Dense(Synapse):
-    """E = −⟨g_a, W g_b⟩ with the layers flattened: W ∈ R^{N_a×N_b}, N = prod(layer shape),
-    :eq:`S-dense`."""
+    """E = −⟨g_a, W g_b⟩ with the layers flattened: W ∈ R^{N_a×N_b}, N = prod(layer shape).
+    Implements :eq:`S-dense`."""
     a: str
     b: str
     subscripts = ("ij", "bi", "bj")
@@ -166,13 +167,13 @@ class _Mixing(Synapse):
 
 class TokenMixing(_Mixing):
     """Visible v (S, C), hidden h (N_s, C): E = −⟨g_h, W g_v⟩, W ∈ R^{N_s×S} (mixes tokens,
-    the same W for every channel column), :eq:`S-token`."""
+    the same W for every channel column). Implements :eq:`S-token`."""
     subscripts = ("ns", "bnc", "bsc")
     kept_axis, hidden_form = 1, "(N_s, C) = (N_s, {C})"
 
 
 class ChannelMixing(_Mixing):
     """Visible v (S, C), hidden h (S, N_c): E = −⟨g_h, g_v Wᵀ⟩, W ∈ R^{N_c×C} (mixes channels,
-    the same W for every token row), :eq:`S-channel`."""
+    the same W for every token row). Implements :eq:`S-channel`."""
     subscripts = ("mc", "bsm", "bsc")
     kept_axis, hidden_form = 0, "(S, N_c) = ({S}, N_c)"

@@ -63,7 +63,7 @@ def test_only_the_asymmixer_takes_another_init(tmp_path):
 
 def test_training_starts_from_the_chosen_init(tmp_path, monkeypatch):
     started = {}
-    import refham.training.train as T
+    import refham.training.run_state as T    # where a run draws its initial parameters
     original = T.initial_params
     monkeypatch.setattr(T, "initial_params", lambda *args: started.setdefault(
         "params", original(*args)))

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from refham.backend import asarray, rng, to_numpy
-from refham.files.checkpoint import (
-    CheckpointError, _digest, atomic_write, is_temporary, load_checkpoint, save_checkpoint)
+from refham.files.checkpoint import CheckpointError, _digest, load_checkpoint, save_checkpoint
+from refham.files.outputs import atomic_write, is_temporary
 
 
 def _example():

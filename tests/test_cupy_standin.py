@@ -209,14 +209,14 @@ def test_tf32_is_a_cupy_float32_setting(standin, tmp_path, monkeypatch):
         TrainConfig(tf32=True, dtype="float64")
     settings = dict(data="synthetic", dim=8, depth=1, batch_size=32, epochs=1, progress=False)
     with pytest.raises(TrainConfigError, match="needs --backend cupy"):
-        train(TrainConfig(**settings, tf32=True, out=str(tmp_path / "cpu")))
+        train(TrainConfig(**settings, backend="numpy", tf32=True, out=str(tmp_path / "cpu")))
     from refham.training import train as train_module
-    seen, real_step = [], train_module._Run._train_step
+    seen, real_step = [], train_module._EpochLoop._train_step
 
     def step(self, images, labels):
         seen.append(B.tf32_enabled())
         return real_step(self, images, labels)
-    monkeypatch.setattr(train_module._Run, "_train_step", step)
+    monkeypatch.setattr(train_module._EpochLoop, "_train_step", step)
     train(TrainConfig(**settings, backend="cupy", tf32=True, out=str(tmp_path / "gpu")))
     assert seen and all(seen) and not B.tf32_enabled()     # on while training, restored after
 
@@ -224,14 +224,14 @@ def test_tf32_is_a_cupy_float32_setting(standin, tmp_path, monkeypatch):
 def test_kernels_compile_in_the_warm_up_not_in_timed_steps(standin, tmp_path, monkeypatch):
     from refham.training import train as train_module
     compiled_at_steps = []
-    real_step = train_module._Run._train_step
+    real_step = train_module._EpochLoop._train_step
 
     def step(self, images, labels):
         before = len(standin.COMPILED)
         result = real_step(self, images, labels)
         compiled_at_steps.append(len(standin.COMPILED) - before)
         return result
-    monkeypatch.setattr(train_module._Run, "_train_step", step)
+    monkeypatch.setattr(train_module._EpochLoop, "_train_step", step)
     train(TrainConfig(data="synthetic", dim=8, depth=1, batch_size=32, epochs=1, progress=False,
                       backend="cupy", drop_path=0.1, out=str(tmp_path / "run")))
     assert standin.COMPILED and compiled_at_steps and not any(compiled_at_steps)

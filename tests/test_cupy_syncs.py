@@ -14,7 +14,7 @@ from refham.training.metaformer_train import TrainSettings
 from refham.training.train import train
 from refham.training.train_config import TrainConfig, model_config
 
-MIXER_STEP, EVAL_BATCH, METAFORMER_STEP = 1, 1, 5
+MIXER_STEP, EVAL_BATCH, METAFORMER_STEP = 1, 1, 3
 
 
 @pytest.mark.parametrize("settings", [
@@ -23,14 +23,14 @@ MIXER_STEP, EVAL_BATCH, METAFORMER_STEP = 1, 1, 5
          augment=True, noise_rng="counter"),
 ])
 def test_one_sync_per_mixer_training_step(standin, tmp_path, monkeypatch, settings):
-    per_step, real_step = [], train_module._Run._train_step
+    per_step, real_step = [], train_module._EpochLoop._train_step
 
     def counted(self, images, labels):
         before = standin.syncs()
         result = real_step(self, images, labels)
         per_step.append(standin.syncs() - before)
         return result
-    monkeypatch.setattr(train_module._Run, "_train_step", counted)
+    monkeypatch.setattr(train_module._EpochLoop, "_train_step", counted)
     train(TrainConfig(data="synthetic", dim=8, depth=2, batch_size=32, epochs=1,
                       progress=False, backend="cupy", out=str(tmp_path / "run"), **settings))
     assert per_step and max(per_step) <= MIXER_STEP, f"syncs per step: {per_step}"

@@ -196,12 +196,12 @@ CRASH_ON_RANK_1 = """
 import sys
 from refham.cli import commands as cli
 from refham.training import train
-original = train._Run._train_step
+original = train._EpochLoop._train_step
 def crash(self, images, labels):
-    if self.comm.rank == 1 and self.step == 2:
+    if self.comm.rank == 1 and self.state.step == 2:
         raise RuntimeError("simulated failure on one rank")
     return original(self, images, labels)
-train._Run._train_step = crash
+train._EpochLoop._train_step = crash
 sys.exit(cli.main(sys.argv[1:]))
 """
 

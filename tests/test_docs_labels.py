@@ -92,3 +92,34 @@ def test_the_readme_links_to_docs_pages_that_exist():
     assert links, "the README should link to the documentation pages"
     missing = sorted({link for link in links if not (ROOT / link).is_file()})
     assert not missing, f"README links to missing docs pages: {missing}"
+
+
+def test_the_primary_marker_is_read_as_documented():
+    assert eqmap.primaries({
+        "f": "x ← x − α ∂E/∂g. Implements :eq:`H5`; see :eq:`H3`.",
+        "g": "Implements the three kinds, :eq:`A`, :eq:`B` and :eq:`C`.",
+        "h": "A step of :eq:`H5` (implements :eq:`F-dynamics`).",
+        "k": "Uses :eq:`H5` only."}) == {
+        "H5": ["f"], "A": ["g"], "B": ["g"], "C": ["g"], "F-dynamics": ["h"]}
+
+
+def test_every_labelled_equation_has_exactly_one_implementing_function():
+    """The "Implemented by" line under each equation links ONE function: the docstring that says
+    "Implements :eq:`LABEL`". Zero or two such docstrings for a label is an error."""
+    eqs, _ = all_labels()
+    primaries = eqmap.primaries(public_docstrings())
+    wrong = {label: primaries.get(label, []) for label in eqs if len(primaries.get(label, [])) != 1}
+    assert not wrong, (f"labels without exactly one docstring saying 'Implements :eq:`LABEL`' "
+                       f"(label: the docstrings that say so): {wrong}")
+    unknown = sorted(set(primaries) - set(eqs))
+    assert not unknown, f"'Implements :eq:`…`' names labels that docs/ does not define: {unknown}"
+
+
+def test_the_implemented_by_line_follows_each_labelled_equation():
+    impl = eqmap.Implementations("refham")
+    page = "text\n\n```{math}\n:label: H5\nx \\leftarrow x\n```\n\nmore\n"
+    out = eqmap.with_implemented_by(page, impl)
+    line = out.split("```\n\n", 1)[1]
+    assert line.startswith(":::{container} implemented-by\nImplemented by "
+                           "{py:obj}`ham.HAM.step <refham.ham.HAM.step>`; used by ")
+    assert "refham.metaformer.forward" in line and out.endswith("more\n")

@@ -1,7 +1,8 @@
 """The package's layout: the specification at the top of refham/, the wings in subpackages.
 
 - the specification (the top-level modules) imports nothing of refham but the foundation
-  (`refham.backend`, the array switch, and `refham.errors`, the error base);
+  (`refham.backend`, the array switch, `refham.errors`, the error base, and `refham.checks`,
+  the shared argument checks);
 - `refham.fast` imports nothing of refham outside itself: the switch hands it the definitions;
 - every module imports only modules above it in the module table of docs/reading-guide.md;
 - the wheel built from pyproject.toml holds every subpackage.
@@ -17,7 +18,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "refham"
-FOUNDATION = {"backend", "errors"}
+FOUNDATION = {"backend", "errors", "checks"}
 SUBPACKAGES = ("fast", "files", "training", "study", "oracle", "cli")
 
 
@@ -97,14 +98,16 @@ def test_the_specification_imports_only_the_foundation():
              if _is_spec(name)
              for used in sorted(refham_imports(_source(name), modules))
              if not (_is_spec(used) or used in FOUNDATION)]
-    assert not wings, f"the specification may import only refham.backend and refham.errors: {wings}"
+    assert not wings, f"the specification may import only the foundation: {wings}"
 
 
-def test_the_foundation_imports_nothing_but_the_fast_variants_when_it_runs_them():
+def test_the_foundation_imports_nothing_but_the_error_base_and_the_fast_variants():
     modules = package_modules()
     assert refham_imports(_source("errors"), modules) == set()
-    assert refham_imports(_source("backend"), modules, deferred=False) == set()
-    assert refham_imports(_source("backend"), modules) == {"fast"}   # in Accelerated.__call__
+    assert refham_imports(_source("checks"), modules) == set()
+    assert refham_imports(_source("backend"), modules, deferred=False) == {"errors"}
+    assert refham_imports(_source("backend"), modules) == {"errors", "fast"}   # fast: in
+    # Accelerated.__call__
 
 
 def test_the_fast_variants_import_nothing_of_refham_outside_fast():

@@ -272,7 +272,7 @@ def test_penalty_is_lambda_sum_of_squared_w2_and_only_for_asym():
     para = M.Mixer(M.make_config("paramixer", image_size=4, patch=2, dim=3, depth=2))
     with pytest.raises(InputError, match="has none"):
         para.penalty(random_params(para, 0), 0.1)
-    with pytest.raises(InputError, match="lam must be a finite number"):
+    with pytest.raises(InputError, match="lam must be a finite real number"):
         mixer.penalty(params, -1.0)
 
 
@@ -379,18 +379,18 @@ def test_float32_end_to_end():
     ("symmixer", "digits", {"norm": "token"}, "unknown norm 'token': choose one of joint"),
     ("symmixer", "digits", {"width": 3}, "unknown config field.* width"),
     ("symmixer", "digits", {"patch": 3}, "patch 3 does not divide image_size 8"),
-    ("symmixer", "digits", {"dim": 0}, "dim must be a positive integer"),
-    ("symmixer", "digits", {"depth": 2.0}, "depth must be a positive integer"),
-    ("symmixer", "digits", {"n_iter": 0}, "n_iter must be a positive integer"),
-    ("symmixer", "digits", {"num_classes": True}, "num_classes must be a positive integer"),
+    ("symmixer", "digits", {"dim": 0}, "dim must be an integer ≥ 1"),
+    ("symmixer", "digits", {"depth": 2.0}, "depth must be an integer ≥ 1"),
+    ("symmixer", "digits", {"n_iter": 0}, "n_iter must be an integer ≥ 1"),
+    ("symmixer", "digits", {"num_classes": True}, "num_classes must be an integer ≥ 1"),
     ("symmixer", "digits", {"bias": True}, "bias=True is for the vanilla MLPs"),
     ("asymmixer", "digits", {"bias": True}, "bias=True is for the vanilla MLPs"),
     ("paramixer", "digits", {"bias": 1}, "bias must be True or False"),
     ("paramixer", "digits", {"drop_path": 1.0}, r"drop_path must be in \[0, 1\)"),
     ("paramixer", "digits", {"drop_path": -0.1}, r"drop_path must be in \[0, 1\)"),
-    ("paramixer", "digits", {"hidden_ratio": 0.0}, "hidden_ratio must be a positive"),
+    ("paramixer", "digits", {"hidden_ratio": 0.0}, "hidden_ratio must be a finite real number > 0"),
     ("paramixer", "digits", {"dim": 3, "hidden_ratio": 0.5}, r"no hidden units \(N_s = 0\)"),
-    ("paramixer", "digits", {"ln_eps": 0.0}, "ln_eps must be a positive"),
+    ("paramixer", "digits", {"ln_eps": 0.0}, "ln_eps must be a finite real number > 0"),
 ])
 def test_config_validation(model, size, overrides, match):
     with pytest.raises(M.ConfigError, match=match):

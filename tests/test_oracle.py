@@ -155,13 +155,13 @@ def test_golden_is_float64_and_reproducible_whatever_the_default_dtype():
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: mixer_golden("symmixer", batch=0), "batch must be an integer >= 1"),
-    (lambda: mixer_golden("symmixer", steps=1.5), "steps must be an integer >= 0"),
-    (lambda: mixer_golden("symmixer", lr=0.0), "lr must be a finite number > 0"),
+    (lambda: mixer_golden("symmixer", batch=0), "batch must be an integer ≥ 1"),
+    (lambda: mixer_golden("symmixer", steps=1.5), "steps must be an integer ≥ 0"),
+    (lambda: mixer_golden("symmixer", lr=0.0), "lr must be a finite real number > 0"),
     (lambda: mixer_golden("symmixer", perturb=float("nan")), "perturb must be a finite"),
     (lambda: mixer_golden("symmixer", drop_path=0.1), "deterministic: drop_path must be 0"),
     (lambda: ham_golden("hopfield"), "unknown HAM 'hopfield'"),
-    (lambda: ham_golden(alpha=-1.0), "alpha must be a finite number > 0"),
+    (lambda: ham_golden(alpha=-1.0), "alpha must be a finite real number > 0"),
     (lambda: write_golden("x.npz", {"a": np.array(["text"])}), "must be numeric arrays"),
 ])
 def test_bad_settings_raise(call, match):

@@ -14,7 +14,7 @@ from refham.files.checkpoint import CheckpointError, load_checkpoint, save_check
 from refham.cli.commands import main
 from refham.training.resume import MetricsLogWarning, ResumeError
 from refham.training.evaluation import evaluate_checkpoint
-from refham.training.train import _Run, train
+from refham.training.train import _EpochLoop, train
 from refham.training.train_config import TrainConfig
 
 TINY = ["--data", "synthetic", "--dim", "8", "--depth", "1", "--batch-size", "32",
@@ -30,15 +30,15 @@ def _cfg(out, **settings):
 def stopped(tmp_path_factory):
     """A tiny run of 3 epochs stopped by SIGINT after 2 (last.npz at step 16)."""
     cfg = _cfg(tmp_path_factory.mktemp("runs") / "run")
-    original = _Run._train_step
+    original = _EpochLoop._train_step
 
     def step_then_stop(self, images, labels):
         result = original(self, images, labels)
-        if self.step == 16:
+        if self.state.step == 16:
             os.kill(os.getpid(), signal.SIGINT)
         return result
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_Run, "_train_step", step_then_stop)
+        patch.setattr(_EpochLoop, "_train_step", step_then_stop)
         assert train(cfg)["status"] == "interrupted"
     return cfg.out
 

@@ -13,7 +13,8 @@ import time
 import pytest
 
 from refham.training import metaformer_train as mft
-from refham.files.checkpoint import is_temporary, load_checkpoint
+from refham.files.checkpoint import load_checkpoint
+from refham.files.outputs import is_temporary
 from refham.cli.commands import main
 from refham.files.runlock import LOCK_NAME, RunLock, RunLocked, _still_linked
 

@@ -15,7 +15,8 @@ from refham.training.data import Dataset
 from refham.mixer import MODELS, Mixer, make_config
 from refham.optim import cosine_lr
 from refham.training.evaluation import evaluate, evaluate_checkpoint
-from refham.training.train import ResumeError, TrainingDiverged, _Run, prepare_batch, train
+from refham.training.resume import ResumeError
+from refham.training.train import TrainingDiverged, _EpochLoop, prepare_batch, train
 from refham.training.train_config import TrainConfig, TrainConfigError
 
 STEPS_PER_EPOCH = 7  # the synthetic set's 256 training images less 24 for validation, in full
@@ -102,14 +103,14 @@ EXACT = dict(model="asymmixer", lam=0.01, epochs=3, input_noise=0.3, augment=Tru
 
 def _interrupt_at(monkeypatch, at_step, action):
     """Make `action()` happen right after optimiser step `at_step` of the next run."""
-    original = _Run._train_step
+    original = _EpochLoop._train_step
 
     def step_then_act(self, images, labels):
         result = original(self, images, labels)
-        if self.step == at_step:
+        if self.state.step == at_step:
             action()
         return result
-    monkeypatch.setattr(_Run, "_train_step", step_then_act)
+    monkeypatch.setattr(_EpochLoop, "_train_step", step_then_act)
 
 
 def _assert_same_run(cfg_a, cfg_b):
@@ -131,13 +132,13 @@ def _crash():
 
 def _crash_at_epoch_end_save(monkeypatch, at_step):
     """Crash after epoch-end bookkeeping (metrics line, best.npz) but before last.npz."""
-    original = _Run._save
+    original = _EpochLoop._save
 
     def save_or_crash(self, name):
-        if name == "last.npz" and self.step == at_step:
+        if name == "last.npz" and self.state.step == at_step:
             _crash()
         original(self, name)
-    monkeypatch.setattr(_Run, "_save", save_or_crash)
+    monkeypatch.setattr(_EpochLoop, "_save", save_or_crash)
 
 
 @pytest.mark.parametrize("at_step, how", [
@@ -201,7 +202,7 @@ def test_a_second_signal_aborts_at_once(tmp_path, monkeypatch):
 @pytest.mark.parametrize("bad", ["nan loss", "inf gradient"])
 def test_divergence_stops_before_the_bad_update_and_keeps_the_last_checkpoint(
         tmp_path, monkeypatch, bad):
-    original, calls = Mixer.loss_and_grads, []
+    original, calls = Mixer._loss_and_grads, []     # the core the training step calls
 
     def poisoned(self, *args, **kwargs):
         loss, logits, grads = original(self, *args, **kwargs)
@@ -212,7 +213,7 @@ def test_divergence_stops_before_the_bad_update_and_keeps_the_last_checkpoint(
             else:
                 grads = {**grads, "head.bias": grads["head.bias"] + np.inf}
         return loss, logits, grads
-    monkeypatch.setattr(Mixer, "loss_and_grads", poisoned)
+    monkeypatch.setattr(Mixer, "_loss_and_grads", poisoned)
     cfg = _cfg(tmp_path, epochs=3)
     with pytest.raises(TrainingDiverged, match="the last checkpoint.*last.npz.* is kept"):
         train(cfg)
@@ -223,10 +224,8 @@ def test_divergence_stops_before_the_bad_update_and_keeps_the_last_checkpoint(
 
 
 def test_divergence_before_any_checkpoint_says_so(tmp_path, monkeypatch):
-    monkeypatch.setattr(Mixer, "loss_and_grads",
-                        lambda self, params, x, labels, **k: (float("inf"), x[:, 0, 0], {}))
-    # the GPU warm-up would hand these fake gradients to the optimiser: not what is tested here
-    monkeypatch.setattr("refham.training.train.warm_up", lambda run, prepare_batch: None)
+    monkeypatch.setattr(Mixer, "_loss_and_grads", lambda self, params, x, labels, *args: (
+        float("inf"), x[:, 0, 0], {name: 0 * p for name, p in params.items()}))
     with pytest.raises(TrainingDiverged, match="step 0 .*no checkpoint was written yet"):
         train(_cfg(tmp_path))
 

@@ -10,8 +10,7 @@ import pytest
 from refham.backend import rng
 from refham.cli.commands import main
 from refham.training.data import DataError, hold_out, load_dataset
-from refham.training.distributed import SingleProcess
-from refham.training.train import _Run, train
+from refham.training.train import _EpochLoop, run_datasets, train
 from refham.training.train_config import TrainConfig, TrainConfigError
 
 
@@ -40,13 +39,13 @@ def test_hold_out_is_stratified_disjoint_and_seeded(fraction):
 
 
 def test_validation_split_comes_out_of_training_and_is_fixed_across_seeds(tmp_path):
-    runs = [_Run(_cfg(tmp_path, seed=seed, out=str(tmp_path / f"s{seed}")), resume=False, comm=SingleProcess())
-            for seed in (0, 1)]
-    assert len(runs[0].train_set) + len(runs[0].val_set) == 256    # make_synthetic's n_train
-    assert len(runs[0].test_set) == 128                            # the test split stays whole
-    assert np.array_equal(runs[0].val_set.images, runs[1].val_set.images)
-    moved = _Run(_cfg(tmp_path, data_seed=1, out=str(tmp_path / "d1")), resume=False, comm=SingleProcess())
-    assert not np.array_equal(moved.val_set.images, runs[0].val_set.images)
+    runs = [run_datasets(_cfg(tmp_path, seed=seed)) for seed in (0, 1)]
+    (train_set, val_set, test_set), (_, other_val, _) = runs
+    assert len(train_set) + len(val_set) == 256                    # make_synthetic's n_train
+    assert len(test_set) == 128                                    # the test split stays whole
+    assert np.array_equal(val_set.images, other_val.images)
+    moved = run_datasets(_cfg(tmp_path, data_seed=1))[1]
+    assert not np.array_equal(moved.images, val_set.images)
 
 
 def test_without_validation_there_is_no_best_checkpoint(tmp_path):
@@ -62,12 +61,12 @@ def test_without_validation_there_is_no_best_checkpoint(tmp_path):
 @pytest.mark.parametrize("drop_last, steps", [(True, 232 // 30), (False, -(-232 // 30))])
 def test_drop_last_sets_the_steps_of_an_epoch(tmp_path, monkeypatch, drop_last, steps):
     seen = []
-    original = _Run._train_step
+    original = _EpochLoop._train_step
 
     def record(self, images, labels):
         seen.append(len(labels))
         return original(self, images, labels)
-    monkeypatch.setattr(_Run, "_train_step", record)
+    monkeypatch.setattr(_EpochLoop, "_train_step", record)
     summary = train(_cfg(tmp_path, batch_size=30, epochs=1, drop_last=drop_last))
     assert summary["step"] == len(seen) == steps
     assert seen[:7] == [30] * 7 and (drop_last or seen[-1] == 232 - 7 * 30)

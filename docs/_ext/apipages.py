@@ -1,9 +1,10 @@
-"""Write the API reference's pages: one per refham module, in the declared module order.
+"""The API reference's pages: one per refham module, in the declared module order, plus the
+equation map. Plain Python (tests/test_layout.py reads the same module table through it); the
+Sphinx side, which writes them outside the source tree at every build, is docs/_ext/apisite.py.
 
 The order is the module table of docs/reading-guide.md (each module imports only modules above
 it; tests/test_layout.py enforces that). A module missing from the table still gets a page, at the
-end, so the site builds while the layout test asks for its row. docs/api/ is generated, not
-kept in git.
+end, so the site builds while the layout test asks for its row.
 """
 import pathlib
 import re
@@ -38,32 +39,30 @@ def package_modules(package_dir):
     return found
 
 
-def write_api_pages(docs_dir, package_dir):
-    """docs_dir/api/<module>.md for every module, docs_dir/api/equations.md (the equation map)
-    and docs_dir/api/toctree.md listing them."""
-    from equationmap import equation_map_page   # docs/_ext is on conf.py's path
+def api_modules(docs_dir, package_dir):
+    """The modules with an API page, in the declared order, undeclared ones last (sorted)."""
     modules = package_modules(package_dir)
     order = [name for name in declared_order(docs_dir) if name in modules]
-    order += sorted(modules - set(order))
-    api = pathlib.Path(docs_dir) / "api"
-    api.mkdir(exist_ok=True)
-    pages = {f"{name}.md": PAGE.format(name=name) for name in order}
-    pages["equations.md"] = equation_map_page(docs_dir)
-    pages["toctree.md"] = "```{toctree}\n:maxdepth: 1\n\napi/equations\n" + "".join(
-        f"api/{name}\n" for name in order) + "```\n"
-    for stale in set(p.name for p in api.glob("*.md")) - set(pages):
-        (api / stale).unlink()
-    for filename, text in pages.items():
-        path = api / filename
+    return order + sorted(modules - set(order))
+
+
+def api_pages(docs_dir, package_dir, equation_map):
+    """{docname: Markdown} of the generated pages: the equation map (its text given), then one
+    per module."""
+    pages = {"api/equations": equation_map}
+    pages.update({f"api/{name}": PAGE.format(name=name)
+                  for name in api_modules(docs_dir, package_dir)})
+    return pages
+
+
+def write_pages(pages, folder):
+    """Write {docname: text} as folder/<docname>.md (only files whose text changed, so that an
+    incremental build rereads only those) and return {docname: absolute path}."""
+    paths = {}
+    for docname, text in pages.items():
+        path = (pathlib.Path(folder) / f"{docname}.md").resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists() or path.read_text(encoding="utf-8") != text:
             path.write_text(text, encoding="utf-8")
-
-
-def _on_config_inited(app, config):
-    docs_dir = pathlib.Path(app.srcdir)
-    write_api_pages(docs_dir, docs_dir.parent / "refham")
-
-
-def setup(app):
-    app.connect("config-inited", _on_config_inited)
-    return {"parallel_read_safe": True, "parallel_write_safe": True}
+        paths[docname] = path
+    return paths

@@ -27,19 +27,16 @@ def _run_descend(args):
     synapses) with random weights, all states from 10·N(0,1), 28 steps of α = 0.5; prints E per
     step."""
     from refham.backend import to_numpy
-    from refham.files.checkpoint import atomic_write
+    from refham.checks import integer_at_least
     from refham.files.memory import require_three_layer_ham
-    from refham.files.outputs import check_output_file
+    from refham.files.outputs import atomic_write, check_output_file
     from refham.ham import HAMError
     from refham.metaformer import three_layer_ham
 
     if args.out:
         check_output_file(args.out, args.force)
-    for name in ("visible", "hidden", "batch"):
-        if getattr(args, name) < 1:
-            raise HAMError(f"--{name} must be an integer ≥ 1, got {getattr(args, name)}")
-    if args.steps < 0:
-        raise HAMError(f"--steps must be an integer ≥ 0, got {args.steps}")
+    for name, least in (("visible", 1), ("hidden", 1), ("batch", 1), ("steps", 0)):
+        integer_at_least(f"--{name}", getattr(args, name), least, HAMError)
     require_three_layer_ham(args.visible, args.hidden, args.batch, args.steps)
     ham = three_layer_ham(args.visible, args.hidden)
     weights = ham.init_weights(args.seed, scale=args.weight_scale)
@@ -81,7 +78,7 @@ def _add_train(p):
 def _run_train(args):
     """Train a Mixer (default: ParaMixer on the built-in digits) with checkpoints and a log."""
     from refham.training.distributed import launched_rank
-    from refham.training.train import USER_ERRORS, TrainingDiverged, resume_settings, train
+    from refham.training.train import TrainingDiverged, resume_settings, train
     from refham.training.train_config import TrainConfig, given_settings
 
     say = print if launched_rank() == 0 else lambda *a, **k: None   # one report per job
@@ -96,9 +93,6 @@ def _run_train(args):
     except TrainingDiverged as exc:
         print(f"refham train: {exc}", file=sys.stderr)
         return 1
-    except USER_ERRORS as exc:
-        print(f"refham train: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
         print("refham train: aborted; the last checkpoint written stays valid", file=sys.stderr)
         return 130
@@ -123,8 +117,8 @@ def _add_eval(p):
     p.add_argument("--data-path", default=None,
                    help="where the CIFAR archive lives now (default: the path used in training)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (256)")
-    p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
-                   help="array backend (numpy)")
+    p.add_argument("--backend", choices=("numpy", "cupy"), default=None,
+                   help="array backend (the one REFHAM_BACKEND chooses, else numpy)")
     p.add_argument("--threads", type=int, default=1,
                    help="BLAS threads on the CPU, 0: the BLAS default (1)")
 
@@ -132,14 +126,9 @@ def _add_eval(p):
 def _run_eval(args):
     """Test loss and top-1 accuracy of a checkpoint, on the split it was trained against."""
     from refham.training.evaluation import evaluate_checkpoint
-    from refham.training.train import USER_ERRORS
 
-    try:
-        result = evaluate_checkpoint(args.checkpoint, args.data_path, args.batch_size,
-                                     args.backend, args.threads)
-    except USER_ERRORS as exc:
-        print(f"refham eval: error: {exc}", file=sys.stderr)
-        return 2
+    result = evaluate_checkpoint(args.checkpoint, args.data_path, args.batch_size, args.backend,
+                                 args.threads)
     print(f"{args.checkpoint}: {result['model']} on {result['data']}, epoch {result['epoch']} "
           f"(step {result['step']})\ntest loss {result['loss']:.4f}  top-1 "
           f"{100 * result['acc']:.2f}% ({result['n']} images)")
@@ -196,8 +185,7 @@ def _part(text):
 def _run_sweep(args):
     """The symmetry-breaking experiment (:ref:`sec-sweep`): models × λ × inits × budgets × seeds;
     tables, figures."""
-    from refham.study.sweep import PER_RUN, SweepError, run_study, run_sweep
-    from refham.training.train import USER_ERRORS
+    from refham.study.sweep import PER_RUN, run_study, run_sweep
     from refham.training.train_config import given_settings
 
     log = lambda line: print(line, flush=True)  # noqa: E731
@@ -210,9 +198,6 @@ def _run_sweep(args):
             run_sweep(args.out, settings, args.models, args.lams, args.seeds, args.epochs,
                       args.tune_lr, args.tune_seeds, args.asym_init, part, log,
                       args.report_only)
-    except (SweepError,) + USER_ERRORS as exc:
-        print(f"refham sweep: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("refham sweep: aborted; finished runs are kept, a re-run continues",
               file=sys.stderr)
@@ -275,15 +260,9 @@ def _run_metaformer(args):
     checkpoint."""
     import dataclasses
     import os
-    from refham.files.checkpoint import CheckpointError
-    from refham.training.data import DataError
-    from refham.training.distributed import CommError, launched_rank
-    from refham.dynamics import DynamicsError
-    from refham.ham import HAMError
-    from refham.metaformer import MetaFormerError
+    from refham.training.distributed import launched_rank
     from refham.training.metaformer_figures import PlottingUnavailable, write_figures
     from refham.training.metaformer_train import PAPER_SETTINGS, TrainSettings, train
-    from refham.files.runlock import RunLocked
 
     say = print if launched_rank() == 0 else lambda *a, **k: None   # one report per job
     try:
@@ -309,10 +288,6 @@ def _run_metaformer(args):
     except PlottingUnavailable as exc:
         print(f"refham metaformer {args.action}: {exc}", file=sys.stderr)
         return 1
-    except (MetaFormerError, DataError, CheckpointError, HAMError, DynamicsError,
-            CommError, RunLocked) as exc:
-        print(f"refham metaformer {args.action}: error: {exc}", file=sys.stderr)
-        return 2
     print(f"energy E (H1) per step of α = {args.alpha:g} from {args.state_scale:g}·N(0,1), one "
           f"column per sample (ΔE: the largest change over the samples)")
     print(f"{'step':>4} " + " ".join(f"{'E' + str(i):>12}" for i in range(energies.shape[1]))
@@ -359,26 +334,11 @@ def build_parser():
 
 def expected_errors():
     """The exception classes that mean bad input, files or settings, or a machine without the
-    resources asked for — never a bug in refham — as a tuple for `except`."""
-    from refham import backend, dynamics, ham, lagrangians, layers, metaformer, mixer, mixer_energy, optim
-    from refham.files import checkpoint
-    from refham.files import datafiles
-    from refham.oracle import interop
-    from refham.files import memory
-    from refham.training import metaformer_figures
-    from refham.oracle import golden as oracle
-    from refham.files import outputs
-    from refham.study import sweep
-    from refham.training import train
-    from refham.training import train_config
-    return (backend.BackendError, checkpoint.CheckpointError, datafiles.DataError,
-            dynamics.DynamicsError, ham.HAMError, interop.InteropError,
-            lagrangians.LagrangianError, layers.InputError, memory.MemoryLimitError,
-            metaformer.MetaFormerError, metaformer_figures.PlottingUnavailable, mixer.ConfigError,
-            mixer.ParamError, mixer_energy.EnergyError, optim.OptimizerError,
-            oracle.GoldenError, outputs.OutputError, sweep.SweepError, train.ResumeError,
-            train.TrainingDiverged, train_config.TrainConfigError, *train.USER_ERRORS,
-            MemoryError, OSError)
+    resources asked for — never a bug in refham — as a tuple for `except`: refham's own
+    (`RefhamError`, the base of every one of them) and the system's (no memory, a file or
+    folder the system refuses)."""
+    from refham.errors import RefhamError
+    return RefhamError, MemoryError, OSError
 
 
 def main(argv=None):

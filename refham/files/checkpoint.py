@@ -9,35 +9,31 @@ reads it):
                         rng_state, config, metrics, the optimiser's scalar state, and `sha256`,
                         a digest over every `param/` and `optim/` array (name, dtype, shape, bytes)
 
-Writing goes to a temporary file in the target folder, is flushed and fsync'ed, then renamed over
-the target with `os.replace` — a crash leaves either the old file or the new one, never half of
-one. A `kill -9` in the middle of a write can leave the temporary file behind; it is named
-`.<target>.<random>.refham-tmp` (`is_temporary`), so that a run that holds its folder's lock
-can recognise and remove it. Reading checks the archive (truncation, corruption), the format tag
+Writing is refham.files.outputs' `atomic_write`: a crash leaves either the old file or the new
+one, never half of one. Reading checks the archive (truncation, corruption), the format tag
 and version, the keys, the digest and the metadata's types, and raises CheckpointError saying
 which. Every array must be finite: a NaN/inf tensor is refused when writing and when reading, so
-a diverged state can neither become nor pass for a checkpoint. `atomic_write` and `read_npz`
-serve other files too (config and metrics logs, golden files).
+a diverged state can neither become nor pass for a checkpoint. `read_npz` serves other files
+too (golden files).
 """
 import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy
 
 from refham.files import safefiles
+from refham.files.outputs import atomic_write
 from refham.backend import to_numpy
-from refham.errors import short_list
+from refham.errors import RefhamError, short_list
 
 FORMAT = "refham-checkpoint"
 VERSION = 1
-TEMPORARY_SUFFIX = ".refham-tmp"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RefhamError, ValueError):
     """A file that is not a readable, intact refham checkpoint of a supported version."""
 
 
@@ -108,52 +104,6 @@ def save_checkpoint(path, params, optim_state, *, step, epoch, rng_state, config
             f"checkpoint metadata must be finite, JSON-able values: {exc}") from exc
     arrays["meta/json"] = numpy.frombuffer(meta_bytes, dtype=numpy.uint8)
     atomic_write(path, lambda f: numpy.savez(f, **arrays))
-
-
-def atomic_write(path, write):
-    """Create or replace the file `path` atomically: `write(f)` fills a temporary binary file in
-    the same folder, which is fsync'ed and renamed over `path`. On any failure (Ctrl-C included)
-    the temporary file is removed and `path` keeps its previous content. The file gets the
-    usual permissions (0o666 less the umask), not mkstemp's private 0o600."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
-                               suffix=TEMPORARY_SUFFIX)
-    try:
-        os.fchmod(fd, 0o666 & ~_current_umask())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    _fsync_folder(folder)
-
-
-def is_temporary(name):
-    """True for the name of an `atomic_write` temporary file (`.<target>.<random>.refham-tmp`)."""
-    return name.startswith(".") and name.endswith(TEMPORARY_SUFFIX)
-
-
-def _current_umask():
-    """The process umask (reading it means setting it; it is put straight back)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_folder(folder):
-    """Make the rename itself durable (POSIX; a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(path):

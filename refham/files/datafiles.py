@@ -23,10 +23,11 @@ from dataclasses import dataclass
 
 import numpy
 
+from refham.errors import RefhamError
 from refham.files.safefiles import check_compression, check_fits
 
 
-class DataError(ValueError):
+class DataError(RefhamError, ValueError):
     """A dataset file or argument is missing, malformed, hostile or inconsistent."""
 
 

@@ -9,18 +9,21 @@ activations a forward pass keeps for the backward one) and are meant to be withi
 of the real peak: enough to refuse a `--depth 100000` in milliseconds instead of meeting the OOM
 killer after minutes, not to predict the peak to the byte. The budget is the memory the kernel
 reports as available (`MemAvailable` of /proc/meminfo, else os.sysconf's free pages) or the
-user's limit, whichever is smaller; on the cupy backend the GPU's free memory too. This module
-imports nothing from refham but the backend switch.
+user's limit, whichever is smaller; on the cupy backend the GPU's free memory too.
 """
+import dataclasses
 import math
 import os
 
 from refham.backend import device_memory
+from refham.checks import finite_real
+from refham.errors import RefhamError
+from refham.mixer import param_shapes
 
 GIB = 1 << 30
 
 
-class MemoryLimitError(ValueError):
+class MemoryLimitError(RefhamError, ValueError):
     """A computation or file would need more memory than the machine has or the user allows."""
 
 
@@ -42,12 +45,7 @@ def available_bytes():
 
 def check_limit(limit, what="max_memory"):
     """`limit` in GiB (None: no user limit) after checking it is a finite number > 0."""
-    if limit is None:
-        return None
-    if isinstance(limit, bool) or not isinstance(limit, (int, float)) \
-            or not 0 < limit < math.inf:
-        raise MemoryLimitError(f"{what} must be a finite number of GiB > 0, got {limit!r}")
-    return float(limit)
+    return None if limit is None else finite_real(f"{what} (GiB)", limit, MemoryLimitError)
 
 
 def budget(limit=None):
@@ -98,26 +96,20 @@ def mixer_bytes(config, batch, itemsize, optimizer_slots=2, training=True):
                                                    statistics, normalised input, both MLPs'
                                                    hidden units before and after the activation)
 
-    Measured against tracemalloc's peak on the digits models (depth 1-8, dim 32-512, batch
-    4-256, all four models) it lies within 0.8-1.25× of the real peak. P is counted per block
-    from the config, never by building the names of 10⁵ blocks."""
+    tests/test_safefiles.py holds it within 1.5× of tracemalloc's peak of a training step. P is
+    read from the parameter layout `mixer.param_shapes` of the model at depths 1 and 2 (the stem
+    and head, and one block), never by building the names of 10⁵ blocks."""
+    one, two = (parameter_count(dataclasses.replace(config, depth=d)) for d in (1, 2))
+    params = one + (config.depth - 1) * (two - one)
     S, C = config.num_tokens, config.dim
-    norm = S * C if config.norm == "joint" else C
-    hidden = {"mlp_tokens": (S, config.token_hidden), "mlp_channels": (C, config.channel_hidden)}
-    per_block = 0
-    steps = ((("mlp_tokens",), ("mlp_channels",)) if config.serial
-             else (("mlp_tokens", "mlp_channels"),))
-    for mlps in steps:
-        per_block += 2 * norm
-        for mlp in mlps:
-            n_in, n_hidden = hidden[mlp]
-            matrices = 1 if config.mlp_kind == "sym" else 2
-            per_block += matrices * n_in * n_hidden + (n_in + n_hidden) * config.bias
-    params = (C * config.in_chans * config.patch ** 2 + C + config.depth * per_block
-              + 2 * C + (C + 1) * config.num_classes)
     per_image = config.in_chans * config.image_size ** 2 + config.depth * config.n_iter * (
         4 * S * C + 2 * (C * config.token_hidden + S * config.channel_hidden))
     return (params * (1 + training * (4 + optimizer_slots)) + batch * per_image) * itemsize
+
+
+def parameter_count(config):
+    """P, the number of parameters of a Mixer with `config` (`mixer.param_shapes`)."""
+    return elements(*param_shapes(config).values())
 
 
 def ham_descent_bytes(weight_shapes, layer_shapes, batch, steps, itemsize=8):

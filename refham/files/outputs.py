@@ -4,19 +4,31 @@ user has is silently replaced.
 
     check_output_file("g.npz", force=False)      # OutputError if it exists, is a folder, ...
     prepare_folder("runs/para")                  # creates it; OutputError if it cannot be one
+    atomic_write("g.npz", lambda f: f.write(data))   # then writes, all or nothing
 
 Rules: a path must be non-empty; an output file's folder must exist and be writable and the
 file must not be a folder; an existing file is replaced only with `force`, and a refham training
 checkpoint (an .npz with a `meta/json` entry) only by another checkpoint — never by an export, a
 golden file or a plot, even with `force`, because it may be a run's only copy of its weights;
 what is not a regular file (/dev/null, a pipe) is never replaced: the rename would remove it.
-This module imports nothing from refham.
+
+Every file refham writes goes through `atomic_write`: a temporary file in the target folder is
+flushed, fsync'ed and renamed over the target with `os.replace`, so a crash leaves either the old
+file or the new one, never half of one. A `kill -9` in the middle of a write can leave the
+temporary file behind; it is named `.<target>.<random>.refham-tmp` (`is_temporary`), so that a
+run that holds its folder's lock can recognise and remove it.
+This module imports nothing of refham but the error base.
 """
 import os
+import tempfile
 import zipfile
 
+from refham.errors import RefhamError
 
-class OutputError(ValueError):
+TEMPORARY_SUFFIX = ".refham-tmp"
+
+
+class OutputError(RefhamError, ValueError):
     """An output path refham must not or cannot write to."""
 
 
@@ -91,3 +103,49 @@ def prepare_folder(path, what="output folder"):
     except OSError as exc:
         raise OutputError(f"{what} {text} cannot be created: {exc.strerror or exc}") from exc
     return text
+
+
+def atomic_write(path, write):
+    """Create or replace the file `path` atomically: `write(f)` fills a temporary binary file in
+    the same folder, which is fsync'ed and renamed over `path`. On any failure (Ctrl-C included)
+    the temporary file is removed and `path` keeps its previous content. The file gets the
+    usual permissions (0o666 less the umask), not mkstemp's private 0o600."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
+                               suffix=TEMPORARY_SUFFIX)
+    try:
+        os.fchmod(fd, 0o666 & ~_current_umask())
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    _fsync_folder(folder)
+
+
+def is_temporary(name):
+    """True for the name of an `atomic_write` temporary file (`.<target>.<random>.refham-tmp`)."""
+    return name.startswith(".") and name.endswith(TEMPORARY_SUFFIX)
+
+
+def _current_umask():
+    """The process umask (reading it means setting it; it is put straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_folder(folder):
+    """Make the rename itself durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

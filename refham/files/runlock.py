@@ -10,7 +10,7 @@ feeds the message that refuses a second writer. On release the lock file is remo
 that locked a file just removed by the holder before it notices and takes the new one.
 
 While it holds the lock, a run is the folder's only writer, so the temporary files of
-`checkpoint.atomic_write` found there (`.<target>.<random>.refham-tmp`) belong to writers that
+`outputs.atomic_write` found there (`.<target>.<random>.refham-tmp`) belong to writers that
 are gone — a crash in the middle of a save — and `RunLock` removes them when it is acquired.
 """
 import datetime
@@ -21,12 +21,13 @@ import shlex
 import socket
 import sys
 
-from refham.files.checkpoint import is_temporary
+from refham.errors import RefhamError
+from refham.files.outputs import is_temporary
 
 LOCK_NAME = ".refham.lock"
 
 
-class RunLocked(RuntimeError):
+class RunLocked(RefhamError, RuntimeError):
     """The run folder is held by another process (a run, a resume or a sweep writing there), or
     its lock file cannot be opened."""
 

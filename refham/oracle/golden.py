@@ -43,20 +43,19 @@ import contextlib
 import dataclasses
 import inspect
 import json
-import math
-import numbers
 import os
 
 import numpy
 
 from refham import __version__
 from refham.backend import asarray, get_dtype, rng, set_dtype, to_numpy
-from refham.files.checkpoint import atomic_write, read_npz
+from refham.checks import finite_real, integer_at_least
+from refham.files.checkpoint import read_npz
 from refham.files.memory import mixer_bytes, require, require_three_layer_ham
 from refham.mixer import Mixer, make_config
 from refham.optim import AdamW
-from refham.files.outputs import check_output_file
-from refham.errors import short_list
+from refham.files.outputs import atomic_write, check_output_file
+from refham.errors import RefhamError, short_list
 
 FORMAT = "refham-golden"
 FORMAT_VERSION = 1
@@ -64,7 +63,7 @@ META_KEY = "meta/config"
 HAMS = ("metaformer",)
 
 
-class GoldenError(ValueError):
+class GoldenError(RefhamError, ValueError):
     """Bad golden-file settings, or a file that is not a readable golden (or candidate) file."""
 
 
@@ -84,20 +83,6 @@ def _float64():
         yield
     finally:
         set_dtype(saved)
-
-
-def _require_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise GoldenError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _require_real(name, value, positive=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or value < 0 or (positive and value == 0):
-        raise GoldenError(f"{name} must be a finite number {'>' if positive else '>='} 0, "
-                          f"got {value!r}")
-    return float(value)
 
 
 def _meta(kind, settings, **extra):
@@ -125,10 +110,12 @@ def mixer_golden(model, *, size="digits", n_iter=1, norm="joint", lam=0.0, label
     settings = dict(model=model, size=size, n_iter=n_iter, norm=norm, lam=lam,
                     label_smoothing=label_smoothing, batch=batch, seed=seed, steps=steps, lr=lr,
                     weight_decay=weight_decay, perturb=perturb, overrides=overrides)
-    batch, seed = _require_int("batch", batch, 1), _require_int("seed", seed, 0)
-    steps = _require_int("steps", steps, 0)
-    lr, perturb = _require_real("lr", lr, positive=True), _require_real("perturb", perturb)
-    optimizer = AdamW(weight_decay=_require_real("weight_decay", weight_decay))
+    batch, seed, steps = (integer_at_least(name, value, least, GoldenError) for name, value, least
+                          in (("batch", batch, 1), ("seed", seed, 0), ("steps", steps, 0)))
+    lr = finite_real("lr", lr, GoldenError)
+    perturb = finite_real("perturb", perturb, GoldenError, allow_zero=True)
+    optimizer = AdamW(weight_decay=finite_real("weight_decay", weight_decay, GoldenError,
+                                               allow_zero=True))
     with _float64():
         config = make_config(model, size, n_iter=n_iter, norm=norm, **overrides)
         require(mixer_bytes(config, batch, 8, optimizer_slots=2), f"a {model} golden file "
@@ -198,15 +185,17 @@ def ham_golden(ham="metaformer", *, visible=64, hidden=100, batch=2, seed=0, alp
     settings = dict(ham=ham, visible=visible, hidden=hidden, batch=batch, seed=seed, alpha=alpha,
                     state_scale=state_scale, weight_scale=weight_scale)
     from refham.metaformer import three_layer_ham
-    visible, hidden = _require_int("visible", visible, 2), _require_int("hidden", hidden, 1)
-    batch, seed = _require_int("batch", batch, 1), _require_int("seed", seed, 0)
-    alpha = _require_real("alpha", alpha, positive=True)
+    visible, hidden, batch, seed = (
+        integer_at_least(name, value, least, GoldenError) for name, value, least in
+        (("visible", visible, 2), ("hidden", hidden, 1), ("batch", batch, 1), ("seed", seed, 0)))
+    alpha = finite_real("alpha", alpha, GoldenError)
     require_three_layer_ham(visible, hidden, batch, 1)
     with _float64():
         net = three_layer_ham(visible, hidden)
-        weights = net.init_weights(seed, scale=_require_real("weight_scale", weight_scale))
+        weights = net.init_weights(seed, scale=finite_real("weight_scale", weight_scale,
+                                                           GoldenError, allow_zero=True))
         states = net.init_states(batch, seed=seed + 1,
-                                 scale=_require_real("state_scale", state_scale, positive=True))
+                                 scale=finite_real("state_scale", state_scale, GoldenError))
         tree = net.energy_tree(states, weights)
         graph = {"layers": {name: {"shape": layer.shape, "lagrangian": repr(layer.lagrangian),
                                    "tau": layer.tau} for name, layer in net.layers.items()},

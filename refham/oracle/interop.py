@@ -26,12 +26,12 @@ import os
 
 import numpy
 
-from refham.files.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from refham.files.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from refham.files.memory import mixer_bytes, require
 from refham.mixer import MixerConfig, from_timm_state, make_config, param_shapes, to_timm_state
 from refham.oracle.golden import META_KEY, GoldenError, load_npz
-from refham.files.outputs import check_output_file
-from refham.errors import short_list
+from refham.files.outputs import atomic_write, check_output_file
+from refham.errors import RefhamError, short_list
 from refham.files.safefiles import check_safetensors_header
 
 FORMATS = ("safetensors", "npz")
@@ -41,7 +41,7 @@ WEIGHTS_FORMAT = "refham-weights"
 VERSION = 1
 
 
-class InteropError(ValueError):
+class InteropError(RefhamError, ValueError):
     """A weights file that cannot be exported or imported as asked."""
 
 

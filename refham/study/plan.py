@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import math
 
+from refham.errors import RefhamError
 from refham.asym_init import ASYM_INITS
 
 SWEEP_SETTINGS = dict(data="digits", train_fraction=0.25, input_noise=0.6, size="digits",
@@ -27,7 +28,7 @@ ARMS = {"vanilla": ("vanilla", "element"), "paramixer": ("paramixer", "element")
 Run = collections.namedtuple("Run", "model lam asym_init lr epochs seed")
 
 
-class SweepError(ValueError):
+class SweepError(RefhamError, ValueError):
     """A sweep that cannot run as asked (e.g. its folder holds results of other settings)."""
 
 
@@ -74,8 +75,7 @@ class Regime:
                 for init in (self.asym_inits if model == "asymmixer" else ("official",))]
 
 
-# The full study (docs/symmetry-study.md): 140 runs, as many epochs as 212 runs of 40 (two
-# processes: `refham sweep --study --part 1/2` and `--part 2/2`).
+# The full study (docs/symmetry-study.md, which counts its runs): `refham sweep --study`.
 STUDY_RATES = (2e-3, 8e-3, 3.2e-2)
 STUDY_LAMS = (1.0, 1e-2, 0.0)
 STUDY = (Regime("fixed"),

@@ -3,7 +3,7 @@ accuracy against λ, per-epoch validation curves, and the regimes side by side. 
 refham.study.report.summarize's."""
 import math
 
-from refham.files.checkpoint import atomic_write
+from refham.files.outputs import atomic_write
 from refham.study.plan import LABELS
 
 COLOURS = {"vanilla": "tab:gray", "paramixer": "tab:blue", "symmixer": "tab:green",

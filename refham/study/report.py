@@ -9,7 +9,7 @@ scores; results.md, and the figures of refham.study.plots.
 import math
 import os
 
-from refham.files.checkpoint import atomic_write
+from refham.files.outputs import atomic_write
 from refham.study.plan import Run
 from refham.study.plots import plot_accuracy_vs_lambda, plot_curves, plot_regimes, row_label
 from refham.training.train_config import RESUMABLE_CHANGES

@@ -2,7 +2,7 @@
 the energy-exact SymMixer (one γ per block norm) and AsymMixer(λ), each over several seeds, on
 one protocol — and the controls that separate what symmetry costs from how fast a model learns.
 
-    run_sweep("runs/sweep")                     # one fixed budget: 40 runs, ~7 min (4 on 2 ranks)
+    run_sweep("runs/sweep")                     # one fixed budget: 40 runs
     run_sweep("runs/t", tune_lr=(1e-3, 4e-3))   # lr per (model, λ) chosen on validation
     run_study("runs/study")                     # every regime of STUDY (docs/symmetry-study.md)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy
 
 from refham.backend import asarray, rng, xp
+from refham.checks import finite_real, integer_at_least
 from refham.files.datafiles import (  # re-exported: the file readers' public names
     DataError, load_idx, load_mnist, read_cifar, restricted_unpickle)
 
@@ -130,12 +131,6 @@ def _check_fraction(fraction, allow_one, what="train_fraction"):
     return float(fraction)
 
 
-def _check_finite_nonnegative(value, what):
-    """A finite number ≥ 0 (noise levels), or DataError naming `what`."""
-    if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
-        raise DataError(f"{what} must be a finite number ≥ 0, got {value!r}")
-
-
 def _stratified_split(labels, fraction, gen, what="train_fraction"):
     """Indices (chosen, rest), both sorted: round(fraction·n_k) random images of each class k."""
     chosen = []
@@ -173,7 +168,7 @@ def make_synthetic(n_train=256, n_test=128, image_size=8, in_chans=1, num_classe
         if not isinstance(value, int) or value < (2 if key == "num_classes" else 1):
             raise DataError(f"make_synthetic: {key} must be a positive integer "
                             f"(num_classes ≥ 2), got {value!r}")
-    _check_finite_nonnegative(noise, "make_synthetic: noise")
+    finite_real("make_synthetic: noise", noise, DataError, allow_zero=True)
     gen = rng(seed)
     shape = (in_chans, image_size, image_size)
     templates = gen.standard_normal((num_classes,) + shape)
@@ -254,8 +249,7 @@ def random_crop(images, pad, gen):
     """Zero-pad each side by `pad`, then crop back to H×W at a per-sample offset
     (dy, dx) ∈ {0…2·pad}² drawn from `gen`: out_n = padded_n[:, dy:dy+H, dx:dx+W]."""
     images = _check_images(images)
-    if not isinstance(pad, int) or pad < 0:
-        raise DataError(f"pad must be an integer ≥ 0, got {pad!r}")
+    integer_at_least("pad", pad, 0, DataError)
     n, c, h, w = images.shape
     offsets = asarray(_check_gen(gen).integers(0, 2 * pad + 1, size=(n, 2)), dtype=xp.int64)
     padded = xp.pad(images, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
@@ -275,6 +269,6 @@ def horizontal_flip(images, gen):
 def add_gaussian_noise(images, sigma, gen):
     """x + σ·ε, ε ~ N(0, 1) fresh for every call (:ref:`sec-sweep`: every training batch)."""
     images = _check_images(images)
-    _check_finite_nonnegative(sigma, "sigma")
+    finite_real("sigma", sigma, DataError, allow_zero=True)
     noise = asarray(_check_gen(gen).standard_normal(images.shape), dtype=images.dtype)
     return images + sigma * noise

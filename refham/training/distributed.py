@@ -11,8 +11,9 @@ buffer gives the gradient of the global mean,
 
     ∇ = Σ_r (n_r / n) ∇_r,      n = Σ_r n_r,
 
-which is exact for uneven (last, partial) batches too. Terms counted once per step (the λ
-penalty, weight decay) are added after the reduce, on every rank alike.
+which is exact for uneven (last, partial) batches too. A term of the objective that does not
+depend on the batch (the λ penalty) is in every rank's J_r and counted once, as Σ_r n_r/n = 1;
+weight decay acts in the optimiser, after the reduce, on every rank alike.
 
 Communicators (rank, size, local_rank, allreduce_mean_, bcast_, sum, allgather, barrier, abort):
 `SingleProcess` (never imports mpi4py), `MPICommunicator` (mpi4py; CuPy buffers staged through
@@ -29,6 +30,7 @@ import traceback
 
 import numpy
 
+from refham.errors import RefhamError
 from refham.backend import asarray, to_numpy, xp
 
 COMMS = ("auto", "none", "mpi", "nccl")
@@ -39,7 +41,7 @@ _MPI_HINT = 'pip install "refham[mpi]" (mpi4py and MPICH; on a cluster: pip inst
             'against the site\'s MPI)'
 
 
-class CommError(ValueError):
+class CommError(RefhamError, ValueError):
     """A data-parallel setting that cannot work here (missing mpi4py, NCCL without CuPy, ...)."""
 
 
@@ -285,19 +287,21 @@ def _unflatten(flat, like):
 
 
 def combine_gradients(comm, grads, n_local, n_global, sums=()):
-    """∇ = Σ_r (n_r/n) ∇_r and Σ_r s_r for each host scalar s of `sums`, through ONE
-    allreduce of one flat buffer. `grads` holds ∇_r, the gradient of this rank's mean loss
-    over its n_local samples (any values if n_local = 0). → (grads dict, NumPy array of sums).
-    For one process callers skip it: it would only round their numbers."""
+    """∇ = Σ_r (n_r/n) ∇_r and Σ_r s_r for each scalar s of `sums` (host numbers or 0-d arrays
+    of the backend), through ONE allreduce of one flat buffer. `grads` holds ∇_r, the gradient
+    of this rank's mean loss over its n_local samples (any values if n_local = 0). → (grads
+    dict, float64 array of the sums on the device: no host transfer). For one process callers
+    skip it: it would only round their numbers."""
     dtype = next(iter(grads.values())).dtype
-    tail = asarray(numpy.asarray(sums, dtype=numpy.float64) * comm.size, dtype=dtype)
+    tail = (xp.stack([xp.asarray(s, dtype=xp.float64) for s in sums]) * comm.size).astype(dtype) \
+        if len(sums) else xp.zeros(0, dtype=dtype)
     flat = _flatten(list(grads.values()) + [tail])
     weight = comm.size * n_local / n_global    # 1 for even shards: the mean is the answer
     if weight != 1:
         flat[:flat.size - tail.size] *= weight
     comm.allreduce_mean_(flat)
     combined = _unflatten(flat, grads)
-    return combined, to_numpy(flat[flat.size - tail.size:]).astype(numpy.float64)
+    return combined, flat[flat.size - tail.size:].astype(xp.float64)
 
 
 def broadcast_state(comm, *states):

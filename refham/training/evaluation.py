@@ -3,65 +3,55 @@ there are several), and of a saved checkpoint on the test split it was trained a
 
     result = evaluate_checkpoint("runs/train/best.npz")     # {"loss", "acc", "n", "step", …}
 """
-import contextlib
 import dataclasses
 import math
 
-from threadpoolctl import threadpool_limits
-
-from refham.backend import asarray, backend_name, get_dtype, set_backend, set_dtype, to_numpy
+from refham.backend import active_backend, asarray, get_dtype
+from refham.checks import integer_at_least
 from refham.files.checkpoint import CheckpointError, load_checkpoint
 from refham.training.data import batches, load_dataset, normalise
 from refham.training.distributed import SingleProcess, shard
-from refham.layers import cross_entropy_forward
+from refham.layers import _cross_entropy_forward
 from refham.files.memory import mixer_bytes, require
-from refham.mixer import Mixer, MixerConfig
+from refham.mixer import Mixer, MixerConfig, check_params
 from refham.training.resume import check_parameters
+from refham.training.step import fetch_scalars
 from refham.training.train_config import TrainConfig, TrainConfigError
-
-
-@contextlib.contextmanager
-def active_backend(name, dtype, threads=0):
-    """Run with backend `name`, default dtype `dtype` and at most `threads` BLAS threads (0: as
-    the BLAS library likes; threadpoolctl, a scikit-learn dependency, sets it); restore after."""
-    saved = backend_name(), get_dtype()
-    set_backend(name)
-    set_dtype(dtype)
-    try:
-        with threadpool_limits(limits=threads or None, user_api="blas"):
-            yield
-    finally:
-        set_backend(saved[0])
-        set_dtype(saved[1])
-
 
 
 def evaluate(model, params, dataset, batch_size=256, comm=SingleProcess()):
     """Plain cross-entropy (no smoothing, no penalty) and top-1 accuracy over `dataset`, whose
     images are normalised with its own per-channel mean/std. → {"loss", "acc", "n"}.
     Under a communicator of N ranks each rank evaluates its shard (`distributed.shard`) and the
-    sums of loss and correct are reduced, so that every rank gets the whole set's numbers."""
+    sums of loss and correct are reduced, so that every rank gets the whole set's numbers.
+    The parameters are checked once; each batch runs the unchecked cores (the dataset's images
+    and labels were checked when it was made) and makes one device→host transfer
+    (`fetch_scalars`)."""
+    check_params(model.param_shapes, params)
+    dtype = params["stem.proj.weight"].dtype
     total_loss, correct = 0.0, 0
     rows = shard(len(dataset), comm)
     part = dataset if comm.size == 1 else dataclasses.replace(
         dataset, images=dataset.images[rows], labels=dataset.labels[rows])
     for images, labels in batches(part, batch_size) if rows.stop > rows.start else ():
-        logits, _ = model.forward(params, normalise(images, dataset.mean, dataset.std))
-        loss, _ = cross_entropy_forward(logits, labels)
-        total_loss += float(to_numpy(loss)) * len(labels)
-        correct += int(to_numpy((logits.argmax(axis=-1) == labels).sum()))
+        x = normalise(images, dataset.mean, dataset.std).astype(dtype, copy=False)
+        logits, _ = model._forward(params, x)
+        loss, _ = _cross_entropy_forward(logits, labels, 0.0)
+        batch_loss, batch_correct = fetch_scalars(loss, (logits.argmax(axis=-1) == labels).sum())
+        total_loss += batch_loss * len(labels)
+        correct += int(batch_correct)
     if comm.size > 1:
         total_loss, correct = comm.sum([total_loss, correct])
     return {"loss": total_loss / len(dataset), "acc": int(correct) / len(dataset),
             "n": len(dataset)}
 
 
-def evaluate_checkpoint(path, data_path=None, batch_size=256, backend="numpy", threads=1):
+def evaluate_checkpoint(path, data_path=None, batch_size=256, backend=None, threads=1):
     """Test loss and accuracy of the checkpoint at `path`, rebuilding its model and test split
-    from the settings stored in it (`data_path` overrides where the CIFAR archive now lives)."""
-    for name, value, least in (("batch_size", batch_size, 1), ("threads", threads, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise TrainConfigError(f"{name} must be an integer >= {least}, got {value!r}")
+    from the settings stored in it (`data_path` overrides where the CIFAR archive now lives),
+    on `backend` (None: the active one, as REFHAM_BACKEND chose)."""
+    integer_at_least("batch_size", batch_size, 1, TrainConfigError)
+    integer_at_least("threads", threads, 0, TrainConfigError)
     ck = load_checkpoint(path)
     try:
         cfg = TrainConfig.from_dict(ck.config["train"])

@@ -10,13 +10,14 @@ import os
 
 import numpy
 
+from refham.errors import RefhamError
 from refham.backend import asarray, to_numpy
-from refham.files.checkpoint import atomic_write, load_checkpoint
+from refham.files.checkpoint import load_checkpoint
 from refham.metaformer import MetaFormerError, ham_for
-from refham.files.outputs import check_output_file, prepare_folder
+from refham.files.outputs import atomic_write, check_output_file, prepare_folder
 
 
-class PlottingUnavailable(RuntimeError):
+class PlottingUnavailable(RefhamError, RuntimeError):
     """matplotlib (the optional `plot` extra) is not installed."""
 
 

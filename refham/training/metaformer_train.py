@@ -6,25 +6,25 @@ per epoch in a locked run folder, data-parallel under mpiexec.
 """
 import dataclasses
 import json
-import math
 import os
 import time
 
 import numpy
 from tqdm import tqdm
 
-from refham.backend import asarray, backend_name, get_dtype, rng, xp
-from refham.files.checkpoint import atomic_write, describe_names, nonfinite_entries, save_checkpoint
+from refham.backend import asarray, backend_name, get_dtype, rng
+from refham.checks import finite_real, integer_at_least
+from refham.files.checkpoint import save_checkpoint
 from refham.training.data import load_digits, load_mnist, make_synthetic
 from refham.training.distributed import (
-    COMMS, ShardedGenerator, broadcast_state, combine_gradients, get_communicator, shard)
-from refham.files.memory import MemoryLimitError, check_limit, metaformer_bytes, require
+    COMMS, ShardedGenerator, broadcast_state, get_communicator, shard)
+from refham.files.memory import metaformer_bytes, require
 from refham.metaformer import (
     ALPHA, EVAL_CHUNK, NOISE_STD, TARGETS, MetaFormerError, check_choice, denoising_losses,
     init_weights, loss_and_grads, loss_floor, normalise_images)
 from refham.optim import AdamW
-from refham.files.outputs import prepare_folder
-from refham.files.runlock import RunLock
+from refham.training.run_folder import RunFolder
+from refham.training.step import optimiser_step
 
 DATASETS = ("digits", "mnist", "synthetic")
 PAPER_SETTINGS = dict(data="mnist", hidden=900, steps=10, lr=1e-4, batch_size=512, epochs=100)
@@ -32,8 +32,8 @@ PAPER_SETTINGS = dict(data="mnist", hidden=900, steps=10, lr=1e-4, batch_size=51
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-    """A training run. Defaults: built-in digits (D = 64), ~25 s on one CPU core (small matrices:
-    OMP_NUM_THREADS=1 is fastest, BLAS threads only add overhead);
+    """A training run. Defaults: built-in digits (D = 64; small matrices, so OMP_NUM_THREADS=1:
+    BLAS threads only add overhead; its time is in docs/performance.md);
     `PAPER_SETTINGS` are the paper's MNIST ones (D = 784, N_h = 900, T = 10, lr 1e-4, batch 512,
     100 epochs). Adam with the notebook's optax.adam defaults (β = 0.9, 0.999, ε = 1e-8)."""
     data: str = "digits"
@@ -60,20 +60,13 @@ class TrainSettings:
                                   "train-images-idx3-ubyte[.gz]); the other datasets take none")
         for name, least in (("hidden", 1), ("steps", 1), ("batch_size", 1), ("epochs", 1),
                             ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise MetaFormerError(f"{name} must be an integer >= {least}, got {value!r}")
+            integer_at_least(name, getattr(self, name), least, MetaFormerError)
         if not isinstance(self.out, str) or not self.out.strip():
             raise MetaFormerError(f"out must name the run's folder, got {self.out!r}")
-        try:
-            check_limit(self.max_memory)
-        except MemoryLimitError as exc:
-            raise MetaFormerError(str(exc)) from None
+        if self.max_memory is not None:
+            finite_real("max_memory (GiB)", self.max_memory, MetaFormerError)
         for name in ("alpha", "lr"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not 0 < value < math.inf:
-                raise MetaFormerError(f"{name} must be a finite number > 0, got {value!r}")
+            finite_real(name, getattr(self, name), MetaFormerError)
 
 
 
@@ -113,15 +106,12 @@ def train(settings, echo=False):
     one process does) and of the test set; one allreduce per step combines the gradients; rank 0
     alone locks and writes the folder."""
     comm = get_communicator(settings.comm, backend_name())
-    if comm.rank:
-        return _train_in_locked_folder(settings, echo, comm)
-    prepare_folder(settings.out)
-    with RunLock(settings.out):
-        return _train_in_locked_folder(settings, echo, comm)
+    with RunFolder(settings.out, comm) as folder:
+        return _train_in_folder(settings, echo, comm, folder)
 
 
-def _train_in_locked_folder(settings, echo, comm):
-    """`train`, once rank 0 holds the lock on settings.out."""
+def _train_in_folder(settings, echo, comm, folder):
+    """`train`, once rank 0 holds the lock on `folder` (a RunFolder)."""
     s = settings
     if s.batch_size % comm.size:
         raise MetaFormerError(f"batch_size {s.batch_size} is the global batch, split evenly over "
@@ -134,12 +124,9 @@ def _train_in_locked_folder(settings, echo, comm):
             f"training the Energy MetaFormer (D = {visible_size}, N_h = {s.hidden}, T = "
             f"{s.steps}, batch {s.batch_size})", s.max_memory,
             advice="lower --hidden, --steps or --batch-size")
-    paths = {name: os.path.join(s.out, name) for name in ("metrics.jsonl", "last.npz")}
-    if os.path.exists(paths["last.npz"]):
+    if os.path.exists(folder.path("last.npz")):
         raise MetaFormerError(f"{s.out} already holds a run (last.npz); choose another --out")
-    writer = comm.rank == 0     # the one gate of every write into the run folder
-    if writer:
-        atomic_write(paths["metrics.jsonl"], lambda f: None)
+    folder.write("metrics.jsonl", "")
     config = {**dataclasses.asdict(s), "visible": visible_size, "noise_std": NOISE_STD,
               "image_shape": train_images.shape[1:], "loss_floor": loss_floor(visible_size),
               "test_split": test_split, "world_size": comm.size}
@@ -161,43 +148,45 @@ def _train_in_locked_folder(settings, echo, comm):
 
     history, started = [{"epoch": 0, **_prefixed(evaluate())}], time.perf_counter()
     for epoch in range(1, s.epochs + 1):
-        order, loss_sum = gen.permutation(len(clean_train)), 0.0
-        for start in tqdm(range(0, len(order), s.batch_size), disable=not (s.progress and writer),
-                          desc=f"epoch {epoch}/{s.epochs}", leave=False, dynamic_ncols=True):
-            batch = clean_train[order[start:start + s.batch_size]]
-            part = shard(len(batch), comm)
-            draw = gen if comm.size == 1 else ShardedGenerator(gen, len(batch), part)
-            clean = asarray(batch[part])
-            noise = asarray(NOISE_STD * draw.standard_normal(clean.shape))
-            if len(clean):
-                loss, grads = loss_and_grads(weights, clean, noise, s.steps, s.alpha, s.target)
-            else:   # a last batch smaller than the number of ranks leaves this rank no image
-                loss, grads = 0.0, {name: xp.zeros_like(w) for name, w in weights.items()}
-            if comm.size > 1:
-                grads, (batch_sum,) = combine_gradients(comm, grads, len(clean), len(batch),
-                                                        (loss * len(clean),))
-                loss = float(batch_sum) / len(batch)
-            if not math.isfinite(loss):
-                raise _diverged(epoch, f"loss {loss}")
-            updated = optimizer.update(weights, grads, opt_state, s.lr)
-            overflowed = nonfinite_entries({**updated[0], **updated[1]}, xp)
-            if overflowed:
-                raise _diverged(epoch, f"the update made {describe_names(overflowed)} NaN/inf")
-            weights, opt_state = updated
-            loss_sum += loss * len(batch)
-        history.append({"epoch": epoch, "train_loss": loss_sum / len(order),
-                        **_prefixed(evaluate()), "seconds": time.perf_counter() - started})
-        if not writer:
+        weights, opt_state, train_loss = _train_epoch(
+            s, epoch, comm, folder, clean_train, gen, optimizer, weights, opt_state)
+        history.append({"epoch": epoch, "train_loss": train_loss, **_prefixed(evaluate()),
+                        "seconds": time.perf_counter() - started})
+        if not folder.writer:
             continue
-        with open(paths["metrics.jsonl"], "a", encoding="utf-8") as f:
-            f.write(json.dumps(history[-1]) + "\n")
-        save_checkpoint(paths["last.npz"], weights, opt_state, step=opt_state["step"],
+        folder.append_line("metrics.jsonl", json.dumps(history[-1]))
+        save_checkpoint(folder.path("last.npz"), weights, opt_state, step=opt_state["step"],
                         epoch=epoch, rng_state=gen.bit_generator.state, config=config,
                         metrics=history[-1])
         if echo:
             tqdm.write(_epoch_line(history[-1], s))
     return {"history": history, "out": s.out, "loss_floor": loss_floor(visible_size),
-            "checkpoint": paths["last.npz"], "visible": visible_size, "test_split": test_split}
+            "checkpoint": folder.path("last.npz"), "visible": visible_size,
+            "test_split": test_split}
+
+
+def _train_epoch(s, epoch, comm, folder, clean_train, gen, optimizer, weights, opt_state):
+    """One pass over `clean_train` in the order `gen` draws, each batch with fresh noise drawn
+    from `gen` and one shared optimiser step (refham.training.step) → (weights, optimiser
+    state, mean training loss)."""
+    order, loss_sum = gen.permutation(len(clean_train)), 0.0
+    for start in tqdm(range(0, len(order), s.batch_size), leave=False, dynamic_ncols=True,
+                      disable=not (s.progress and folder.writer), desc=f"epoch {epoch}/{s.epochs}"):
+        batch = clean_train[order[start:start + s.batch_size]]
+        part = shard(len(batch), comm)
+        draw = gen if comm.size == 1 else ShardedGenerator(gen, len(batch), part)
+        clean = asarray(batch[part])
+        noise = asarray(NOISE_STD * draw.standard_normal(clean.shape))
+
+        def denoising_loss(w, clean=clean, noise=noise):
+            loss, grads = loss_and_grads(w, clean, noise, s.steps, s.alpha, s.target)
+            return loss, 0, grads
+        weights, opt_state, scalars = optimiser_step(
+            weights, opt_state, denoising_loss, optimizer, s.lr,
+            lambda what: _diverged(epoch, what), comm=comm, n_local=len(clean),
+            n_global=len(batch))
+        loss_sum += scalars.loss * len(batch)
+    return weights, opt_state, loss_sum / len(order)
 
 
 def _diverged(epoch, what):

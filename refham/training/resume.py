@@ -16,13 +16,14 @@ import math
 import os
 import warnings
 
-from refham.files.checkpoint import (
-    CheckpointError, atomic_write, describe_names, read_json_lines)
+from refham.errors import RefhamError
+from refham.files.checkpoint import CheckpointError, describe_names, read_json_lines
+from refham.files.outputs import atomic_write
 from refham.mixer import ParamError, check_params, param_shapes
 from refham.training.train_config import RESUMABLE_CHANGES, TrainConfig, TrainConfigError
 
 
-class ResumeError(ValueError):
+class ResumeError(RefhamError, ValueError):
     """A run that cannot be started or resumed in this output folder."""
 
 

@@ -13,9 +13,10 @@ Every random draw of step t (noise, crop, flip, drop-path masks) comes from rng(
 the RNG state of a run IS its step counter: restoring the step restores the exact random stream
 and a resumed run reproduces an uninterrupted one bit for bit (on NumPy).
 
-Under `mpiexec -n N` (refham.training.distributed) each rank draws step t's randomness for the whole global
-batch as above, keeps its 1/N shard, and one allreduce per step combines the gradients: the
-numbers do not depend on N (up to rounding), and a run resumes under any N. Only rank 0 writes.
+Under `mpiexec -n N` (refham.training.distributed) each rank draws step t's randomness for the
+whole global batch as above, keeps its 1/N shard, and one allreduce per step combines the
+gradients: the numbers do not depend on N (up to rounding), and a run resumes under any N. Only
+rank 0 writes.
 
 The output folder holds `config.json` (written at start), `metrics.jsonl` (one line per epoch),
 `last.npz` (end of every epoch, every `checkpoint_every` steps, and on SIGINT/SIGTERM) and
@@ -23,6 +24,11 @@ The output folder holds `config.json` (written at start), `metrics.jsonl` (one l
 training images, held out before training), all written atomically. A NaN/inf loss or gradient,
 or an update that makes a parameter or an optimiser moment NaN/inf, stops the run before that
 step becomes its state, so no checkpoint ever holds a diverged state (and none could be written).
+
+The pieces, one concept each: the step (refham.training.step, shared with the Energy
+MetaFormer's loop; one device→host transfer), the folder a run owns (refham.training.run_folder),
+the state its checkpoints hold (refham.training.run_state), and here the data, the schedule and
+the epoch loop.
 """
 import contextlib
 import dataclasses
@@ -35,44 +41,32 @@ import time
 
 from tqdm import tqdm
 
-from refham.backend import BackendError, asarray, rng, to_numpy, xp
-from refham.asym_init import initial_params
-from refham.files.checkpoint import (
-    CheckpointError, atomic_write, describe_names, load_checkpoint, nonfinite_entries,
-    save_checkpoint)
+from refham.backend import active_backend, asarray, rng, to_numpy
+from refham.errors import RefhamError
+from refham.files.checkpoint import load_checkpoint
+from refham.mixer import Mixer
+from refham.optim import cosine_lr, make_optimizer
 from refham.training.data import (
-    DataError, add_gaussian_noise, batches, hold_out, horizontal_flip, load_dataset, normalise,
-    random_crop)
+    add_gaussian_noise, batches, hold_out, horizontal_flip, load_dataset, normalise, random_crop)
 from refham.training.distributed import (
-    CommError, ShardedGenerator, broadcast_state, combine_gradients,
-    get_communicator, shard)
-from refham.training.evaluation import active_backend, evaluate
+    ShardedGenerator, broadcast_state, get_communicator, shard)
+from refham.training.evaluation import evaluate
 from refham.training.gpu import tf32_mode, warm_up
 from refham.training.noise import step_generator
-from refham.layers import InputError
-from refham.mixer import ConfigError, Mixer, ParamError
-from refham.files.outputs import prepare_folder
-from refham.optim import OptimizerError, clip_by_global_norm, cosine_lr, make_optimizer
-from refham.training.resume import (
-    ResumeError, check_resumable, check_same_run, checked_progress,
-    finished_records, last_checkpoint, saved_settings)
-from refham.files.runlock import RunLock, RunLocked
-from refham.training.train_config import (
-    CROP_PAD, TrainConfig, TrainConfigError, model_config)
+from refham.training.resume import last_checkpoint, saved_settings
+from refham.training.run_folder import RunFolder
+from refham.training.run_state import RunState
+from refham.training.step import optimiser_step
+from refham.training.train_config import CROP_PAD, TrainConfig, TrainConfigError, model_config
 
 ORDER_STREAM, STEP_STREAM = 1, 2      # rng((seed, stream, epoch or step)): see the module docstring
 VALIDATION_STREAM = 3                 # rng((data_seed, 3)) holds the validation split out
-RNG_SCHEME = "counter-v1"
+WARM_UP_STREAM = 4                    # rng((seed, 4)): the GPU warm-up's throwaway draws
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RefhamError, RuntimeError):
     """The loss, the gradient or the updated parameters/optimiser state of a step became NaN/inf;
     the run's state and checkpoints stay those of the step before."""
-
-
-# what bad settings, data or files raise: the CLI reports these as errors, not as crashes
-USER_ERRORS = (TrainConfigError, ResumeError, CheckpointError, DataError, ConfigError,
-               OptimizerError, BackendError, InputError, ParamError, RunLocked, CommError)
 
 
 def prepare_batch(images, dataset, cfg, gen):
@@ -125,213 +119,151 @@ def _stop_requests():
             signal.signal(s, handler)
 
 
-@dataclasses.dataclass
-class _Progress:
-    """What a checkpoint restores besides parameters and optimiser state (its `metrics`)."""
-    best_val_acc: float = -1.0
-    best_epoch: int = 0
-    wall_time: float = 0.0          # seconds of training and evaluation, over all sessions
-    epoch_loss_sum: float = 0.0     # running sums of the current epoch, for mid-epoch resumes
-    epoch_correct: int = 0
-    epoch_seen: int = 0
-    epoch_train_time: float = 0.0
+def run_datasets(cfg):
+    """(train, validation or None, test) datasets of `cfg`: the validation split is held out of
+    the training images with rng((data_seed, 3)), so it stays the same across seeds."""
+    train_set, test_set = load_dataset(cfg.data, cfg.data_path, train_fraction=cfg.train_fraction,
+                                       seed=cfg.data_seed)
+    if not cfg.val_fraction:
+        return train_set, None, test_set
+    train_set, val_set = hold_out(train_set, cfg.val_fraction,
+                                  rng((cfg.data_seed, VALIDATION_STREAM)))
+    return train_set, val_set, test_set
 
 
-class _Run:
-    """One training run in its output folder: data, model, optimiser and the loop."""
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The run's steps: `steps_per_epoch` × epochs, the first `warmup_steps` warming up."""
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
 
-    def __init__(self, cfg, resume, comm):
-        """Load the data, build model and optimiser, lock cfg.out (rank 0: `self.lock`, which
-        the caller releases), then start fresh or resume there; under several ranks (`comm`),
-        all start from rank 0's parameters and optimiser state."""
-        if cfg.batch_size % comm.size:
-            raise TrainConfigError(f"batch_size {cfg.batch_size} is the global batch, split evenly "
-                                   f"over the {comm.size} ranks: choose a multiple of {comm.size}")
-        self.cfg, self.comm, self.stop_agreed = cfg, comm, False
-        self.writer = comm.rank == 0    # the one gate of every write into the run folder
-        self.paths = {name: os.path.join(cfg.out, name)
-                      for name in ("config.json", "metrics.jsonl", "last.npz", "best.npz")}
-        self.train_set, self.test_set = load_dataset(
-            cfg.data, cfg.data_path, train_fraction=cfg.train_fraction, seed=cfg.data_seed)
-        self.val_set = None
-        if cfg.val_fraction:
-            self.train_set, self.val_set = hold_out(self.train_set, cfg.val_fraction,
-                                                    rng((cfg.data_seed, VALIDATION_STREAM)))
-        self.model = Mixer(model_config(cfg, self.train_set))
-        self.optimizer = make_optimizer(cfg.optimizer, cfg.weight_decay, momentum=cfg.momentum,
-                                        nesterov=cfg.nesterov, decay_norms=cfg.decay_norms)
-        self.steps_per_epoch = (len(self.train_set) // cfg.batch_size if cfg.drop_last
-                                else math.ceil(len(self.train_set) / cfg.batch_size))
-        if self.steps_per_epoch == 0:
-            raise TrainConfigError(f"batch_size {cfg.batch_size} exceeds the {len(self.train_set)} "
+    @classmethod
+    def of(cls, cfg, n_train):
+        """The schedule of `cfg` on `n_train` training images; TrainConfigError if it holds no
+        step or nothing but warm-up."""
+        steps_per_epoch = (n_train // cfg.batch_size if cfg.drop_last
+                           else math.ceil(n_train / cfg.batch_size))
+        if steps_per_epoch == 0:
+            raise TrainConfigError(f"batch_size {cfg.batch_size} exceeds the {n_train} "
                                    f"training images, and drop_last drops that one partial "
                                    f"batch: lower --batch-size or pass --no-drop-last")
-        self.total_steps = cfg.epochs * self.steps_per_epoch
-        self.warmup_steps = round(cfg.warmup * self.total_steps)
-        if self.warmup_steps >= self.total_steps:
-            raise TrainConfigError(f"warm-up of {self.warmup_steps} steps leaves no training in "
-                                   f"{self.total_steps} steps: lower warmup or add epochs")
-        self.lock = None
-        if self.writer:
-            prepare_folder(cfg.out)
-            self.lock = RunLock(cfg.out).acquire()      # held until train() ends, however it ends
-        try:
-            if resume:
-                self._resume()
-            else:
-                self._start_fresh()
-            if comm.size > 1:
-                self.params, self.opt_state = broadcast_state(comm, self.params, self.opt_state)
-        except BaseException:
-            if self.lock:
-                self.lock.release()
-            raise
+        total_steps = cfg.epochs * steps_per_epoch
+        warmup_steps = round(cfg.warmup * total_steps)
+        if warmup_steps >= total_steps:
+            raise TrainConfigError(f"warm-up of {warmup_steps} steps leaves no training in "
+                                   f"{total_steps} steps: lower warmup or add epochs")
+        return cls(steps_per_epoch, total_steps, warmup_steps)
 
-    # ------------------------------------------------------------------ start, resume, save
-    def _start_fresh(self):
-        """Initial parameters and optimiser state; config.json and an empty metrics log."""
-        if os.path.exists(self.paths["last.npz"]):
-            raise ResumeError(f"{self.cfg.out} already holds a run (last.npz): pass --resume to "
-                              f"continue it, or choose another --out")
-        self.params = initial_params(self.model.config, self.cfg.seed, self.cfg.asym_init)
-        self.opt_state = self.optimizer.init(self.params)
-        self.step, self.progress, self.last_record = 0, _Progress(), None
-        if self.writer:
-            atomic_write(self.paths["config.json"],
-                         lambda f: f.write(json.dumps(self._config(), indent=2).encode()))
-            atomic_write(self.paths["metrics.jsonl"], lambda f: None)
+    def lr(self, cfg, step):
+        """The learning rate of optimiser step `step` (0-based), :eq:`T-cosine`."""
+        return cosine_lr(step, self.total_steps, cfg.lr, self.warmup_steps, cfg.min_lr)
 
-    def _config(self):
-        """What config.json and checkpoints record of the run: its settings and model."""
-        return {"train": self.cfg.to_dict(), "model": dataclasses.asdict(self.model.config)}
 
-    def _resume(self):
-        """Parameters, optimiser state, step and progress from last.npz, once refham.training.resume has
-        checked that it continues this run (settings, model, arrays, step, RNG, folder)."""
-        path = last_checkpoint(self.cfg.out)
-        ck = load_checkpoint(path)
-        check_resumable(ck, path, self.cfg, self.model.config, self.optimizer,
-                        self.steps_per_epoch, self._rng_state)
-        if self.writer:     # it may write config.json again; a mismatch on rank 0 ends all
-            check_same_run(ck, path, self.paths["config.json"])
-        self.progress = checked_progress(ck, path, _Progress)
-        self.params = {k: asarray(v, dtype=v.dtype) for k, v in ck.params.items()}
-        self.opt_state = {k: asarray(v, dtype=v.dtype) if hasattr(v, "shape") else v
-                          for k, v in ck.optim_state.items()}
-        self.step = ck.step
-        self._truncate_metrics(ck.epoch)
+class _EpochLoop:
+    """The epochs of one run, from its state's step to the last epoch: the steps with their
+    progress bar and running sums, the evaluations, the checkpoints, the metrics log."""
 
-    def _truncate_metrics(self, epochs_done):
-        """Keep the readable metrics lines of the epochs the checkpoint has finished (a crash
-        between a line and its checkpoint must not leave that epoch twice in the log); the last
-        of them is the run's latest record."""
-        records = finished_records(self.paths["metrics.jsonl"], epochs_done)
-        text = "".join(json.dumps(r) + "\n" for r in records)
-        if self.writer:
-            atomic_write(self.paths["metrics.jsonl"], lambda f: f.write(text.encode()))
-        self.last_record = records[-1] if records else None
+    def __init__(self, cfg, comm, folder, datasets, model, optimizer, schedule, state):
+        self.cfg, self.comm, self.folder, self.model = cfg, comm, folder, model
+        self.train_set, self.val_set, self.test_set = datasets
+        self.optimizer, self.schedule, self.state = optimizer, schedule, state
+        self.stop_agreed, self.stop, self._clock = False, {"signal": None}, time.perf_counter()
 
-    def _rng_state(self, step):
-        """What a checkpoint records of the RNG: the counter scheme's inputs (seed, step)."""
-        return {"scheme": RNG_SCHEME, "seed": self.cfg.seed, "step": step}
+    def run(self, stop, echo):
+        """Train to the last epoch → summary. `stop` is _stop_requests' dict: when a signal
+        sets it, save last.npz at the next step boundary and return."""
+        self._clock, self.stop = time.perf_counter(), stop
+        for epoch in range(self.state.step // self.schedule.steps_per_epoch, self.cfg.epochs):
+            if not self._train_epoch(epoch):
+                self._save("last.npz")
+                return self._summary("interrupted", stop["signal"] or "a signal to another rank")
+            record = self._end_epoch(epoch)
+            self.folder.append_line("metrics.jsonl", json.dumps(record))   # before the
+            self._save("last.npz")          # checkpoint: RunState.resume cuts what it has not
+            if echo and self.folder.writer:
+                tqdm.write(_epoch_line(record, self.cfg.epochs))
+        return self._summary("finished", None, self._best_on_test())
 
-    def _save(self, name):
-        """Write checkpoint `name` (last.npz or best.npz) of the current state, atomically."""
-        self._tick()
-        if self.writer:
-            save_checkpoint(self.paths[name], self.params, self.opt_state, step=self.step,
-                            epoch=self.step // self.steps_per_epoch,
-                            rng_state=self._rng_state(self.step),
-                            config={**self._config(), "world_size": self.comm.size},
-                            metrics=dataclasses.asdict(self.progress))
-
-    # ------------------------------------------------------------------------------ the loop
     def _train_step(self, images, labels):
-        """One optimiser step on a raw global batch → (loss, number correct). Raises
-        TrainingDiverged, leaving parameters and optimiser state as they were, if the loss, the
-        gradient or the updated parameters/optimiser state are not finite. Under N ranks each
-        takes its shard of the batch and of its random draws; one allreduce combines the
-        gradients, loss, correct and the ranks' stop requests."""
-        cfg, comm, n = self.cfg, self.comm, len(labels)
-        gen, rows = rng((cfg.seed, STEP_STREAM, self.step)), shard(n, comm)
+        """One optimiser step (refham.training.step) on a raw global batch → (loss, number
+        correct). Under N ranks each takes its shard of the batch and of its random draws; the
+        step's one allreduce also carries the ranks' stop requests."""
+        step = self.state.step
+        params, opt_state, scalars = self._step(images, labels, (STEP_STREAM, step),
+                                                (step,), bool(self.stop["signal"]))
+        self.state.params, self.state.opt_state = params, opt_state
+        self.state.step += 1
+        self.stop_agreed = scalars.stop
+        return scalars.loss, scalars.correct
+
+    def warm_up_step(self, images, labels):
+        """A step on a raw global batch whose result is discarded (refham.training.gpu.warm_up),
+        with draws of its own stream: the run's state does not change."""
+        self._step(images, labels, (WARM_UP_STREAM,), (WARM_UP_STREAM, 0), False)
+
+    def _step(self, images, labels, stream, noise_key, stop):
+        """The optimiser step of the current state on a raw global batch, its random draws from
+        rng((seed, *stream)) (`noise_key`: the counter noise's stream) → (θ', s', StepScalars),
+        not committed."""
+        cfg, comm, n, step = self.cfg, self.comm, len(labels), self.state.step
+        gen, rows = rng((cfg.seed, *stream)), shard(n, comm)
         if comm.size > 1:
             gen, images, labels = ShardedGenerator(gen, n, rows), images[rows], labels[rows]
-        gen = step_generator(gen, cfg.noise_rng, (cfg.seed, self.step), n, rows)
-        if len(labels):
-            x = prepare_batch(images, self.train_set, cfg, gen)
-            loss, logits, grads = self.model.loss_and_grads(
-                self.params, x, labels, label_smoothing=cfg.label_smoothing, drop_rng=gen)
-            correct = int(to_numpy((logits.argmax(axis=-1) == labels).sum()))
-        else:   # a last batch smaller than the number of ranks leaves this rank no sample
-            loss, correct, grads = 0.0, 0, {k: xp.zeros_like(p) for k, p in self.params.items()}
-        if comm.size > 1:
-            grads, (loss_sum, correct, stops) = combine_gradients(
-                comm, grads, len(labels), n, (loss * len(labels), correct, bool(self.stop["signal"])))
-            loss, correct, self.stop_agreed = float(loss_sum) / n, int(correct), stops > 0
-        grads = self.model.add_penalty_grad(self.params, grads, cfg.lam)
-        loss += self.model.penalty(self.params, cfg.lam)
-        grads, grad_norm = clip_by_global_norm(grads, cfg.clip_grad)
-        lr = cosine_lr(self.step, self.total_steps, cfg.lr, self.warmup_steps, cfg.min_lr)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise self._diverged(lr, f"loss {loss}, gradient norm {grad_norm}")
-        params, opt_state = self.optimizer.update(self.params, grads, self.opt_state, lr)
-        overflowed = nonfinite_entries({**params, **opt_state}, xp)
-        if overflowed:
-            raise self._diverged(lr, f"loss {loss} and gradient norm {grad_norm:.3g} were finite, "
-                                     f"but the update made {describe_names(overflowed)} NaN/inf")
-        self.params, self.opt_state = params, opt_state
-        self.step += 1
-        return loss, correct
+        gen = step_generator(gen, cfg.noise_rng, (cfg.seed, *noise_key), n, rows)
+
+        def loss_and_grads(params):
+            # the unchecked core: the dataset's images and labels were checked when it was made
+            x = prepare_batch(images, self.train_set, cfg, gen).astype(cfg.dtype, copy=False)
+            loss, logits, grads = self.model._loss_and_grads(
+                params, x, labels, cfg.lam, cfg.label_smoothing, gen)
+            return loss, (logits.argmax(axis=-1) == labels).sum(), grads
+
+        lr = self.schedule.lr(cfg, step)
+        return optimiser_step(
+            self.state.params, self.state.opt_state, loss_and_grads, self.optimizer, lr,
+            lambda what: self._diverged(lr, what), clip=cfg.clip_grad, comm=comm,
+            n_local=len(labels), n_global=n, stop=stop)
 
     def _diverged(self, lr, what):
         """The TrainingDiverged of the current step: what went non-finite, which checkpoint
         stays, and what to change."""
-        last = (f"the last checkpoint, {self.paths['last.npz']}, is kept (all its values are "
-                f"finite)"
-                if os.path.exists(self.paths["last.npz"]) else "no checkpoint was written yet")
+        step, path = self.state.step, self.folder.path("last.npz")
+        last = (f"the last checkpoint, {path}, is kept (all its values are finite)"
+                if os.path.exists(path) else "no checkpoint was written yet")
         return TrainingDiverged(
-            f"training diverged at step {self.step} (epoch {self.step // self.steps_per_epoch + 1}"
-            f", lr {lr:.3g}): {what}; {last}. Lower --lr, set --clip-grad, or use --dtype float64")
-
-    def run(self, stop, echo):
-        """Train from the current step to the last epoch → summary. `stop` is _stop_requests'
-        dict: when a signal sets it, save last.npz at the next step boundary and return."""
-        self._clock, self.stop = time.perf_counter(), stop
-        for epoch in range(self.step // self.steps_per_epoch, self.cfg.epochs):
-            if not self._train_epoch(epoch, stop):
-                self._save("last.npz")
-                return self._summary("interrupted", stop["signal"] or "a signal to another rank")
-            record = self._end_epoch(epoch)
-            if self.writer:
-                with open(self.paths["metrics.jsonl"], "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")   # before the checkpoint: _truncate_metrics
-            self._save("last.npz")
-            if echo and self.writer:
-                tqdm.write(_epoch_line(record, self.cfg.epochs))
-        return self._summary("finished", None, self._best_on_test())
+            f"training diverged at step {step} (epoch "
+            f"{step // self.schedule.steps_per_epoch + 1}, lr {lr:.3g}): {what}; {last}. Lower "
+            f"--lr, set --clip-grad, or use --dtype float64")
 
     def _tick(self):
         """Add the time since the last tick to the run's wall time."""
         now = time.perf_counter()
-        self.progress.wall_time += now - self._clock
+        self.state.progress.wall_time += now - self._clock
         self._clock = now
 
-    def _train_epoch(self, epoch, stop):
+    def _save(self, name):
+        """Write checkpoint `name` (last.npz or best.npz) of the current state, atomically."""
+        self._tick()
+        self.state.save(self.folder, name, self.cfg, self.model, self.schedule.steps_per_epoch,
+                        self.comm.size)
+
+    def _train_epoch(self, epoch):
         """The remaining steps of `epoch` (all, or those after a mid-epoch checkpoint), with a
         progress bar and the running sums. False if a stop was requested, True when done."""
-        cfg, p = self.cfg, self.progress
-        skip = self.step - epoch * self.steps_per_epoch
+        cfg, p, steps_per_epoch = self.cfg, self.state.progress, self.schedule.steps_per_epoch
+        skip = self.state.step - epoch * steps_per_epoch
         order = batches(self.train_set, cfg.batch_size, rng((cfg.seed, ORDER_STREAM, epoch)),
                         drop_last=cfg.drop_last)
-        with tqdm(total=self.steps_per_epoch, initial=skip, disable=not (cfg.progress and
-                                                                         self.writer), leave=False,
-                  desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True) as bar:
+        with tqdm(total=steps_per_epoch, initial=skip, leave=False, dynamic_ncols=True,
+                  disable=not (cfg.progress and self.folder.writer),
+                  desc=f"epoch {epoch + 1}/{cfg.epochs}") as bar:
             for index, (images, labels) in enumerate(order):
                 if index < skip:
                     continue
                 # one process stops at its own signal; ranks stop after the step whose allreduce
                 # carried one, all at the same step boundary
-                if self.stop_agreed if self.comm.size > 1 else stop["signal"]:
+                if self.stop_agreed if self.comm.size > 1 else self.stop["signal"]:
                     return False
                 started = time.perf_counter()
                 loss, correct = self._train_step(images, labels)
@@ -343,60 +275,61 @@ class _Run:
                 bar.set_postfix(loss=f"{p.epoch_loss_sum / p.epoch_seen:.4f}",
                                 acc=f"{p.epoch_correct / p.epoch_seen:.3f}",
                                 img_s=f"{p.epoch_seen / max(p.epoch_train_time, 1e-9):.0f}")
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 \
-                        and self.step % self.steps_per_epoch:   # epoch ends save after evaluating
+                step = self.state.step
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
+                        and step % steps_per_epoch:   # epoch ends save after evaluating
                     self._save("last.npz")
         return True
 
     def _end_epoch(self, epoch):
         """Validate, test (when due), update best.npz (on validation accuracy), reset the
         running sums → the metrics record."""
-        cfg, p = self.cfg, self.progress
-        lr = cosine_lr(self.step - 1, self.total_steps, cfg.lr, self.warmup_steps, cfg.min_lr)
-        record = {"epoch": epoch + 1, "step": self.step, "lr": lr,
+        cfg, p, step = self.cfg, self.state.progress, self.state.step
+        record = {"epoch": epoch + 1, "step": step, "lr": self.schedule.lr(cfg, step - 1),
                   "train_loss": p.epoch_loss_sum / max(p.epoch_seen, 1),
                   "train_acc": p.epoch_correct / max(p.epoch_seen, 1),
                   "img_per_s": p.epoch_seen / max(p.epoch_train_time, 1e-9),
                   "val_loss": None, "val_acc": None, "test_loss": None, "test_acc": None}
+        params = self.state.params
         if self.val_set is not None:
-            result = evaluate(self.model, self.params, self.val_set, cfg.batch_size)
+            result = evaluate(self.model, params, self.val_set, cfg.batch_size)
             record.update(val_loss=result["loss"], val_acc=result["acc"])
             if result["acc"] > p.best_val_acc:
                 p.best_val_acc, p.best_epoch = result["acc"], epoch + 1
                 self._save("best.npz")
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            result = evaluate(self.model, self.params, self.test_set, cfg.batch_size, self.comm)
+            result = evaluate(self.model, params, self.test_set, cfg.batch_size, self.comm)
             record.update(test_loss=result["loss"], test_acc=result["acc"])
-        record["symmetry"] = symmetry_log(self.model.config, self.params)
+        record["symmetry"] = symmetry_log(self.model.config, params)
         p.epoch_loss_sum, p.epoch_correct, p.epoch_seen, p.epoch_train_time = 0.0, 0, 0, 0.0
         self._tick()
         record["wall_time"] = p.wall_time
-        self.last_record = record
+        self.state.last_record = record
         return record
 
     def _best_on_test(self):
         """Test loss and accuracy of best.npz's parameters ({} without a validation split)."""
-        if not self.progress.best_epoch:
+        progress, last = self.state.progress, self.state.last_record or {}
+        if not progress.best_epoch:
             return {}
-        last = self.last_record or {}
-        if last.get("epoch") == self.progress.best_epoch and last.get("test_acc") is not None:
+        if last.get("epoch") == progress.best_epoch and last.get("test_acc") is not None:
             return {"best_test_loss": last["test_loss"], "best_test_acc": last["test_acc"]}
         params = {k: asarray(v, dtype=v.dtype)
-                  for k, v in load_checkpoint(self.paths["best.npz"]).params.items()}
+                  for k, v in load_checkpoint(self.folder.path("best.npz")).params.items()}
         result = evaluate(self.model, params, self.test_set, self.cfg.batch_size)
         return {"best_test_loss": result["loss"], "best_test_acc": result["acc"]}
 
     def _summary(self, status, signal_name, best=None):
         """The dict `train` returns (see there)."""
-        last = self.last_record or {}
-        return {"status": status, "signal": signal_name, "out": self.cfg.out, "step": self.step,
-                "epochs_done": self.step // self.steps_per_epoch, "epochs": self.cfg.epochs,
+        last, progress, step = self.state.last_record or {}, self.state.progress, self.state.step
+        return {"status": status, "signal": signal_name, "out": self.cfg.out, "step": step,
+                "epochs_done": step // self.schedule.steps_per_epoch, "epochs": self.cfg.epochs,
                 **{k: last.get(k) for k in ("train_loss", "train_acc", "val_loss", "val_acc",
                                              "test_loss", "test_acc", "img_per_s", "symmetry")},
-                "best_val_acc": self.progress.best_val_acc if self.progress.best_epoch else None,
-                "best_epoch": self.progress.best_epoch or None,
+                "best_val_acc": progress.best_val_acc if progress.best_epoch else None,
+                "best_epoch": progress.best_epoch or None,
                 "best_test_loss": None, "best_test_acc": None, **(best or {}),
-                "wall_time": self.progress.wall_time}
+                "wall_time": progress.wall_time}
 
 
 def _epoch_line(record, epochs):
@@ -417,18 +350,31 @@ def train(cfg, resume=False, echo=False):
     epoch's train/val/test loss and accuracy, best_epoch and best_val_acc (best.npz, chosen on
     validation) with best_test_loss/best_test_acc (best.npz on the test split, once finished),
     wall_time, symmetry.
-    Raises TrainConfigError / ResumeError for unusable settings and TrainingDiverged on NaN/inf."""
+    Raises TrainConfigError / ResumeError for unusable settings and TrainingDiverged on NaN/inf.
+    Under several ranks all start from rank 0's parameters and optimiser state."""
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"train needs a TrainConfig, got {type(cfg).__name__}")
     with active_backend(cfg.backend, cfg.dtype, cfg.threads), tf32_mode(cfg.tf32), \
             _stop_requests() as stop:
-        run = _Run(cfg, resume, get_communicator(cfg.comm, cfg.backend))
-        try:
-            warm_up(run, prepare_batch)
-            return run.run(stop, echo)
-        finally:
-            if run.lock:
-                run.lock.release()
+        comm = get_communicator(cfg.comm, cfg.backend)
+        if cfg.batch_size % comm.size:
+            raise TrainConfigError(f"batch_size {cfg.batch_size} is the global batch, split "
+                                   f"evenly over the {comm.size} ranks: choose a multiple of "
+                                   f"{comm.size}")
+        datasets = run_datasets(cfg)
+        model = Mixer(model_config(cfg, datasets[0]))
+        optimizer = make_optimizer(cfg.optimizer, cfg.weight_decay, momentum=cfg.momentum,
+                                   nesterov=cfg.nesterov, decay_norms=cfg.decay_norms)
+        schedule = Schedule.of(cfg, len(datasets[0]))
+        with RunFolder(cfg.out, comm) as folder:      # locked until the run ends, however
+            state = (RunState.resume(folder, cfg, model, optimizer, schedule.steps_per_epoch)
+                     if resume else RunState.start(folder, cfg, model, optimizer))
+            if comm.size > 1:
+                state.params, state.opt_state = broadcast_state(comm, state.params,
+                                                                state.opt_state)
+            loop = _EpochLoop(cfg, comm, folder, datasets, model, optimizer, schedule, state)
+            warm_up(loop.warm_up_step, datasets[0], cfg.batch_size)
+            return loop.run(stop, echo)
 
 
 def resume_settings(out):

@@ -13,6 +13,8 @@ import numbers
 
 import numpy
 
+from refham.backend import backend_name
+from refham.errors import RefhamError
 from refham.training.data import DATASETS
 from refham.asym_init import ASYM_INITS
 from refham.training.distributed import COMMS
@@ -28,13 +30,22 @@ RESUMABLE_CHANGES = ("out", "progress", "backend", "tf32", "eval_every", "checkp
                      "max_memory")
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(RefhamError, ValueError):
     """A training setting that is out of range or inconsistent with the others."""
 
 
 def _setting(default, help, **extra):
-    """A TrainConfig field; `help` (and `choices`) also make the CLI option."""
-    return dataclasses.field(default=default, metadata={"help": help, **extra})
+    """A TrainConfig field; `help` (and `choices`) also make the CLI option. A callable
+    `default` is called when a TrainConfig is made (the active backend, say)."""
+    metadata = {"help": help, **extra}
+    if callable(default):
+        return dataclasses.field(default_factory=default, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _default(f):
+    """The default of TrainConfig field `f` now."""
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +102,8 @@ class TrainConfig:
                 "on the device from a counter, each rank only its rows (counter: for GPUs; "
                 "refham.training.noise)", choices=NOISE_RNGS)
     seed: int = _setting(0, "seed of the initialisation, batch order and augmentation")
-    backend: str = _setting("numpy", "array backend", choices=("numpy", "cupy"))
+    backend: str = _setting(backend_name, "array backend (default: the one REFHAM_BACKEND "
+                                          "chooses, else numpy)", choices=("numpy", "cupy"))
     tf32: bool = _setting(False, "float32 matrix products on TF32 tensor cores (cupy backend, "
                                  "Ampere or later GPUs): faster, inputs rounded to 10-bit "
                                  "mantissas")
@@ -222,7 +234,7 @@ def add_config_options(parser, defaults=None, exclude=()):
     for f in dataclasses.fields(TrainConfig):
         if f.name in exclude:
             continue
-        shown = (defaults or {}).get(f.name, f.default)
+        shown = (defaults or {}).get(f.name, _default(f))
         kwargs = dict(default=None, help=f"{f.metadata['help']} (default: {shown})")
         if f.type is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
