@@ -5,22 +5,13 @@
     set_backend("cupy")               # refham now runs its GPU code path on it
 
 Device arrays (`ndarray`) wrap a NumPy array and keep CuPy's rules about the host/device line:
-- implicit conversion to NumPy raises TypeError exactly as CuPy's `__array__` does
-  (`numpy.asarray(device_array)`), and a host NumPy array passed to a device function, operator or
-  kernel raises CuPy's "Unsupported type" TypeError;
-- every device→host fetch is counted in `COUNTS`: `.get()`, `cupy.asnumpy`, `.tolist()`
-  (transfers) and `float()`, `int()`, `bool()`, `.item()`, `format()`, `operator.index()`
-  on a device array (scalar syncs);
-- reductions return 0-d device arrays (as CuPy's do), not host scalars;
-- `ElementwiseKernel` accepts only the kernels of `refham.fast.kernels.CUDA` (and rejects any other
-  source), type-checks its arguments as CuPy binds `T`, and runs the kernel's plain definition
-  (the `backend.accelerated` function it is filed under) on device arrays; first calls per dtype
-  are recorded in `COMPILED`, as CuPy compiles then;
-- `cupyx.scipy.special.erf`, `cuda.runtime` (getDeviceCount, memGetInfo, deviceSynchronize),
-  `cuda.Device`, `cuda.get_current_stream`, the TF32 switch of `cupy._core._routines_linalg`, and
-  `cuda.nccl` with CuPy's signatures (integer pointers, counts, NCCL datatype codes, a 128-byte
-  unique id), reducing over MPI on the buffers behind the pointers.
-
+implicit conversion to NumPy and host arrays given to device functions raise CuPy's TypeErrors;
+every device→host fetch is counted in `COUNTS` (`.get()`, `asnumpy`, `.tolist()`, and `float()`,
+`int()`, `bool()`, `.item()`, `format()`, `operator.index()` of a device array); reductions
+return 0-d device arrays. `ElementwiseKernel` runs only the kernels of refham.fast.kernels.CUDA,
+as their plain definitions, recording first calls per dtype in `COMPILED` (CuPy compiles then).
+`cuda.runtime`, `cuda.Device`, the TF32 switch and `cuda.nccl` (CuPy's signatures, reducing over
+MPI on the memory behind the pointers) are there too.
 What it proves and what it does not: docs/gpu.md.
 Run as a script it is `refham` with the stand-in installed (for subprocess and mpiexec tests).
 """
@@ -92,11 +83,6 @@ def _wrap(value):
     return value
 
 
-class _Pointer:
-    def __init__(self, ptr):
-        self.ptr = ptr
-
-
 class ndarray:
     """A device array: a NumPy array that may leave the device only explicitly (and counted)."""
     __array_priority__ = 1000
@@ -143,9 +129,6 @@ class ndarray:
     def __index__(self):
         return self._scalar("index", lambda a: a.__index__())
 
-    def __complex__(self):
-        return self._scalar("complex", complex)
-
     def __format__(self, spec):
         return self._scalar("format", lambda a: format(a.item() if a.ndim == 0 else a, spec))
 
@@ -154,7 +137,7 @@ class ndarray:
 
     @property
     def data(self):
-        return _Pointer(self._a.ctypes.data)
+        return types.SimpleNamespace(ptr=self._a.ctypes.data)
 
     # structure
     def __len__(self):
@@ -289,14 +272,6 @@ class CUDARuntimeError(RuntimeError):
     pass
 
 
-def _device_count():
-    return SETTINGS["gpus"]
-
-
-def _mem_get_info():
-    return SETTINGS["free"], SETTINGS["total"]
-
-
 class Device:
     def __init__(self, device=None):
         self.id = _STATE["device"] if device is None else int(device)
@@ -305,37 +280,6 @@ class Device:
 
     def use(self):
         _STATE["device"] = self.id
-
-    @property
-    def mem_info(self):
-        return _mem_get_info()
-
-    def synchronize(self):
-        pass
-
-    def __enter__(self):
-        self._previous = _STATE["device"]
-        self.use()
-        return self
-
-    def __exit__(self, *exc):
-        _STATE["device"] = self._previous
-
-
-class _MemoryPool:
-    """cupy.get_default_memory_pool(): the stand-in keeps no pool (NumPy allocates)."""
-
-    def free_all_blocks(self):
-        pass
-
-    def used_bytes(self):
-        return 0
-
-    total_bytes = used_bytes
-
-
-class _Stream:
-    ptr = 0
 
     def synchronize(self):
         pass
@@ -347,10 +291,6 @@ class NcclError(RuntimeError):
 
 
 _NCCL_TYPES = {7: ctypes.c_float, 8: ctypes.c_double}   # ncclFloat32, ncclFloat64
-
-
-def _get_unique_id():
-    return tuple(int(b) for b in os.urandom(128))
 
 
 class NcclCommunicator:
@@ -397,39 +337,40 @@ class NcclCommunicator:
 
 
 # ------------------------------------------------------------------------------ install
+def _module(name, **attributes):
+    module = types.ModuleType(name)
+    module.__dict__.update(attributes)
+    return module
+
+
 def modules(nccl=True):
     """{module name: module} of the stand-in (`nccl=False`: CuPy without NCCL, as its wheels)."""
-    cupy = _Namespace("cupy", numpy, ndarray=ndarray, asnumpy=asnumpy,
-                      ElementwiseKernel=ElementwiseKernel, __version__="14.2.0-standin",
-                      get_default_memory_pool=_MemoryPool)
-    runtime = types.ModuleType("cupy.cuda.runtime")
-    runtime.getDeviceCount, runtime.memGetInfo = _device_count, _mem_get_info
-    runtime.deviceSynchronize = lambda: None
-    runtime.runtimeGetVersion = lambda: 13000
-    runtime.CUDARuntimeError = CUDARuntimeError
-    nccl_module = types.ModuleType("cupy.cuda.nccl")
-    nccl_module.available = nccl
+    runtime = _module("cupy.cuda.runtime", getDeviceCount=lambda: SETTINGS["gpus"],
+                      memGetInfo=lambda: (SETTINGS["free"], SETTINGS["total"]),
+                      deviceSynchronize=lambda: None, runtimeGetVersion=lambda: 13000,
+                      CUDARuntimeError=CUDARuntimeError)
+    nccl_module = _module("cupy.cuda.nccl", available=nccl)
     if nccl:
         nccl_module.__dict__.update(
-            get_unique_id=_get_unique_id, NcclCommunicator=NcclCommunicator, NcclError=NcclError,
+            get_unique_id=lambda: tuple(int(b) for b in os.urandom(128)),
+            NcclCommunicator=NcclCommunicator, NcclError=NcclError,
             NCCL_FLOAT32=7, NCCL_FLOAT64=8, NCCL_SUM=0)
-    cuda = types.ModuleType("cupy.cuda")
-    cuda.runtime, cuda.nccl, cuda.Device = runtime, nccl_module, Device
-    cuda.get_current_stream = _Stream
-    cupy.cuda = cuda
-    linalg = types.ModuleType("cupy._core._routines_linalg")
-    linalg.COMPUTE_TYPE_DEFAULT, linalg.COMPUTE_TYPE_TF32 = 1, 7
-    linalg.set_compute_type = lambda dtype, kind: _STATE.__setitem__("tf32", kind == 7)
-    linalg.get_compute_type = lambda dtype: 7 if _STATE["tf32"] else 1
-    core = types.ModuleType("cupy._core")
-    core._routines_linalg = linalg
-    cupy._core = core
-    special = types.ModuleType("cupyx.scipy.special")
-    special.erf = _device_function(scipy.special.erf, "erf")
-    cupyx_scipy = types.ModuleType("cupyx.scipy")
-    cupyx_scipy.special = special
-    cupyx = types.ModuleType("cupyx")
-    cupyx.scipy = cupyx_scipy
+    cuda = _module("cupy.cuda", runtime=runtime, nccl=nccl_module, Device=Device,
+                   get_current_stream=lambda: types.SimpleNamespace(ptr=0,
+                                                                    synchronize=lambda: None))
+    linalg = _module(   # the TF32 switch
+        "cupy._core._routines_linalg", COMPUTE_TYPE_DEFAULT=1, COMPUTE_TYPE_TF32=7,
+        set_compute_type=lambda dtype, kind: _STATE.__setitem__("tf32", kind == 7),
+        get_compute_type=lambda dtype: 7 if _STATE["tf32"] else 1)
+    core = _module("cupy._core", _routines_linalg=linalg)
+    no_pool = types.SimpleNamespace(free_all_blocks=lambda: None, used_bytes=lambda: 0,
+                                    total_bytes=lambda: 0)   # NumPy allocates
+    cupy = _Namespace("cupy", numpy, ndarray=ndarray, asnumpy=asnumpy,
+                      ElementwiseKernel=ElementwiseKernel, __version__="14.2.0-standin",
+                      get_default_memory_pool=lambda: no_pool, cuda=cuda, _core=core)
+    special = _module("cupyx.scipy.special", erf=_device_function(scipy.special.erf, "erf"))
+    cupyx_scipy = _module("cupyx.scipy", special=special)
+    cupyx = _module("cupyx", scipy=cupyx_scipy)
     return {"cupy": cupy, "cupy.cuda": cuda, "cupy.cuda.runtime": runtime,
             "cupy.cuda.nccl": nccl_module, "cupy._core": core,
             "cupy._core._routines_linalg": linalg, "cupyx": cupyx, "cupyx.scipy": cupyx_scipy,
