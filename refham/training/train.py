@@ -27,8 +27,8 @@ step becomes its state, so no checkpoint ever holds a diverged state (and none c
 
 The pieces, one concept each: the step (refham.training.step, shared with the Energy
 MetaFormer's loop; one device→host transfer), the folder a run owns (refham.training.run_folder),
-the state its checkpoints hold (refham.training.run_state), and here the data, the schedule and
-the epoch loop.
+the state its checkpoints hold (refham.training.run_state), a GPU run's TF32 mode and warm-up
+step (refham.training.gpu), and here the data, the schedule and the epoch loop.
 """
 import contextlib
 import dataclasses
