@@ -48,7 +48,7 @@ import os
 import numpy
 
 from refham import __version__
-from refham.backend import asarray, get_dtype, rng, set_dtype, to_numpy
+from refham.backend import asarray, get_dtype, rng, set_dtype, to_numpy, xp
 from refham.checks import finite_real, integer_at_least
 from refham.files.checkpoint import read_npz
 from refham.files.memory import mixer_bytes, require, require_three_layer_ham
@@ -140,7 +140,7 @@ def mixer_golden(model, *, size="digits", n_iter=1, norm="joint", lam=0.0, label
                                    optimizer=dataclasses.asdict(optimizer)),
                    "input/images": images, "input/labels": labels.astype(numpy.int64),
                    **{f"param/{name}": value for name, value in params.items()},
-                   "output/logits": logits, "output/loss": numpy.float64(loss),
+                   "output/logits": logits, "output/loss": loss,   # 0-d float64
                    **{f"grad/{name}": value for name, value in grads.items()}}
         for block in range(config.depth):
             tensors[f"block/{block}/out"] = states[block, config.n_iter]
@@ -149,7 +149,7 @@ def mixer_golden(model, *, size="digits", n_iter=1, norm="joint", lam=0.0, label
         if steps:
             losses, trained = _adamw_steps(mixer, optimizer, params, asarray(images), labels,
                                            steps, lr, lam, label_smoothing)
-            tensors["train/losses"] = numpy.array(losses)
+            tensors["train/losses"] = xp.stack(losses)
             tensors.update({f"train/param/{name}": value for name, value in trained.items()})
         return _host(tensors)
 
