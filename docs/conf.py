@@ -58,7 +58,7 @@ html_css_files = ["refham.css"]
 html_sidebars = {page: [] for page in (
     "index", "reading-guide", "lagrangians", "ham", "mixer", "mixer-energy", "metaformer",
     "training", "symmetry-study", "paper-defects", "oracle", "cli", "data", "safety",
-    "distributed", "performance", "changelog")}
+    "distributed", "gpu", "performance", "changelog")}
 default_role = "literal"          # `name` in a docstring is code, as in MyST
 
 # A cross-reference to a refham name that does not exist is an error (with -W): the pages name

@@ -110,13 +110,15 @@ def _torch_gpu_peak_bytes(step):
 # The two training steps
 # ---------------------------------------------------------------------------------------------
 def refham_step(config, params, images, labels, lam):
-    """A closure running one refham training step (loss_and_grads + AdamW) on the fixed batch."""
+    """A closure running one refham training step (loss and gradients + AdamW) on the fixed
+    batch, as the training loop runs it: the unchecked core `Mixer._loss_and_grads`, without
+    the input checks' device→host transfers (this batch is made here, finite and in range)."""
     model, optimizer = Mixer(config), AdamW(weight_decay=WEIGHT_DECAY)
     images, labels = asarray(images), xp.asarray(labels)
     state = {"params": params, "opt": optimizer.init(params)}
 
     def step():
-        _, _, grads = model.loss_and_grads(state["params"], images, labels, lam=lam)
+        _, _, grads = model._loss_and_grads(state["params"], images, labels, lam)
         state["params"], state["opt"] = optimizer.update(state["params"], grads, state["opt"],
                                                          LEARNING_RATE)
         if backend_name() == "cupy":

@@ -1,91 +1,83 @@
 #!/usr/bin/env bash
-# GPU verification of refham, for a machine with an NVIDIA GPU, CuPy and PyTorch (CUDA).
+# The GPU check of refham, sized for a lent GPU machine: ≤ 8 minutes, no network, only what that
+# machine has (Python 3.12, CUDA 13, cupy-cuda13x, NCCL, mpi4py, PyTorch, scipy, scikit-learn,
+# tqdm, threadpoolctl, pytest, hypothesis) plus any wheels in ./.whl (docs/gpu.md says which and
+# how to download them). Each part has its own time limit and a PASS/FAIL line in summary.txt.
 #
-#   bash examples/gpu_check.sh [OUT_DIR] [bench|train|tests|dist|all]  (default: gpu_check_out all)
-#
-# Writes into OUT_DIR (at most 8 files):
-#   env.txt                   nvidia-smi, versions
-#   bench_32px.{txt,json}     refham (CuPy) vs torch (CUDA) eager, float32, TF32 off: 32×32 images,
-#                             patch 4, C=256, depth 8 (`small`), batch 512, all four variants
-#   bench_s16.{txt,json}      the same at Mixer-S/16 (224×224, patch 16, C=512, depth 8), batch 128
-#   train.json                digits, ParaMixer, same seed and budget on the GPU and on the CPU:
-#                             final test accuracy of each (they should agree within noise)
-#   tests_cupy.log            the whole test suite with REFHAM_BACKEND=cupy
-#   dist.log                  data parallelism, `mpiexec -n 2` against one process:
-#                             2 ranks on CuPy arrays over MPI (staged through the host; one GPU
-#                             is enough) and, with two or more GPUs, 2 ranks over NCCL
-# Missing Python packages: autograd (tests only) and mpi4py + mpich (dist) are installed from
-# ./.whl if that folder holds their wheels (no network needed), else from PyPI.
+#   bash examples/gpu_check.sh OUT_DIR              # on the GPU machine
+#   bash examples/gpu_check.sh OUT_DIR --dry-run    # here: every part's logic on the CPU, the
+#                                                   # CuPy stand-in as cupy, tiny sizes
+# Parts (OUT_DIR files):
+#   env       env.txt           nvidia-smi, versions
+#   suite     suite.log         the suite with REFHAM_BACKEND=cupy (autograd tests skip without it)
+#   bench32   bench32.{json,txt} refham (CuPy) vs PyTorch eager, float32, TF32 off, 32×32 images,
+#                               `small` (patch 4, C 256, depth 8), batch 512, all four variants:
+#                               PASS when every refham/torch throughput ratio is ≥ 1.0
+#   bench_s16 bench_s16.{json,txt} the same at Mixer-S/16 (224², patch 16, C 512), batch 128
+#   digits    digits.json       ParaMixer on digits, same seed and budget on the GPU and the CPU:
+#                               PASS when the test accuracies differ by ≤ 0.5 points
 set -u -o pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-gpu_check_out}
-PARTS=${2:-all}
+OUT=${1:?usage: gpu_check.sh OUT_DIR [--dry-run]}
+DRY=${2:-}
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-status=0
-
-want() { [ "$PARTS" = all ] || [ "$PARTS" = "$1" ]; }
-
-need() {  # need MODULE PACKAGE...: if MODULE is missing, install the packages from ./.whl, else PyPI
-    local module=$1 wheels=()
-    shift
-    $PY -c "import $module" 2>/dev/null && return
-    for package in "$@"; do wheels+=(.whl/"$package"-*.whl); done
-    if ls "${wheels[@]}" >/dev/null 2>&1; then
-        $PY -m pip install -q --no-index --no-deps --target /tmp/refham_site "${wheels[@]}"
-        export PYTHONPATH="$PYTHONPATH:/tmp/refham_site" PATH="$PATH:/tmp/refham_site/bin"
-    else
-        $PY -m pip install -q "$@"
-    fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=ci
+if ls .whl/*.whl >/dev/null 2>&1; then    # carried wheels (no network there)
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/refham_site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/refham_site"
+fi
+# sizes of each part: on the GPU, and in the dry run (the stand-in is NumPy: tiny sizes)
+if [ "$DRY" = --dry-run ]; then
+    export REFHAM_CUPY_STANDIN=1 PYTHONPATH="$PWD/tests/standin_site:$PYTHONPATH"
+    SUITE=(tests/test_cupy_standin.py tests/test_backend.py) BENCH_TORCH=--no-torch
+    B32=(--config tiny --batch 8 --depth 1 --steps 1 --warmup 1)
+    BS16=(--config tiny --batch 4 --depth 1 --steps 1 --warmup 0) EPOCHS=2
+else
+    SUITE=(tests -n 4) BENCH_TORCH=
+    B32=(--config small --batch 512 --steps 20 --warmup 5)
+    BS16=(--config s16 --batch 128 --steps 6 --warmup 3) EPOCHS=20
+fi
+: > "$OUT/summary.txt"
+verdict() {  # verdict PART STATUS DETAIL: one summary line
+    local word=PASS
+    [ "$2" -eq 0 ] || word=FAIL
+    [ "$2" -eq 124 ] && word="FAIL (time limit)"
+    echo "$1: $word $3" | tee -a "$OUT/summary.txt"
 }
 
-{
-    nvidia-smi
-    $PY -c "import numpy, cupy, torch; print('numpy', numpy.__version__, '| cupy', cupy.__version__,
-'| torch', torch.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name())"
+# env (10 s)
+{ timeout 30 nvidia-smi 2>&1 || echo "no nvidia-smi"
+  timeout 60 $PY -c "import numpy, cupy, torch; print('numpy', numpy.__version__, '| cupy',
+cupy.__version__, '| torch', torch.__version__, '| cuda', torch.version.cuda)"
 } > "$OUT/env.txt" 2>&1
 
-if want bench; then
-    $PY examples/bench.py --backend cupy --config small --batch 512 --steps 20 --warmup 5 \
-        --json "$OUT/bench_32px.json" 2>&1 | tee "$OUT/bench_32px.txt" || status=1
-    $PY examples/bench.py --backend cupy --config s16 --batch 128 --steps 10 --warmup 3 \
-        --json "$OUT/bench_s16.json" 2>&1 | tee "$OUT/bench_s16.txt" || status=1
-fi
+# suite (≤ 180 s): collection errors or failures fail the part; skips are listed in the log
+REFHAM_BACKEND=cupy timeout 180 $PY -m pytest -q -p no:cacheprovider -rs "${SUITE[@]}" \
+    > "$OUT/suite.log" 2>&1
+verdict suite $? "($(tail -1 "$OUT/suite.log"))"
 
-if want train; then
-    $PY - "$OUT/train.json" <<'EOF' || status=1
-import json, sys, tempfile, time
-from refham.training.train import train
-from refham.training.train_config import TrainConfig
+bench() {  # bench NAME LIMIT ARGS...: refham vs torch; PASS if every ratio ≥ 1.0
+    local name=$1 limit=$2 status
+    shift 2
+    timeout "$limit" $PY examples/bench.py --backend cupy --dtype float32 $BENCH_TORCH "$@" \
+        --json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1
+    status=$?
+    if [ $status -eq 0 ]; then
+        detail=$($PY examples/gpu_check_verdict.py bench "$OUT/$name.json")
+        status=$?
+    else
+        detail="(bench exited $status; see $name.txt)"
+    fi
+    verdict "$name" $status "$detail"
+}
+bench bench32 90 "${B32[@]}"
+bench bench_s16 90 "${BS16[@]}"
 
-results = {}
-for backend in ("cupy", "numpy"):
-    with tempfile.TemporaryDirectory() as out:
-        started = time.perf_counter()
-        summary = train(TrainConfig(model="paramixer", data="digits", epochs=20, seed=0,
-                                    backend=backend, out=out, progress=False))
-        results[backend] = {"test_acc": summary["test_acc"], "train_loss": summary["train_loss"],
-                            "img_per_s": summary["img_per_s"],
-                            "seconds": time.perf_counter() - started}
-        print(backend, results[backend], flush=True)
-results["abs_acc_difference"] = abs(results["cupy"]["test_acc"] - results["numpy"]["test_acc"])
-with open(sys.argv[1], "w") as f:
-    json.dump(results, f, indent=1)
-EOF
-fi
-
-if want tests || want dist; then
-    need autograd autograd
-fi
-if want tests; then
-    REFHAM_BACKEND=cupy HYPOTHESIS_PROFILE=ci $PY -m pytest -q -p no:cacheprovider tests \
-        2>&1 | tee "$OUT/tests_cupy.log" || status=1
-fi
-if want dist; then
-    need mpi4py mpi4py mpich
-    HYPOTHESIS_PROFILE=ci $PY -m pytest -q -p no:cacheprovider -rs tests/test_distributed.py \
-        -k "cupy or nccl" 2>&1 | tee "$OUT/dist.log" || status=1
-fi
-echo "results in $OUT (exit $status)"
-exit $status
+# digits (≤ 100 s): the same run on the GPU and on the CPU, test accuracy within 0.5 points
+timeout 100 $PY examples/gpu_check_verdict.py digits "$OUT/digits.json" "$EPOCHS" \
+    > "$OUT/digits.txt" 2>&1
+status=$?
+verdict digits $status "$(tail -1 "$OUT/digits.txt")"
+grep -q FAIL "$OUT/summary.txt" && exit 1
+exit 0

@@ -6,8 +6,9 @@
 `xp` is a thin proxy that forwards each attribute to the active module, so a switch made with
 `set_backend` (or the REFHAM_BACKEND environment variable at import time) reaches code that
 imported `xp` earlier. An unusable REFHAM_BACKEND does not fail the import: `xp` raises its
-BackendError until `set_backend` chooses a backend (`environment_error` tells). Tests swap in `autograd.numpy` with `use_module` to differentiate the very
-same forward code that the hand-written gradients are checked against.
+BackendError until `set_backend` chooses a backend (`environment_error` tells). Tests swap in
+`autograd.numpy` with `use_module` to differentiate the very same forward code that the
+hand-written gradients are checked against.
 
 Also here, because they depend on which module is active: erf (SciPy's or CuPy's), the default
 float dtype, a seeded random generator that gives the same numbers on every backend (drawn with
@@ -19,6 +20,7 @@ This module is the one part of refham that the specification imports.
 import contextlib
 import functools
 import os
+import re
 import warnings
 
 import numpy
@@ -70,21 +72,79 @@ def backend_name():
     return _State.name
 
 
+# a rank's index on its node, as Open MPI, MPICH (Hydra), MVAPICH and Slurm set it
+_LAUNCHER_LOCAL_RANK = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID",
+                        "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")
+# what a CuPy wheel needs beside the driver, by the library name in CuPy's "failed to load" error
+_CUDA_PIECES = (("nvrtc", "NVRTC (CUDA's runtime compiler, which builds refham's fused kernels)"),
+                ("cublas", "cuBLAS (CUDA's matrix products)"), ("curand", "cuRAND"),
+                ("cudart", "the CUDA runtime"))
+_probed = set()   # GPUs on which training's first kernel and GEMM have run in this process
+
+
+def _local_gpu(n_gpus):
+    """GPU (local rank mod n_gpus): one GPU per rank under a launcher, GPU 0 outside one (or the
+    one GPU a launcher that binds a GPU per rank leaves visible)."""
+    for name in _LAUNCHER_LOCAL_RANK:
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name]) % n_gpus
+    return 0
+
+
+def _missing_piece(exc):
+    """One line naming the CUDA library CuPy could not load, and the pip command that brings it."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    major = re.search(r"\.so\.(\d+)|_(\d+)\d_0\.dll", text)
+    cuda = (major.group(1) or major.group(2)) if major else "12"
+    piece = next((what for lib, what in _CUDA_PIECES if lib in text.lower()), None)
+    found = f"{piece} is missing" if piece else "a CUDA library is missing or broken"
+    return (f"backend 'cupy' cannot run training's first kernel and matrix product: {found} "
+            f"({text}); CuPy's wheels need CUDA's libraries beside the driver: "
+            f'pip install "cupy-cuda{cuda}x[ctk]" (or pip install "refham[cuda{cuda}]")')
+
+
+def _probe(cupy):
+    """Compile and run one of refham's fused kernels (NVRTC, CUDA's math library) and a float32
+    GEMM (cuBLAS) on the current GPU, waiting for both: what training needs first, so that a
+    missing library is one line here instead of a traceback at the first step."""
+    from refham import fast      # deferred, as in Accelerated: it imports nothing of refham
+    kernel = cupy.ElementwiseKernel(*fast.CUDA["refham.special.gelu_and_deriv"], "refham_probe")
+    x = cupy.asarray(numpy.linspace(-2, 2, 16, dtype=numpy.float32).reshape(4, 4))
+    gelu, _ = kernel(x)
+    gelu @ x
+    cupy.cuda.runtime.deviceSynchronize()
+
+
 def _load_cupy():
     try:
         import cupy
         import cupyx.scipy.special as cupy_special
     except ImportError as exc:
         raise BackendError(
-            "backend 'cupy' needs CuPy: install it with `pip install refham[cuda12]` "
-            "(or [cuda13] to match your CUDA toolkit)") from exc
+            f"backend 'cupy' needs CuPy ({exc}): install it with its CUDA libraries and NCCL: "
+            f'pip install "refham[cuda12]" (or [cuda13] for a CUDA 13 driver)') from exc
     try:
         n_gpus = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:  # CUDA driver missing or broken: cupy raises its own error types
         raise BackendError(f"backend 'cupy' found no usable GPU: {exc}") from exc
     if n_gpus < 1:
         raise BackendError("backend 'cupy' found no GPU (getDeviceCount() == 0); use 'numpy'")
+    gpu = _local_gpu(n_gpus)
+    cupy.cuda.Device(gpu).use()
+    if gpu not in _probed:
+        try:
+            _probe(cupy)
+        except Exception as exc:  # CuPy's RuntimeError/ImportError/CompileException/CUBLASError
+            raise BackendError(_missing_piece(exc)) from exc
+        _probed.add(gpu)
     return cupy, cupy_special.erf
+
+
+def device_memory():
+    """(free, total) bytes of the current GPU on the cupy backend; None on any other."""
+    if _State.name != "cupy":
+        return None
+    return tuple(_State.module.cuda.runtime.memGetInfo())
 
 
 def set_backend(name):

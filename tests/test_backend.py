@@ -35,7 +35,10 @@ def test_rng_is_backend_independent_and_seeded():
 def test_gelu_matches_scipy_definition():
     x = np.linspace(-8, 8, 101)
     ref = x * 0.5 * (1 + scipy.special.erf(x / np.sqrt(2)))
-    np.testing.assert_allclose(B.to_numpy(special.gelu(B.asarray(x))), ref, rtol=1e-14, atol=1e-300)
+    # SciPy's erf is what the NumPy backend runs; CUDA's (CuPy) is within 2 ulp of it, which in
+    # the lower tail, where 1 + erf cancels, is an absolute error of ~|x|·ε, not a relative one
+    atol = 1e-300 if B.backend_name() == "numpy" else 8 * np.finfo(float).eps
+    np.testing.assert_allclose(B.to_numpy(special.gelu(B.asarray(x))), ref, rtol=1e-14, atol=atol)
 
 
 def test_dtype_switch_validates():

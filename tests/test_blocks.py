@@ -1,9 +1,9 @@
 """refham.blocks: each block equation's backward against autograd on its own forward (S ≠ C,
 N_s ≠ N_c, n_iter weight-tied iterations, drop-path masks), and each forward against the
 equation written out with einsum on named axes."""
-import autograd
-import numpy as np
 import pytest
+from tests.oracle import autograd  # (the module skips without autograd)
+import numpy as np
 import scipy.special
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -59,10 +59,11 @@ def test_block_backward_matches_autograd(layout, kind, bias, seed, n_iter, joint
     masks = draw_masks(seed, n_iter, 2) if dropped else None
     n_axes = 2 if joint else 1
 
-    def run(x, weights):
+    def run(x, weights, masks=masks):
         return forward(x, weights, kind, n_iter, 1e-6, n_axes, masks)
 
-    y, cache = run(asarray(x), {name: asarray(w) for name, w in weights.items()})
+    device_masks = masks and [tuple(asarray(m) for m in pair) for pair in masks]
+    y, cache = run(asarray(x), {name: asarray(w) for name, w in weights.items()}, device_masks)
     dx, grads = backward(cache, asarray(dy))
     with autograd_numpy():
         expected_y = run(x, weights)[0]

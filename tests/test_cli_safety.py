@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import pytest
 
+from refham.backend import to_numpy
 from refham.cli import commands as cli
 
 from refham.files import memory
@@ -305,6 +306,6 @@ def test_python_api_refuses_complex_images_empty_batches_and_list_parameters():
         mixer.forward(params, images[:0])
     with pytest.raises(InputError, match="empty batch"):
         mixer.loss_and_grads(params, images[:0], np.zeros(0, int))
-    lists = {name: np.asarray(value).tolist() for name, value in params.items()}
+    lists = {name: to_numpy(value).tolist() for name, value in params.items()}
     with pytest.raises(ParamError, match="not arrays"):
         mixer.forward(lists, images)

@@ -9,10 +9,20 @@ import threadpoolctl
 from hypothesis import given, settings, strategies as st
 
 from refham.fast import threads as T
-from refham.backend import use_module
+from refham.backend import backend_name, set_backend, use_module
 from refham.fast import numpy_variant
 from refham.special import gelu_and_deriv
 from refham.layers import _layernorm_dx, _normalise_affine, gelu_backward
+
+
+@pytest.fixture(autouse=True)
+def _on_numpy():
+    """These tests are about the NumPy thread pool: they run on the numpy backend, whatever
+    REFHAM_BACKEND chose for the rest of the suite."""
+    before = backend_name()
+    set_backend("numpy")
+    yield
+    set_backend(before)
 
 
 def _chain(x, scale, shift):

@@ -167,9 +167,12 @@ def test_every_accelerated_chain_has_its_cuda_kernel_and_no_kernel_is_orphaned()
 
 
 def test_on_numpy_a_fused_chain_is_its_plain_definition():
-    for fused, args in _fused_cases(np.float64):
-        expected = fused.plain(*args)
-        got = fused(*args)
+    with B.use_module(np, scipy.special.erf, "numpy"):   # whatever REFHAM_BACKEND chose
+        cases = _fused_cases(np.float64)
+    for fused, args in cases:
+        with B.use_module(np, scipy.special.erf, "numpy"):
+            expected = fused.plain(*args)
+            got = fused(*args)
         for g, e in zip(got if isinstance(got, tuple) else (got,),
                         expected if isinstance(expected, tuple) else (expected,)):
             np.testing.assert_array_equal(B.to_numpy(g), B.to_numpy(e))

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refham import mixer as M
+from refham.backend import to_numpy
 from refham.oracle.interop import InteropError, export_weights, import_weights, read_refham_weights
 from refham.mixer_energy import MixerBlock
 from refham.optim import is_decayed
@@ -60,7 +61,7 @@ def test_each_symmixer_block_is_an_exact_energy_descent_step(seed, gamma):
     for block in (0, 1):
         exact = MixerBlock(config, params, block, affine="scalar")
         assert rel_err(exact.unit_step(states[block, 0]), states[block, 1]) <= 1e-12
-        energies = np.asarray(exact.integrate(states[block, 0], dt=0.05, n_steps=40,
+        energies = to_numpy(exact.integrate(states[block, 0], dt=0.05, n_steps=40,
                                               kappa=1).energies)
         rise = np.diff(energies, axis=0)
         assert rise.max() <= 1e-9 * np.abs(energies).max()        # E never rises (M4)
@@ -80,7 +81,7 @@ def test_agrees_with_the_pytorch_peer(model, bias):
     _, logits, grads = mixer.loss_and_grads(on_backend(params), images, labels)
     assert rel_err(logits, logits_ref.detach().numpy()) <= 1e-12
     for name, p in reference.named_parameters():
-        assert np.allclose(np.asarray(grads[name]), p.grad.numpy(), rtol=1e-9, atol=1e-12), name
+        assert np.allclose(to_numpy(grads[name]), p.grad.numpy(), rtol=1e-9, atol=1e-12), name
 
 
 def test_export_broadcasts_gamma_for_the_papers_models_and_import_takes_it_back(tmp_path):

@@ -89,11 +89,9 @@ def test_a_metaformer_step_makes_a_handful_of_transfers(tmp_path, monkeypatch, t
     assert steps and set(steps) == {3}
 
 
-def test_the_backend_of_train_and_eval_defaults_to_the_active_one(tmp_path, monkeypatch):
+def test_the_backend_of_train_and_eval_defaults_to_the_active_one(standin, tmp_path, monkeypatch):
     """REFHAM_BACKEND picks the active backend at import; a TrainConfig made then, `refham
-    train` and `refham eval` use that one unless told otherwise (a NumPy module named "cupy"
-    stands in for CuPy being active)."""
-    import scipy.special
+    train` and `refham eval` use that one unless told otherwise (the CuPy stand-in is active)."""
     from refham.cli.commands import build_parser
 
     seen = []
@@ -107,16 +105,15 @@ def test_the_backend_of_train_and_eval_defaults_to_the_active_one(tmp_path, monk
     monkeypatch.setattr(training, "active_backend", record)
     monkeypatch.setattr(evaluation, "active_backend", record)
     monkeypatch.setattr(evaluation, "load_checkpoint", lambda path: _checkpoint())
-    with backend.use_module(np, scipy.special.erf, name="cupy"):
-        cfg = TrainConfig(out=str(tmp_path / "run"))
-        assert cfg.backend == "cupy" and TrainConfig(backend="numpy").backend == "numpy"
-        with pytest.raises(Chosen):
-            training.train(cfg)
-        args = build_parser().parse_args(["eval", "--checkpoint", "c.npz"])
-        with pytest.raises(Chosen):
-            evaluation.evaluate_checkpoint(args.checkpoint, backend=args.backend)
-        with backend.active_backend(None, "float64"):
-            assert backend.backend_name() == "cupy"
+    cfg = TrainConfig(out=str(tmp_path / "run"))
+    assert cfg.backend == "cupy" and TrainConfig(backend="numpy").backend == "numpy"
+    with pytest.raises(Chosen):
+        training.train(cfg)
+    args = build_parser().parse_args(["eval", "--checkpoint", "c.npz"])
+    with pytest.raises(Chosen):
+        evaluation.evaluate_checkpoint(args.checkpoint, backend=args.backend)
+    with backend.active_backend(None, "float64"):
+        assert backend.backend_name() == "cupy"
     assert seen == ["cupy", None]
 
 
@@ -125,7 +122,8 @@ def _checkpoint():
     cfg = TrainConfig(backend="numpy", dtype="float64")
     config = model_config(cfg, make_synthetic(seed=0)[0])
     return SimpleNamespace(config={"train": cfg.to_dict(), "model": dataclasses.asdict(config)},
-                           params={k: np.asarray(v) for k, v in Mixer(config).init(0).items()},
+                           params={k: backend.to_numpy(v)
+                                   for k, v in Mixer(config).init(0).items()},
                            step=0, epoch=0)
 
 

@@ -9,12 +9,13 @@ activations a forward pass keeps for the backward one) and are meant to be withi
 of the real peak: enough to refuse a `--depth 100000` in milliseconds instead of meeting the OOM
 killer after minutes, not to predict the peak to the byte. The budget is the memory the kernel
 reports as available (`MemAvailable` of /proc/meminfo, else os.sysconf's free pages) or the
-user's limit, whichever is smaller.
+user's limit, whichever is smaller; on the cupy backend the GPU's free memory too.
 """
 import dataclasses
 import math
 import os
 
+from refham.backend import device_memory
 from refham.checks import finite_real
 from refham.errors import RefhamError
 from refham.mixer import param_shapes
@@ -48,11 +49,14 @@ def check_limit(limit, what="max_memory"):
 
 
 def budget(limit=None):
-    """(bytes allowed, where the figure comes from): the smaller of the available memory and
-    `limit` GiB."""
+    """(bytes allowed, where the figure comes from): the smallest of the available memory, the
+    free memory of the current GPU (cupy backend) and `limit` GiB."""
     limit = check_limit(limit)
     available = available_bytes()
     candidates = [(available, "available on this machine")] if available else []
+    gpu = device_memory()       # on the cupy backend the arrays live in the GPU's memory
+    if gpu is not None:
+        candidates.append((gpu[0], "free on this GPU"))
     if limit is not None:
         candidates.append((int(limit * GIB), "allowed by --max-memory"))
     return min(candidates, default=(None, "unknown"), key=lambda c: c[0])

@@ -48,7 +48,7 @@ import os
 import numpy
 
 from refham import __version__
-from refham.backend import asarray, get_dtype, rng, set_dtype, to_numpy
+from refham.backend import asarray, get_dtype, rng, set_dtype, to_numpy, xp
 from refham.checks import finite_real, integer_at_least
 from refham.files.checkpoint import read_npz
 from refham.files.memory import mixer_bytes, require, require_three_layer_ham
@@ -139,7 +139,7 @@ def mixer_golden(model, *, size="digits", n_iter=1, norm="joint", lam=0.0, label
         if steps:
             losses, trained = _adamw_steps(mixer, optimizer, params, asarray(images), labels,
                                            steps, lr, lam, label_smoothing)
-            tensors["train/losses"] = numpy.array(losses)
+            tensors["train/losses"] = xp.stack(losses)
             tensors.update({f"train/param/{name}": value for name, value in trained.items()})
         return _host(tensors)
 
@@ -157,7 +157,7 @@ def mixer_outputs(mixer, params, images, labels, lam=0.0, label_smoothing=0.0, d
     states = {}  # (block, t) → x⁽ᵗ⁾
     mixer.forward(params, images, drop_rng=copies[1],
                   observe=lambda block, t, x: states.__setitem__((block, t), x))
-    tensors = {"output/logits": logits, "output/loss": numpy.float64(loss),
+    tensors = {"output/logits": logits, "output/loss": loss,   # 0-d float64, on the device
                **{f"grad/{name}": value for name, value in grads.items()}}
     for block in range(config.depth):
         tensors[f"block/{block}/out"] = states[block, config.n_iter]

@@ -189,6 +189,12 @@ class NCCLCommunicator(MPICommunicator):
         super().__init__(mpi)
         from cupy.cuda import nccl
         self.nccl = nccl
+        # every rank learns whether any lacks NCCL before the first NCCL call: all stop together
+        missing = self.comm.allgather(None if getattr(nccl, "available", True) else self.rank)
+        if any(rank is not None for rank in missing):
+            raise CommError(f"--comm nccl: CuPy finds no NCCL library on rank(s) "
+                            f"{', '.join(str(r) for r in missing if r is not None)}; install it "
+                            f"with: pip install {_nccl_wheel()} (or use --comm mpi)")
         uid = self.comm.bcast(nccl.get_unique_id() if self.rank == 0 else None, root=0)
         try:
             self.nccl_comm = nccl.NcclCommunicator(self.size, uid, self.rank)
@@ -211,6 +217,16 @@ class NCCLCommunicator(MPICommunicator):
     def bcast_(self, flat, root=0):
         self._call(self.nccl_comm.broadcast, flat, root)
         return flat
+
+
+def _nccl_wheel():
+    """The NCCL wheel for this CuPy's CUDA major version (CuPy's wheels ship no NCCL)."""
+    import cupy
+    try:
+        major = cupy.cuda.runtime.runtimeGetVersion() // 1000
+    except Exception:   # a broken runtime: name the common one
+        major = 12
+    return f"nvidia-nccl-cu{major}"
 
 
 # --------------------------------------------------------------------------- choosing one

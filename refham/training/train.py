@@ -27,8 +27,8 @@ step becomes its state, so no checkpoint ever holds a diverged state (and none c
 
 The pieces, one concept each: the step (refham.training.step, shared with the Energy
 MetaFormer's loop; one device→host transfer), the folder a run owns (refham.training.run_folder),
-the state its checkpoints hold (refham.training.run_state), and here the data, the schedule and
-the epoch loop.
+the state its checkpoints hold (refham.training.run_state), a GPU run's TF32 mode and warm-up
+step (refham.training.gpu), and here the data, the schedule and the epoch loop.
 """
 import dataclasses
 import json
@@ -50,6 +50,8 @@ from refham.training.distributed import (
     ShardedGenerator, broadcast_state, get_communicator, shard)
 from refham.training.evaluation import evaluate
 from refham.training.launch import check_same_settings
+from refham.training.gpu import tf32_mode, warm_up
+from refham.training.noise import step_generator
 from refham.training.resume import last_checkpoint, saved_settings
 from refham.training.run_folder import RunFolder
 from refham.training.run_state import RunState
@@ -59,6 +61,7 @@ from refham.training.train_config import CROP_PAD, TrainConfig, TrainConfigError
 
 ORDER_STREAM, STEP_STREAM = 1, 2      # rng((seed, stream, epoch or step)): see the module docstring
 VALIDATION_STREAM = 3                 # rng((data_seed, 3)) holds the validation split out
+WARM_UP_STREAM = 4                    # rng((seed, 4)): the GPU warm-up's throwaway draws
 
 
 class TrainingDiverged(RefhamError, RuntimeError):
@@ -167,10 +170,28 @@ class _EpochLoop:
         """One optimiser step (refham.training.step) on a raw global batch → (loss, number
         correct). Under N ranks each takes its shard of the batch and of its random draws; the
         step's one allreduce also carries the ranks' stop requests."""
+        step = self.state.step
+        params, opt_state, scalars = self._step(images, labels, (STEP_STREAM, step),
+                                                (step,), bool(self.stop.signal))
+        self.state.params, self.state.opt_state = params, opt_state
+        self.state.step += 1
+        self.stop_agreed = scalars.stop
+        return scalars.loss, scalars.correct
+
+    def warm_up_step(self, images, labels):
+        """A step on a raw global batch whose result is discarded (refham.training.gpu.warm_up),
+        with draws of its own stream: the run's state does not change."""
+        self._step(images, labels, (WARM_UP_STREAM,), (WARM_UP_STREAM, 0), False)
+
+    def _step(self, images, labels, stream, noise_key, stop):
+        """The optimiser step of the current state on a raw global batch, its random draws from
+        rng((seed, *stream)) (`noise_key`: the counter noise's stream) → (θ', s', StepScalars),
+        not committed."""
         cfg, comm, n, step = self.cfg, self.comm, len(labels), self.state.step
-        gen, rows = rng((cfg.seed, STEP_STREAM, step)), shard(n, comm)
+        gen, rows = rng((cfg.seed, *stream)), shard(n, comm)
         if comm.size > 1:
             gen, images, labels = ShardedGenerator(gen, n, rows), images[rows], labels[rows]
+        gen = step_generator(gen, cfg.noise_rng, (cfg.seed, *noise_key), n, rows)
 
         def loss_and_grads(params):
             # the unchecked core: the dataset's images and labels were checked when it was made
@@ -180,14 +201,10 @@ class _EpochLoop:
             return loss, (logits.argmax(axis=-1) == labels).sum(), grads
 
         lr = self.schedule.lr(cfg, step)
-        params, opt_state, scalars = optimiser_step(
+        return optimiser_step(
             self.state.params, self.state.opt_state, loss_and_grads, self.optimizer, lr,
             lambda what: self._diverged(lr, what), clip=cfg.clip_grad, comm=comm,
-            n_local=len(labels), n_global=n, stop=bool(self.stop.signal))
-        self.state.params, self.state.opt_state = params, opt_state
-        self.state.step += 1
-        self.stop_agreed = scalars.stop
-        return scalars.loss, scalars.correct
+            n_local=len(labels), n_global=n, stop=stop)
 
     def _diverged(self, lr, what):
         """The TrainingDiverged of the current step: what went non-finite, which checkpoint
@@ -322,7 +339,8 @@ def train(cfg, resume=False, echo=False, force=False):
         raise TypeError(f"train needs a TrainConfig, got {type(cfg).__name__}")
     comm = get_communicator(cfg.comm, cfg.backend)  # first: MPI starts before the handlers
     check_same_settings(comm, {k: v for k, v in cfg.to_dict().items() if k != "progress"})
-    with active_backend(cfg.backend, cfg.dtype, cfg.threads), stop_requests() as stop:
+    with active_backend(cfg.backend, cfg.dtype, cfg.threads), tf32_mode(cfg.tf32), \
+            stop_requests() as stop:
         datasets = run_datasets(cfg)
         model = Mixer(model_config(cfg, datasets[0]))
         optimizer = make_optimizer(cfg.optimizer, cfg.weight_decay, momentum=cfg.momentum,
@@ -335,6 +353,7 @@ def train(cfg, resume=False, echo=False, force=False):
                 state.params, state.opt_state = broadcast_state(comm, state.params,
                                                                 state.opt_state)
             loop = _EpochLoop(cfg, comm, folder, datasets, model, optimizer, schedule, state)
+            warm_up(loop.warm_up_step, datasets[0], cfg.batch_size)
             return loop.run(stop, echo)
 
 

@@ -18,6 +18,7 @@ from refham.errors import RefhamError
 from refham.training.data import DATASETS
 from refham.asym_init import ASYM_INITS
 from refham.training.distributed import COMMS
+from refham.training.noise import NOISE_RNGS
 from refham.files.memory import mixer_bytes, require
 from refham.mixer import MODELS, NORM_AFFINES, NORMS, SIZES, ConfigError, make_config
 from refham.optim import OPTIMIZERS
@@ -25,7 +26,7 @@ from refham.optim import OPTIMIZERS
 CROP_PAD = 4                          # random-crop padding for `augment` (the CIFAR recipe)
 
 # settings that may differ on resume: they do not change the numbers a run computes
-RESUMABLE_CHANGES = ("out", "progress", "backend", "eval_every", "checkpoint_every", "comm",
+RESUMABLE_CHANGES = ("out", "progress", "backend", "tf32", "eval_every", "checkpoint_every", "comm",
                      "max_memory")
 
 
@@ -97,9 +98,16 @@ class TrainConfig:
     drop_path: float = _setting(0.0, "stochastic-depth rate, the same in every block")
     input_noise: float = _setting(0.0, "σ of Gaussian noise added to every training batch")
     augment: bool = _setting(False, f"random crop (pad {CROP_PAD}) and horizontal flip (CIFAR)")
+    noise_rng: str = _setting(
+        "host", "how --input-noise is drawn: on the host for the whole global batch (host), or "
+                "on the device from a counter, each rank only its rows (counter: for GPUs; "
+                "refham.training.noise)", choices=NOISE_RNGS)
     seed: int = _setting(0, "seed of the initialisation, batch order and augmentation")
     backend: str = _setting(backend_name, "array backend (default: the one REFHAM_BACKEND "
                                           "chooses, else numpy)", choices=("numpy", "cupy"))
+    tf32: bool = _setting(False, "float32 matrix products on TF32 tensor cores (cupy backend, "
+                                 "Ampere or later GPUs): faster, inputs rounded to 10-bit "
+                                 "mantissas")
     threads: int = _setting(1, "BLAS threads on the CPU, 0: the BLAS default. 1 is as fast for "
                                "models this small, and OpenBLAS threads slow down 10-40x when "
                                "the cores are busy")
@@ -152,6 +160,9 @@ class TrainConfig:
         if self.asym_init != "official" and self.model != "asymmixer":
             raise TrainConfigError(f"asym_init {self.asym_init!r} initialises the AsymMixer's "
                                    f"W₂; model {self.model!r} has none: use --model asymmixer")
+        if self.tf32 and self.dtype != "float32":
+            raise TrainConfigError("tf32 rounds float32 matrix products; with dtype float64 it "
+                                   "has nothing to do: drop --tf32 or use --dtype float32")
         if self.min_lr > self.lr:
             raise TrainConfigError(f"min_lr {self.min_lr} exceeds the peak lr {self.lr}")
 
