@@ -32,7 +32,7 @@ def _refham(args, env=None, timeout=60):
     """`refham args` in a subprocess (for what happens at import time, or could block)."""
     return subprocess.run([sys.executable, "-m", "refham.cli", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": ROOT, **(env or {})})
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), **(env or {})})
 
 
 def _one_line(err, *parts):
@@ -191,7 +191,7 @@ def test_output_names_that_are_not_utf8_or_too_long_are_handled(tmp_path):
     name = os.fsencode(str(tmp_path)) + b"/run-\xff"
     result = subprocess.run([sys.executable, "-m", "refham.cli", "train", *TINY, "--epochs", "1",
                              "--out", name], capture_output=True, timeout=60, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": ROOT, "PYTHONIOENCODING": "utf-8"})
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), "PYTHONIOENCODING": "utf-8"})
     assert result.returncode == 0, result.stderr
     assert os.path.exists(os.path.join(name, b"last.npz"))
     assert main(["train", *TINY, "--out", str(tmp_path / ("x" * 300))]) == 2

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refham.backend import asarray, get_dtype, set_dtype
+from refham.backend import asarray, get_dtype, set_dtype, to_numpy
 from refham.cli.commands import main
 from refham.mixer import Mixer, make_config
 from refham.oracle.golden import ham_golden, ham_outputs, mixer_golden, mixer_outputs, read_golden
@@ -229,7 +229,7 @@ def test_a_drop_path_reference_takes_the_masks_from_its_seed():
 def _case_of(config, seed=0, batch=3):
     """A MixerCase-like object for configs golden files refuse (drop_path > 0)."""
     generator = np.random.default_rng(seed)
-    params = {k: np.asarray(v) + 0.05 * generator.standard_normal(v.shape)
+    params = {k: to_numpy(v) + 0.05 * generator.standard_normal(v.shape)
               for k, v in Mixer(config).init(seed).items()}
 
     class Case:

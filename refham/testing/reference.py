@@ -17,9 +17,10 @@ import dataclasses
 
 import numpy
 
+from refham.backend import active_backend
 from refham.oracle.check import compare_by_name
 from refham.oracle.golden import (
-    computing_in_float64, ham_outputs, mixer_outputs, read_meta)
+    ham_outputs, mixer_outputs, read_meta)
 from refham.testing.tolerances import get_profile, sensitivities
 
 INPUT_PREFIXES = ("input/", "param/")
@@ -46,6 +47,13 @@ class Reference:
             return profile.storage, 0.0
         return 2.0 * profile.storage, profile.atol(*self.sensitivity[name])
 
+
+
+def on_the_host():
+    """A reference is NumPy float64 on the host, whatever backend and dtype the caller runs:
+    its error model perturbs NumPy's own operations (refham.testing.tolerances), and a
+    candidate on a GPU is compared after its arrays are copied to the host."""
+    return active_backend("numpy", "float64")
 
 def as_host_array(value):
     """A NumPy array of a candidate's tensor: NumPy, CuPy, PyTorch (any device, bfloat16
@@ -104,7 +112,7 @@ def mixer_reference(config, params, images, labels, *, lam=0.0, label_smoothing=
         return mixer_outputs(Mixer(config), params64, inputs["input/images"],
                              inputs["input/labels"], lam, label_smoothing, drop_rng)
 
-    with computing_in_float64():
+    with on_the_host():
         outputs, sensitivity = sensitivities(evaluate, host)
     return Reference({**host, **outputs}, sensitivity, reproduce)
 
@@ -126,7 +134,7 @@ def ham_reference(net, states, weights, *, alpha=0.1, steps=1, reproduce=""):
         ws = {name: inputs[f"param/{name}"] for name in weights}
         return ham_outputs(net, xs, ws, alpha, steps)
 
-    with computing_in_float64():
+    with on_the_host():
         outputs, sensitivity = sensitivities(evaluate, host)
     return Reference({**host, **outputs}, sensitivity, reproduce)
 

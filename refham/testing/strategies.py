@@ -18,9 +18,9 @@ import numpy
 from hypothesis import strategies as st
 
 from refham.backend import asarray
-from refham.oracle.golden import computing_in_float64, mixer_golden, read_meta
+from refham.oracle.golden import mixer_golden, read_meta
 from refham.testing.reference import (
-    golden_command, golden_reference, ham_reference)
+    golden_command, golden_reference, ham_reference, on_the_host)
 
 MODELS = ("vanilla", "paramixer", "symmixer", "asymmixer")
 
@@ -114,14 +114,14 @@ class HAMCase:
 
     @property
     def states(self):
-        with computing_in_float64():
+        with on_the_host():
             return {name: numpy.asarray(x) for name, x in self.net.init_states(
                 self.spec["batch"], seed=self.spec["seed"] + 1,
                 scale=self.spec["state_scale"]).items()}
 
     @property
     def weights(self):
-        with computing_in_float64():
+        with on_the_host():
             return {name: numpy.asarray(w) for name, w in self.net.init_weights(
                 self.spec["seed"], scale=self.spec["weight_scale"]).items()}
 
@@ -141,7 +141,7 @@ class HAMCase:
                 f")).reference()")
 
     def reference(self):
-        with computing_in_float64():
+        with on_the_host():
             weights = {name: asarray(w) for name, w in self.weights.items()}
             states = {name: asarray(x) for name, x in self.states.items()}
         return ham_reference(self.net, states, weights, alpha=self.alpha, steps=self.steps,
