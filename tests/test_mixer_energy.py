@@ -267,7 +267,7 @@ def test_the_unit_euler_step_can_raise_E0_with_scalar_gamma():
 
 def test_euler_step_size_example_reports_the_observed_rises(capsys, tmp_path):
     """examples/euler_step_size.py on init weights (seed 0): no rise at dt = 1, the deepest
-    block's E rises for most inputs at dt = 2.2, as the MixerBlock docstring says."""
+    block's E rises for most inputs at dt = 2.2, as docs/ham.md (step sizes) says."""
     path = pathlib.Path(__file__).parents[1] / "examples" / "euler_step_size.py"
     spec = importlib.util.spec_from_file_location("euler_step_size", path)
     example = importlib.util.module_from_spec(spec)

@@ -165,7 +165,7 @@ def _add_sweep(p):
                         "as the ParaMixer of its seed) (official)")
     p.add_argument("--study", action="store_true",
                    help="the full study (docs/symmetry-study.md): fixed budget, tuned lr, 120 "
-                        "epochs and the AsymMixer inits; ≈ 30 min of one core")
+                        "epochs and the AsymMixer inits")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write the tables and figures of what has finished "
                         "(marked partial if runs are missing)")
@@ -220,7 +220,7 @@ def _add_metaformer(p):
     sub = p.add_subparsers(dest="action", metavar="ACTION")
     sub.required = True
     default = TrainSettings()
-    t = sub.add_parser("train", help="train the denoiser (default: digits, ~1 minute on a CPU)",
+    t = sub.add_parser("train", help="train the denoiser (default: the built-in digits)",
                        description="Train the Energy MetaFormer (see the docs) as a denoiser by "
                                    "hand-written backprop through T steps of its dynamics.")
     t.add_argument("--paper", action="store_true",
