@@ -34,7 +34,7 @@ import numpy
 import refham
 from refham.backend import (
     asarray, backend_name, set_backend, set_dtype, set_tf32, to_numpy, xp)
-from refham.fast.settings import retain_freed_memory
+from refham.fast.settings import compiled_enabled, retain_freed_memory, use_compiled
 from refham.mixer import MODELS, SIZES, Mixer, make_config
 from refham.optim import AdamW
 
@@ -109,16 +109,21 @@ def _torch_gpu_peak_bytes(step):
 # ---------------------------------------------------------------------------------------------
 # The two training steps
 # ---------------------------------------------------------------------------------------------
-def refham_step(config, params, images, labels, lam):
-    """A closure running one refham training step (loss_and_grads + AdamW) on the fixed batch."""
+def refham_step(config, params, images, labels, lam, compiled=True):
+    """A closure running one refham training step (loss_and_grads + AdamW) on the fixed batch,
+    its elementwise chains compiled (refham.fast.compiled, where numba is installed) or not."""
     model, optimizer = Mixer(config), AdamW(weight_decay=WEIGHT_DECAY)
     images, labels = asarray(images), xp.asarray(labels)
     state = {"params": params, "opt": optimizer.init(params)}
 
     def step():
-        _, _, grads = model.loss_and_grads(state["params"], images, labels, lam=lam)
-        state["params"], state["opt"] = optimizer.update(state["params"], grads, state["opt"],
-                                                         LEARNING_RATE)
+        use_compiled(compiled)
+        try:
+            _, _, grads = model.loss_and_grads(state["params"], images, labels, lam=lam)
+            state["params"], state["opt"] = optimizer.update(state["params"], grads,
+                                                             state["opt"], LEARNING_RATE)
+        finally:
+            use_compiled(True)
         if backend_name() == "cupy":
             xp.cuda.Device().synchronize()
 
@@ -147,9 +152,10 @@ def torch_step(config, params, images, labels, lam, device, dtype):
 
 
 def _timed(step):
-    started = time.perf_counter()
+    """(wall seconds, CPU seconds of the process: all its threads) of one step."""
+    started, cpu_started = time.perf_counter(), time.process_time()
     step()
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu_started
 
 
 def run_case(config, batch, args, with_torch):
@@ -160,16 +166,21 @@ def run_case(config, batch, args, with_torch):
     labels = generator.integers(0, config.num_classes, batch)
     params = Mixer(config).init(seed=0)
     steps = {"refham": refham_step(config, params, images, labels, args.lam)}
+    if args.plain_chains:
+        steps["refham_plain"] = refham_step(config, params, images, labels, args.lam, False)
     if with_torch:
         device = "cuda" if args.backend == "cupy" else "cpu"
         steps["torch"] = torch_step(config, params, images, labels, args.lam, device, args.dtype)
     times = {side: [] for side in steps}
+    cpu_times = {side: [] for side in steps}
     for index in range(args.warmup + args.steps):
         for side, step in steps.items():
-            seconds = _timed(step)
+            seconds, cpu_seconds = _timed(step)
             if index >= args.warmup:
                 times[side].append(seconds)
-    peak = {"refham": (_refham_gpu_peak_bytes if args.backend == "cupy" else _cpu_peak_bytes),
+                cpu_times[side].append(cpu_seconds)
+    refham_peak = _refham_gpu_peak_bytes if args.backend == "cupy" else _cpu_peak_bytes
+    peak = {"refham": refham_peak, "refham_plain": refham_peak,
             "torch": (_torch_gpu_peak_bytes if args.backend == "cupy" else _cpu_peak_bytes)}
     result = {"model": config.model, "batch": batch, "image_size": config.image_size,
               "patch": config.patch, "tokens": config.num_tokens, "dim": config.dim,
@@ -177,12 +188,17 @@ def run_case(config, batch, args, with_torch):
     for side, step in steps.items():
         peak_bytes = peak[side](step)
         result[side] = {"img_per_s": batch / statistics.median(times[side]),
-                        "step_s": times[side],
+                        "step_s": times[side], "cpu_s": cpu_times[side],
                         "peak_mb": None if peak_bytes is None else peak_bytes / 2 ** 20}
     if with_torch:
         result["ratio"] = result["refham"]["img_per_s"] / result["torch"]["img_per_s"]
+        result["ratio_cpu"] = statistics.median(cpu_times["torch"]) / \
+            statistics.median(cpu_times["refham"])
         result["ratio_paired_median"] = statistics.median(
             t / r for r, t in zip(times["refham"], times["torch"]))
+        if args.plain_chains:
+            result["ratio_plain"] = result["refham_plain"]["img_per_s"] / \
+                result["torch"]["img_per_s"]
     return result
 
 
@@ -238,7 +254,8 @@ def describe(env):
 def table(results):
     """The results as a fixed-width text table."""
     head = (f"{'model':<10} {'batch':>5} {'S':>4} {'C':>5} {'depth':>5} {'refham img/s':>13} "
-            f"{'torch img/s':>12} {'ratio':>6} {'refham MB':>10} {'torch MB':>9}")
+            f"{'torch img/s':>12} {'ratio':>6} {'by CPU':>6} {'plain':>6} {'refham MB':>10} "
+            f"{'torch MB':>9}")
     lines = [head, "-" * len(head)]
 
     def number(value, spec):
@@ -249,7 +266,8 @@ def table(results):
         lines.append(
             f"{r['model']:<10} {r['batch']:>5} {r['tokens']:>4} {r['dim']:>5} {r['depth']:>5} "
             f"{r['refham']['img_per_s']:>13.1f} {number(torch_side.get('img_per_s'), '12.1f'):>12} "
-            f"{number(r.get('ratio'), '6.2f'):>6} {number(r['refham']['peak_mb'], '10.0f'):>10} "
+            f"{number(r.get('ratio'), '6.2f'):>6} {number(r.get('ratio_cpu'), '6.2f'):>6} "
+            f"{number(r.get('ratio_plain'), '6.2f'):>6} {number(r['refham']['peak_mb'], '10.0f'):>10} "
             f"{number(torch_side.get('peak_mb'), '9.0f'):>9}")
     return "\n".join(lines)
 
@@ -275,6 +293,9 @@ def parse_args(argv):
                    help="retain: glibc keeps freed memory (fast.settings.retain_freed_memory), for "
                         "both sides; default: the allocator as configured")
     p.add_argument("--no-torch", action="store_true", help="time refham alone")
+    p.add_argument("--plain-chains", action="store_true",
+                   help="also time refham with its elementwise chains as NumPy code (column "
+                        "'plain': that side's ratio to torch), interleaved with the others")
     p.add_argument("--json", help="write all results and the environment here")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:

@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 from refham.fast import threads as T
 from refham.backend import use_module
 from refham.fast import numpy_variant
+from refham.fast.settings import use_compiled
 from refham.special import gelu_and_deriv
 from refham.layers import _layernorm_dx, _normalise_affine, gelu_backward
 
@@ -87,26 +88,44 @@ def test_small_and_non_numpy_inputs_go_to_the_chain_directly():
     assert calls == [np.ndarray, list]
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_the_fused_chains_of_the_training_step_equal_their_plain_definitions(threads):
-    """Large enough to be split: each NumPy fused chain against one unchunked call of what runs
-    on NumPy (its plain xp definition, or its NumPy variant: tests/test_fast_paths.py holds the
-    variant to the definition)."""
+def _training_step_chains():
+    """Each fused chain of the training step with float32 arguments large enough to split."""
     gen = np.random.default_rng(11)
     batch, tokens, chans = 16, 64, 48  # (B, S, C) with more than two chunks
 
     def arr(*shape):
         return gen.standard_normal(shape).astype(np.float32)
 
-    cases = [(gelu_and_deriv, (arr(batch * tokens, 4 * chans),)),
-             (gelu_backward, (arr(batch, tokens, chans), arr(batch, tokens, chans))),
-             (_normalise_affine, (arr(batch, tokens, chans), np.abs(arr(batch, 1, 1)),
-                                  arr(tokens, chans), arr(tokens, chans))),
-             (_layernorm_dx, (arr(batch, tokens, chans), arr(batch, tokens, chans),
-                              arr(batch, 1, 1), arr(batch, 1, 1), arr(batch, 1, 1)))]
-    with threadpoolctl.threadpool_limits(threads, user_api="blas"):
-        for fused, args in cases:
-            _equal(fused(*args), numpy_variant(fused.plain)(*args))
+    return [(gelu_and_deriv, (arr(batch * tokens, 4 * chans),)),
+            (gelu_backward, (arr(batch, tokens, chans), arr(batch, tokens, chans))),
+            (_normalise_affine, (arr(batch, tokens, chans), np.abs(arr(batch, 1, 1)),
+                                 arr(tokens, chans), arr(tokens, chans))),
+            (_layernorm_dx, (arr(batch, tokens, chans), arr(batch, tokens, chans),
+                             arr(batch, 1, 1), arr(batch, 1, 1), arr(batch, 1, 1)))]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_numpy_chains_of_the_training_step_equal_their_plain_definitions(threads):
+    """The chains as NumPy code (compiled variants off), split into chunks, against one
+    unchunked call of what runs on NumPy (its plain xp definition, or its NumPy variant:
+    tests/test_fast_paths.py holds the variant to the definition)."""
+    use_compiled(False)
+    try:
+        with threadpoolctl.threadpool_limits(threads, user_api="blas"):
+            for fused, args in _training_step_chains():
+                _equal(fused(*args), numpy_variant(fused.plain)(*args))
+    finally:
+        use_compiled(True)
+
+
+def test_the_compiled_chains_give_the_same_numbers_for_any_thread_count():
+    pytest.importorskip("numba", reason="the compiled chains need numba (refham[fast])")
+    for fused, args in _training_step_chains():
+        with threadpoolctl.threadpool_limits(1, user_api="blas"):
+            expected = fused(*args)
+        for threads in (2, 3):
+            with threadpoolctl.threadpool_limits(threads, user_api="blas"):
+                _equal(fused(*args), expected)
 
 
 def test_autograd_runs_the_plain_chain():

@@ -1,5 +1,21 @@
-"""A process-wide speed setting that changes no definition: glibc's handling of large freed
-blocks on the CPU. (TF32 matmuls on the GPU change the numbers: refham.backend.set_tf32.)"""
+"""Process-wide speed settings that change no definition: whether the compiled chains run
+(`use_compiled`), and glibc's handling of large freed blocks on the CPU. (TF32 matmuls on the
+GPU change the numbers: refham.backend.set_tf32.)"""
+
+
+class _Compiled:
+    enabled = True
+
+
+def use_compiled(enabled):
+    """Run the accelerated chains on NumPy through their compiled variants (refham.fast.compiled,
+    where numba is installed: the default) or as NumPy chains (False: benchmarks compare both)."""
+    _Compiled.enabled = bool(enabled)
+
+
+def compiled_enabled():
+    """Whether `use_compiled` allows the compiled chains (numba may still be missing)."""
+    return _Compiled.enabled
 
 
 def retain_freed_memory():
