@@ -111,6 +111,31 @@ def test_float32_gelu_is_elementwise_across_chunks_and_layouts(dims, seed, trans
     np.testing.assert_array_equal(deriv.reshape(-1)[picks], alone[1])
 
 
+EPS64 = 2.0 ** -52
+
+
+@BOTH_PATHS
+def test_float64_gelu_is_within_a_few_ulp_of_the_exact_form_on_a_dense_grid(compiled):
+    """The compiled float64 GELU (Cody's erfc and an exp of its own) against the exact form,
+    with the bounds the definition (SciPy's erf) meets: Φ_N within ~2 ulp of 1 absolute."""
+    _numba_or_skip(compiled)
+    x = np.concatenate([np.linspace(-40.0, 40.0, 400_001), [-0.0, 1e-300, -1e-300, 1e150,
+                                                             -1e150]])
+    use_compiled(compiled)
+    try:
+        gelu, deriv = special.gelu_and_deriv(B.asarray(x, dtype=np.float64))
+    finally:
+        use_compiled(True)
+    expected_gelu, expected_deriv = _exact_gelu(x)
+    finite = np.abs(x) < 1e150   # x·Φ_N(x) at ±1e150: ±1e150 and 0, checked below
+    assert np.all(np.abs(gelu - expected_gelu)[finite] <= 2.0 * EPS64 * np.abs(x[finite]))
+    assert np.all(np.abs(deriv - expected_deriv)[finite] <= 2.5 * EPS64)
+    moderate = finite & (x >= -1.0) & (expected_gelu != 0.0)
+    assert np.max(np.abs(gelu - expected_gelu)[moderate]
+                  / np.spacing(np.abs(expected_gelu[moderate]))) <= 8.0
+    assert (gelu[-2], deriv[-2], gelu[-1], deriv[-1]) == (1e150, 1.0, 0.0, 0.0)
+
+
 def test_float64_and_autograd_keep_the_exact_erf_form():
     x = np.linspace(-9.0, 9.0, 2001)
     gelu, deriv = special.gelu_and_deriv(B.asarray(x, dtype=np.float64))
@@ -231,9 +256,14 @@ def test_without_numba_there_is_no_compiled_chain_and_the_numpy_chains_run():
 
 
 def test_on_numpy_a_fused_chain_is_its_plain_definition():
+    """As NumPy code (the compiled variants off; their own tests are above), in float64."""
     for fused, args in _fused_cases(np.float64):
         expected = fused.plain(*args)
-        got = fused(*args)
+        use_compiled(False)
+        try:
+            got = fused(*args)
+        finally:
+            use_compiled(True)
         for g, e in zip(got if isinstance(got, tuple) else (got,),
                         expected if isinstance(expected, tuple) else (expected,)):
             np.testing.assert_array_equal(B.to_numpy(g), B.to_numpy(e))
@@ -284,3 +314,21 @@ def test_tf32_is_refused_off_the_gpu():
     assert not B.tf32_enabled()
     with pytest.raises(B.BackendError, match="set_backend\\('cupy'\\)"):
         B.set_tf32(True)
+
+
+def test_without_a_writable_cache_folder_the_chains_compile_in_each_process(monkeypatch):
+    """numba raises RuntimeError when it finds no folder to cache in (a read-only install,
+    no home): the chains are then compiled without the cache, and still run."""
+    numba = pytest.importorskip("numba", reason="the compiled chains need numba (refham[fast])")
+    njit = numba.njit
+
+    def njit_without_cache_folder(*args, cache=False, **kwargs):
+        if cache:
+            raise RuntimeError("cannot cache function: no locator available")
+        return njit(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", njit_without_cache_folder)
+    loop = fast.compiled._jit(fast.compiled._gelu_backward_loop)
+    out = np.zeros(3)
+    loop(np.full(3, 2.0), np.arange(3.0), out)
+    np.testing.assert_array_equal(out, [0.0, 2.0, 4.0])

@@ -56,6 +56,13 @@ if numba is not None:
             return builder.bitcast(args[0], ir.FloatType())
         return types.float32(types.int32), codegen
 
+    @intrinsic
+    def _float64_from_bits(typingctx, bits):
+        """The float64 whose IEEE bits are the int64 `bits`."""
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.DoubleType())
+        return types.float64(types.int64), codegen
+
 _LOG2E, _HALF = _f32(1.0 / math.log(2.0)), _f32(0.5)
 _LN2_HI, _LN2_LO = _f32(0.693359375), _f32(-2.12194440e-4)   # Cody–Waite split of ln 2
 # e^r − 1 − r ≈ r²·(c0 + c1 r + … + c5 r⁵) on |r| ≤ ln2/2 (Cephes' expf, ~1 ulp)
@@ -98,6 +105,85 @@ def _gelu_and_deriv_float32_loop(x, gelu, deriv):
         cdf = math.copysign(_HALF - tail, xi) + _HALF
         gelu[i] = xi * cdf
         deriv[i] = cdf + xi * (gauss * _INV_SQRT_2PI32)
+
+
+# ------------------------------------------------------------------- float64 GELU, vectorised
+_LN2_HI64, _LN2_LO64 = 6.93147180369123816490e-01, 1.90821492927058770002e-10  # fdlibm's split
+_EXP_TAYLOR64 = tuple(1.0 / math.factorial(k) for k in range(14))   # e^r to r¹³: 4e-18 at ln2/2
+# W. J. Cody's rational approximations of erf and erfc (SPECFUN CALERF, Math. Comp. 1969):
+# erf on |y| ≤ 0.46875, erfc·e^{y²} on (0.46875, 4], and in 1/y² beyond
+_CODY_A = (3.1611237438705656, 113.864154151050156, 377.485237685302021, 3209.37758913846947,
+           0.185777706184603153)
+_CODY_B = (23.6012909523441209, 244.024637934444173, 1282.61652607737228, 2844.23683343917062)
+_CODY_C = (0.564188496988670089, 8.88314979438837594, 66.1191906371416295, 298.635138197400131,
+           881.95222124176909, 1712.04761263407058, 2051.07837782607147, 1230.33935479799725,
+           2.15311535474403846e-8)
+_CODY_D = (15.7449261107098347, 117.693950891312499, 537.181101862009858, 1621.38957456669019,
+           3290.79923573345963, 4362.61909014324716, 3439.36767414372164, 1230.33935480374942)
+_CODY_P = (0.305326634961232344, 0.360344899949804439, 0.125781726111229246,
+           0.0160837851487422766, 6.58749161529837803e-4, 0.0163153871373020978)
+_CODY_Q = (2.56852019228982242, 1.87295284992346047, 0.527905102951428412,
+           0.0605183413124413191, 0.00233520497626869185)
+_ERFC_ZERO_BEYOND = 26.543   # erfc(y) underflows to 0 in float64 beyond (Cody's xbig)
+_INV_SQRT_2, _INV_SQRT_PI = 1.0 / math.sqrt(2.0), 1.0 / math.sqrt(math.pi)
+
+
+def _exp_float64(x):
+    """e^x for float64 x in [−709, 0]: x = n·ln2 + r, e^r by its Taylor series to r¹³, 2ⁿ as
+    two powers of two built from their bits."""
+    n = numpy.floor(x * 1.4426950408889634 + 0.5)
+    r = (x - n * _LN2_HI64) - n * _LN2_LO64
+    poly = _EXP_TAYLOR64[13]
+    for k in range(12, -1, -1):
+        poly = poly * r + _EXP_TAYLOR64[k]
+    k = numpy.int64(n)
+    half = k >> 1
+    return (poly * _float64_from_bits((half + 1023) << 52)) \
+        * _float64_from_bits((k - half + 1023) << 52)
+
+
+def _erfc_nonnegative_float64(y):
+    """erfc(y) for y ≥ 0 by Cody's three rational forms, all evaluated and the right one
+    selected (branch-free, so the loop vectorises); e^{−y²} as e^{−ỹ²}·e^{−(y−ỹ)(y+ỹ)} with
+    ỹ = y rounded down to 1/16, so that no rounding of y² is magnified (Cody's device)."""
+    y = min(y, _ERFC_ZERO_BEYOND)
+    ysq = y * y
+    a, b = _CODY_A, _CODY_B
+    num, den = a[4] * ysq, ysq
+    for i in range(3):
+        num, den = (num + a[i]) * ysq, (den + b[i]) * ysq
+    small = 1.0 - y * (num + a[3]) / (den + b[3])
+    c, d = _CODY_C, _CODY_D
+    num, den = c[8] * y, y
+    for i in range(7):
+        num, den = (num + c[i]) * y, (den + d[i]) * y
+    middle = (num + c[7]) / (den + d[7])
+    inv_sq = 1.0 / max(ysq, 16.0)
+    p, q = _CODY_P, _CODY_Q
+    num, den = p[5] * inv_sq, inv_sq
+    for i in range(4):
+        num, den = (num + p[i]) * inv_sq, (den + q[i]) * inv_sq
+    large = (_INV_SQRT_PI - inv_sq * (num + p[4]) / (den + q[4])) / y
+    y_low = numpy.floor(y * 16.0) / 16.0
+    gauss = _exp_float64(-(y_low * y_low)) * _exp_float64(-((y - y_low) * (y + y_low)))
+    tail = gauss * (middle if y <= 4.0 else large)
+    return small if y <= 0.46875 else (tail if y < _ERFC_ZERO_BEYOND else 0.0)
+
+
+def _gelu_and_deriv_float64_loop(x, gelu, deriv):
+    """(GELU, GELU′) in float64 from the lower tail t = Φ_N(−|x|) = ½erfc(|x|/√2):
+    Φ_N(x) = ½ + sign(x)(½ − t), as the float32 loop; φ(x) = e^{−x²/2}/√(2π)."""
+    for i in range(x.size):
+        xi = x[i]
+        tail = 0.5 * _erfc_nonnegative_float64(abs(xi) * _INV_SQRT_2)
+        cdf = math.copysign(0.5 - tail, xi) + 0.5
+        gelu[i] = xi * cdf
+        deriv[i] = cdf + xi * (_exp_float64(max(-0.5 * (xi * xi), -745.0)) * INV_SQRT_2PI)
+
+
+if numba is not None:
+    _exp_float64 = numba.njit(inline="always")(_exp_float64)
+    _erfc_nonnegative_float64 = numba.njit(inline="always")(_erfc_nonnegative_float64)
 
 
 # ----------------------------------------------------------- the other chains, in their order
@@ -232,7 +318,9 @@ def _adamw_variant(args):
 
 
 def _gelu_variant(args):
-    return _elementwise(_LOOPS["gelu_float32"], 2, float32_only=True)(args, 1)
+    loop = _LOOPS["gelu_float32" if getattr(args[0], "dtype", None) == numpy.float32
+                  else "gelu_float64"]
+    return _elementwise(loop, 2)(args, 1)
 
 
 def _gelu_backward_variant(args):
@@ -241,6 +329,7 @@ def _gelu_backward_variant(args):
 
 _LOOPS = {} if numba is None else {
     "gelu_float32": _jit(_gelu_and_deriv_float32_loop),
+    "gelu_float64": _jit(_gelu_and_deriv_float64_loop),
     "gelu_backward": _jit(_gelu_backward_loop),
     "normalise_affine": _jit(_normalise_affine_loop),
     "layernorm_dx": _jit(_layernorm_dx_loop),
