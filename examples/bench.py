@@ -34,7 +34,7 @@ import numpy
 import refham
 from refham.backend import (
     asarray, backend_name, set_backend, set_dtype, set_tf32, to_numpy, xp)
-from refham.fast.settings import compiled_enabled, retain_freed_memory, use_compiled
+from refham.fast.settings import keep_glibc_malloc, retain_freed_memory, use_compiled
 from refham.mixer import MODELS, SIZES, Mixer, make_config
 from refham.optim import AdamW
 
@@ -289,9 +289,9 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--threads", type=int, help="BLAS and torch threads (default: BLAS's own)")
     p.add_argument("--tf32", action="store_true", help="TF32 matmuls on the GPU, both sides")
-    p.add_argument("--malloc", choices=("default", "retain"), default="default",
-                   help="retain: glibc keeps freed memory (fast.settings.retain_freed_memory), for "
-                        "both sides; default: the allocator as configured")
+    p.add_argument("--malloc", choices=("retain", "glibc"), default="retain",
+                   help="retain (refham's default, for both sides): glibc keeps freed memory "
+                        "(fast.settings.retain_freed_memory); glibc: the allocator as configured")
     p.add_argument("--no-torch", action="store_true", help="time refham alone")
     p.add_argument("--plain-chains", action="store_true",
                    help="also time refham with its elementwise chains as NumPy code (column "
@@ -329,7 +329,9 @@ def main(argv=None):
     args = parse_args(argv)
     set_backend(args.backend)
     set_dtype(args.dtype)
-    if args.malloc == "retain" and not retain_freed_memory():
+    if args.malloc == "glibc":
+        keep_glibc_malloc()
+    elif not retain_freed_memory():   # now, before torch's first allocation, not at refham's
         print("--malloc retain: not glibc, allocator left as it is", file=sys.stderr)
     torch = _import_torch(args)
     blas_limit = contextlib.nullcontext()

@@ -153,3 +153,20 @@ def test_a_forked_child_gets_its_own_pool():
             os._exit(0 if np.array_equal(T.chunked_elementwise(np.exp, (x,)), expected) else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_the_first_chain_on_numpy_sets_glibc_to_retain_freed_memory_once(monkeypatch):
+    """No page-fault tax by default: fast.run applies `retain_freed_memory` once per process,
+    unless `keep_glibc_malloc` came first."""
+    from refham.fast import settings
+    calls = []
+    monkeypatch.setattr(settings, "retain_freed_memory", lambda: calls.append(1) or True)
+    for retain, expected in ((True, [1]), (False, [])):
+        calls.clear()
+        monkeypatch.setattr(settings._Malloc, "retain", retain)
+        monkeypatch.setattr(settings._Malloc, "applied", False)
+        for _ in range(2):
+            gelu_backward(np.ones(3), np.ones(3))
+        assert calls == expected
+    settings.keep_glibc_malloc()
+    assert settings._Malloc.retain is False
