@@ -91,7 +91,7 @@ def test_small_and_non_numpy_inputs_go_to_the_chain_directly():
 def _training_step_chains():
     """Each fused chain of the training step with float32 arguments large enough to split."""
     gen = np.random.default_rng(11)
-    batch, tokens, chans = 16, 64, 48  # (B, S, C) with more than two chunks
+    batch, tokens, chans = 64, 64, 48  # (B, S, C): several chunks, NumPy's and compiled
 
     def arr(*shape):
         return gen.standard_normal(shape).astype(np.float32)

@@ -9,8 +9,9 @@ no temporaries, one pass through memory.
 The loops do the definition's operations in its order, in the arrays' dtype, without fastmath
 (no reassociation, no fused multiply-add), so that a value does not depend on where it falls in
 a SIMD vector, in a chunk, or on the thread count: layer norm's and AdamW's outputs equal their
-definitions bit for bit, and the float32 GELU is the rational form of `kernels` with an exp of
-its own (libm's scalar exp and erf do not vectorise), within a few ulp of the exact form.
+definitions bit for bit; GELU, which needs erf, has an exp of its own (libm's scalar exp and erf
+do not vectorise) and in float32 the rational form of `kernels`, in float64 W. J. Cody's erfc:
+both within the bounds their definition meets against the exact form.
 Tested in tests/test_fast_paths.py. Compiled on first use and cached on disk (numba's cache:
 beside this file, else in the user's cache folder; without a writable one, compiled anew in
 each process).
@@ -221,12 +222,15 @@ def _adamw_loop(p, g, m, v, decay, step_size, beta1, one_minus_beta1, beta2, one
 
 
 # ------------------------------------------------------------------ the variants, by chain
+_DTYPES = (numpy.float32, numpy.float64)   # what the loops are compiled for
+
+
 def _flat(arrays):
     """The arrays as flat C-ordered arrays (views where they are C-contiguous) if all are NumPy
-    arrays of one shape and one float dtype, else None."""
+    arrays of one shape and dtype, float32 or float64; else None."""
     first = arrays[0]
     if not all(isinstance(a, numpy.ndarray) and a.shape == first.shape and a.dtype == first.dtype
-               for a in arrays) or first.dtype.kind != "f":
+               for a in arrays) or first.dtype not in _DTYPES:
         return None
     return [numpy.ascontiguousarray(a).reshape(-1) for a in arrays]
 
@@ -242,11 +246,11 @@ def _chunked(loop, inputs, outputs, rows_per_chunk, scalars=()):
     run_chunks(task, -(-n // rows_per_chunk))
 
 
-def _elementwise(loop, n_outputs, float32_only=False):
-    """A variant for a chain of same-shaped contiguous arrays (plus scalars after them)."""
+def _elementwise(loop, n_outputs):
+    """A variant for a chain of same-shaped arrays (plus scalars after them)."""
     def variant(args, n_arrays):
         flat = _flat(args[:n_arrays])
-        if flat is None or (float32_only and flat[0].dtype != numpy.float32):
+        if flat is None:
             return None
         outputs = [numpy.empty_like(flat[0]) for _ in range(n_outputs)]
         _chunked(loop, flat, outputs, CHUNK, args[n_arrays:])
@@ -262,7 +266,7 @@ def _rows(full, per_row, per_element):
     affine), as (R, D), (R,) and (D,); or None for any other case."""
     arrays = full + per_row + per_element
     if not all(isinstance(a, numpy.ndarray) and a.dtype == full[0].dtype for a in arrays) \
-            or full[0].dtype.kind != "f":
+            or full[0].dtype not in _DTYPES:
         return None
     shape = full[0].shape
     trail = 0   # the normalised axes: where the first per-row array has length 1
