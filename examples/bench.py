@@ -34,7 +34,7 @@ import numpy
 import refham
 from refham.backend import (
     asarray, backend_name, set_backend, set_dtype, set_tf32, to_numpy, xp)
-from refham.fast.settings import retain_freed_memory
+from refham.fast.settings import keep_glibc_malloc, retain_freed_memory, use_compiled
 from refham.mixer import MODELS, SIZES, Mixer, make_config
 from refham.optim import AdamW
 
@@ -109,18 +109,23 @@ def _torch_gpu_peak_bytes(step):
 # ---------------------------------------------------------------------------------------------
 # The two training steps
 # ---------------------------------------------------------------------------------------------
-def refham_step(config, params, images, labels, lam):
+def refham_step(config, params, images, labels, lam, compiled=True):
     """A closure running one refham training step (loss and gradients + AdamW) on the fixed
     batch, as the training loop runs it: the unchecked core `Mixer._loss_and_grads`, without
-    the input checks' device→host transfers (this batch is made here, finite and in range)."""
+    the input checks' device→host transfers (this batch is made here, finite and in range), its
+    elementwise chains compiled (refham.fast.compiled, where numba is installed) or not."""
     model, optimizer = Mixer(config), AdamW(weight_decay=WEIGHT_DECAY)
     images, labels = asarray(images), xp.asarray(labels)
     state = {"params": params, "opt": optimizer.init(params)}
 
     def step():
-        _, _, grads = model._loss_and_grads(state["params"], images, labels, lam)
-        state["params"], state["opt"] = optimizer.update(state["params"], grads, state["opt"],
-                                                         LEARNING_RATE)
+        use_compiled(compiled)
+        try:
+            _, _, grads = model._loss_and_grads(state["params"], images, labels, lam)
+            state["params"], state["opt"] = optimizer.update(state["params"], grads,
+                                                             state["opt"], LEARNING_RATE)
+        finally:
+            use_compiled(True)
         if backend_name() == "cupy":
             xp.cuda.Device().synchronize()
 
@@ -149,9 +154,10 @@ def torch_step(config, params, images, labels, lam, device, dtype):
 
 
 def _timed(step):
-    started = time.perf_counter()
+    """(wall seconds, CPU seconds of the process: all its threads) of one step."""
+    started, cpu_started = time.perf_counter(), time.process_time()
     step()
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu_started
 
 
 def run_case(config, batch, args, with_torch):
@@ -162,16 +168,21 @@ def run_case(config, batch, args, with_torch):
     labels = generator.integers(0, config.num_classes, batch)
     params = Mixer(config).init(seed=0)
     steps = {"refham": refham_step(config, params, images, labels, args.lam)}
+    if args.plain_chains:
+        steps["refham_plain"] = refham_step(config, params, images, labels, args.lam, False)
     if with_torch:
         device = "cuda" if args.backend == "cupy" else "cpu"
         steps["torch"] = torch_step(config, params, images, labels, args.lam, device, args.dtype)
     times = {side: [] for side in steps}
+    cpu_times = {side: [] for side in steps}
     for index in range(args.warmup + args.steps):
         for side, step in steps.items():
-            seconds = _timed(step)
+            seconds, cpu_seconds = _timed(step)
             if index >= args.warmup:
                 times[side].append(seconds)
-    peak = {"refham": (_refham_gpu_peak_bytes if args.backend == "cupy" else _cpu_peak_bytes),
+                cpu_times[side].append(cpu_seconds)
+    refham_peak = _refham_gpu_peak_bytes if args.backend == "cupy" else _cpu_peak_bytes
+    peak = {"refham": refham_peak, "refham_plain": refham_peak,
             "torch": (_torch_gpu_peak_bytes if args.backend == "cupy" else _cpu_peak_bytes)}
     result = {"model": config.model, "batch": batch, "image_size": config.image_size,
               "patch": config.patch, "tokens": config.num_tokens, "dim": config.dim,
@@ -179,12 +190,17 @@ def run_case(config, batch, args, with_torch):
     for side, step in steps.items():
         peak_bytes = peak[side](step)
         result[side] = {"img_per_s": batch / statistics.median(times[side]),
-                        "step_s": times[side],
+                        "step_s": times[side], "cpu_s": cpu_times[side],
                         "peak_mb": None if peak_bytes is None else peak_bytes / 2 ** 20}
     if with_torch:
         result["ratio"] = result["refham"]["img_per_s"] / result["torch"]["img_per_s"]
+        result["ratio_cpu"] = statistics.median(cpu_times["torch"]) / \
+            statistics.median(cpu_times["refham"])
         result["ratio_paired_median"] = statistics.median(
             t / r for r, t in zip(times["refham"], times["torch"]))
+        if args.plain_chains:
+            result["ratio_plain"] = result["refham_plain"]["img_per_s"] / \
+                result["torch"]["img_per_s"]
     return result
 
 
@@ -240,7 +256,8 @@ def describe(env):
 def table(results):
     """The results as a fixed-width text table."""
     head = (f"{'model':<10} {'batch':>5} {'S':>4} {'C':>5} {'depth':>5} {'refham img/s':>13} "
-            f"{'torch img/s':>12} {'ratio':>6} {'refham MB':>10} {'torch MB':>9}")
+            f"{'torch img/s':>12} {'ratio':>6} {'by CPU':>6} {'plain':>6} {'refham MB':>10} "
+            f"{'torch MB':>9}")
     lines = [head, "-" * len(head)]
 
     def number(value, spec):
@@ -251,7 +268,8 @@ def table(results):
         lines.append(
             f"{r['model']:<10} {r['batch']:>5} {r['tokens']:>4} {r['dim']:>5} {r['depth']:>5} "
             f"{r['refham']['img_per_s']:>13.1f} {number(torch_side.get('img_per_s'), '12.1f'):>12} "
-            f"{number(r.get('ratio'), '6.2f'):>6} {number(r['refham']['peak_mb'], '10.0f'):>10} "
+            f"{number(r.get('ratio'), '6.2f'):>6} {number(r.get('ratio_cpu'), '6.2f'):>6} "
+            f"{number(r.get('ratio_plain'), '6.2f'):>6} {number(r['refham']['peak_mb'], '10.0f'):>10} "
             f"{number(torch_side.get('peak_mb'), '9.0f'):>9}")
     return "\n".join(lines)
 
@@ -273,10 +291,13 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--threads", type=int, help="BLAS and torch threads (default: BLAS's own)")
     p.add_argument("--tf32", action="store_true", help="TF32 matmuls on the GPU, both sides")
-    p.add_argument("--malloc", choices=("default", "retain"), default="default",
-                   help="retain: glibc keeps freed memory (fast.settings.retain_freed_memory), for "
-                        "both sides; default: the allocator as configured")
+    p.add_argument("--malloc", choices=("retain", "glibc"), default="retain",
+                   help="retain (refham's default, for both sides): glibc keeps freed memory "
+                        "(fast.settings.retain_freed_memory); glibc: the allocator as configured")
     p.add_argument("--no-torch", action="store_true", help="time refham alone")
+    p.add_argument("--plain-chains", action="store_true",
+                   help="also time refham with its elementwise chains as NumPy code (column "
+                        "'plain': that side's ratio to torch), interleaved with the others")
     p.add_argument("--json", help="write all results and the environment here")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
@@ -310,7 +331,9 @@ def main(argv=None):
     args = parse_args(argv)
     set_backend(args.backend)
     set_dtype(args.dtype)
-    if args.malloc == "retain" and not retain_freed_memory():
+    if args.malloc == "glibc":
+        keep_glibc_malloc()
+    elif not retain_freed_memory():   # now, before torch's first allocation, not at refham's
         print("--malloc retain: not glibc, allocator left as it is", file=sys.stderr)
     torch = _import_torch(args)
     blas_limit = contextlib.nullcontext()

@@ -81,8 +81,12 @@ def run_case(sizes, batch, dtype, warmup, repeats):
     ours_w, ours_x = ({k: asarray(v) for k, v in d.items()} for d in (weights, states))
     theirs_x = {k: jnp.asarray(v) for k, v in states.items()}
     hamux_run = hamux_evaluation(sizes, weights)
+    gemm_operands = [(ours_x[s.layers[1]], ours_w[name].T) for name, s in ham.synapses.items()]
+    gemm_operands += [(ours_x[s.layers[0]], ours_w[name]) for name, s in ham.synapses.items()]
     sides = {"refham": lambda: ham.total_energy_and_dEdg(ours_x, ours_w),
-             "hamux": lambda: hamux_run(theirs_x)}
+             "hamux": lambda: hamux_run(theirs_x),
+             # the floor: the four products M_W(g_q), M_Wᵀ(g_p) of the call, alone
+             "gemms": lambda: [a @ b for a, b in gemm_operands]}
     times = {side: [] for side in sides}
     for index in range(warmup + repeats):
         for side, evaluate in sides.items():
@@ -199,16 +203,17 @@ def main(argv=None):
           f"; jax {runs[0]['jax']}; batch {args.batch}; medians of {args.repeats} interleaved "
           f"calls")
     print(f"{'threads':>7} {'dtype':>7} {'v:h1:h2':>15} {'refham ms':>10} {'hamux ms':>9} "
-          f"{'speed':>6} {'best':>6} {'ΔE':>8} {'Δ∂E/∂g':>8}")
+          f"{'speed':>6} {'best':>6} {'GEMMs ms':>9} {'÷GEMMs':>7} {'ΔE':>8} {'Δ∂E/∂g':>8}")
     for run in runs:
         for r in run["results"]:
             ms, best = r["median_ms"], r["best_ms"]
             print(f"{run['threads']:>7} {run['dtype']:>7} {':'.join(map(str, r['sizes'])):>15} "
                   f"{ms['refham']:10.2f} {ms['hamux']:9.2f} {ms['hamux'] / ms['refham']:5.2f}× "
-                  f"{best['hamux'] / best['refham']:5.2f}× "
-                  f"{r['agreement']['energy']:8.1e} {r['agreement']['dEdg']:8.1e}")
+                  f"{best['hamux'] / best['refham']:5.2f}× {ms['gemms']:9.2f} "
+                  f"{ms['refham'] / ms['gemms']:6.2f}× {r['agreement']['energy']:8.1e} {r['agreement']['dEdg']:8.1e}")
     print("speed: hamux's median time / refham's (> 1: refham is faster); best: the same with "
-          "each side's fastest call (on a loaded machine, preemption inflates the medians)")
+          "each side's fastest call (on a loaded machine, preemption inflates the medians); "
+          "GEMMs: the call's four matrix products alone, ÷GEMMs: refham's time over theirs")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(runs, f, indent=1)

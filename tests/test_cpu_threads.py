@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 from refham.fast import threads as T
 from refham.backend import backend_name, set_backend, use_module
 from refham.fast import numpy_variant
+from refham.fast.settings import use_compiled
 from refham.special import gelu_and_deriv
 from refham.layers import _layernorm_dx, _normalise_affine, gelu_backward
 
@@ -97,26 +98,44 @@ def test_small_and_non_numpy_inputs_go_to_the_chain_directly():
     assert calls == [np.ndarray, list]
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_the_fused_chains_of_the_training_step_equal_their_plain_definitions(threads):
-    """Large enough to be split: each NumPy fused chain against one unchunked call of what runs
-    on NumPy (its plain xp definition, or its NumPy variant: tests/test_fast_paths.py holds the
-    variant to the definition)."""
+def _training_step_chains():
+    """Each fused chain of the training step with float32 arguments large enough to split."""
     gen = np.random.default_rng(11)
-    batch, tokens, chans = 16, 64, 48  # (B, S, C) with more than two chunks
+    batch, tokens, chans = 64, 64, 48  # (B, S, C): several chunks, NumPy's and compiled
 
     def arr(*shape):
         return gen.standard_normal(shape).astype(np.float32)
 
-    cases = [(gelu_and_deriv, (arr(batch * tokens, 4 * chans),)),
-             (gelu_backward, (arr(batch, tokens, chans), arr(batch, tokens, chans))),
-             (_normalise_affine, (arr(batch, tokens, chans), np.abs(arr(batch, 1, 1)),
-                                  arr(tokens, chans), arr(tokens, chans))),
-             (_layernorm_dx, (arr(batch, tokens, chans), arr(batch, tokens, chans),
-                              arr(batch, 1, 1), arr(batch, 1, 1), arr(batch, 1, 1)))]
-    with threadpoolctl.threadpool_limits(threads, user_api="blas"):
-        for fused, args in cases:
-            _equal(fused(*args), numpy_variant(fused.plain)(*args))
+    return [(gelu_and_deriv, (arr(batch * tokens, 4 * chans),)),
+            (gelu_backward, (arr(batch, tokens, chans), arr(batch, tokens, chans))),
+            (_normalise_affine, (arr(batch, tokens, chans), np.abs(arr(batch, 1, 1)),
+                                 arr(tokens, chans), arr(tokens, chans))),
+            (_layernorm_dx, (arr(batch, tokens, chans), arr(batch, tokens, chans),
+                             arr(batch, 1, 1), arr(batch, 1, 1), arr(batch, 1, 1)))]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_numpy_chains_of_the_training_step_equal_their_plain_definitions(threads):
+    """The chains as NumPy code (compiled variants off), split into chunks, against one
+    unchunked call of what runs on NumPy (its plain xp definition, or its NumPy variant:
+    tests/test_fast_paths.py holds the variant to the definition)."""
+    use_compiled(False)
+    try:
+        with threadpoolctl.threadpool_limits(threads, user_api="blas"):
+            for fused, args in _training_step_chains():
+                _equal(fused(*args), numpy_variant(fused.plain)(*args))
+    finally:
+        use_compiled(True)
+
+
+def test_the_compiled_chains_give_the_same_numbers_for_any_thread_count():
+    pytest.importorskip("numba", reason="the compiled chains need numba (refham[fast])")
+    for fused, args in _training_step_chains():
+        with threadpoolctl.threadpool_limits(1, user_api="blas"):
+            expected = fused(*args)
+        for threads in (2, 3):
+            with threadpoolctl.threadpool_limits(threads, user_api="blas"):
+                _equal(fused(*args), expected)
 
 
 def test_autograd_runs_the_plain_chain():
@@ -144,3 +163,20 @@ def test_a_forked_child_gets_its_own_pool():
             os._exit(0 if np.array_equal(T.chunked_elementwise(np.exp, (x,)), expected) else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_the_first_chain_on_numpy_sets_glibc_to_retain_freed_memory_once(monkeypatch):
+    """No page-fault tax by default: fast.run applies `retain_freed_memory` once per process,
+    unless `keep_glibc_malloc` came first."""
+    from refham.fast import settings
+    calls = []
+    monkeypatch.setattr(settings, "retain_freed_memory", lambda: calls.append(1) or True)
+    for retain, expected in ((True, [1]), (False, [])):
+        calls.clear()
+        monkeypatch.setattr(settings._Malloc, "retain", retain)
+        monkeypatch.setattr(settings._Malloc, "applied", False)
+        for _ in range(2):
+            gelu_backward(np.ones(3), np.ones(3))
+        assert calls == expected
+    settings.keep_glibc_malloc()
+    assert settings._Malloc.retain is False

@@ -11,13 +11,14 @@
 import numpy as np
 import pytest
 import scipy.special
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from oracle import rel_err
 from refham import backend as B
 from refham import fast
 from refham import layers as L
 from refham import special
+from refham.fast.settings import use_compiled
 from refham.fast.threads import CHUNK
 from refham.optim import AdamW, adamw_step
 
@@ -37,17 +38,32 @@ def _ulps(actual, expected):
     return np.abs(actual.astype(np.float64) - expected) / spacing
 
 
-def _fast_gelu(x):
-    """The float32 NumPy path (whatever the active backend), as host arrays."""
-    with B.use_module(np, scipy.special.erf, name="numpy"):
-        gelu, deriv = special.gelu_and_deriv(np.asarray(x, dtype=np.float32))
+def _fast_gelu(x, compiled=True):
+    """The float32 NumPy path (whatever the active backend), as host arrays: compiled (numba,
+    where installed) or the NumPy variant."""
+    use_compiled(compiled)
+    try:
+        with B.use_module(np, scipy.special.erf, name="numpy"):
+            gelu, deriv = special.gelu_and_deriv(np.asarray(x, dtype=np.float32))
+    finally:
+        use_compiled(True)
     return gelu, deriv
 
 
+def _numba_or_skip(compiled):
+    if compiled:
+        pytest.importorskip("numba", reason="the compiled chains need numba (refham[fast])")
+
+
+BOTH_PATHS = pytest.mark.parametrize("compiled", [False, True], ids=["numpy", "compiled"])
+
+
 # ------------------------------------------------------------------------- float32 GELU on NumPy
-def test_float32_gelu_is_within_a_few_ulp_of_the_exact_form_on_a_dense_grid():
+@BOTH_PATHS
+def test_float32_gelu_is_within_a_few_ulp_of_the_exact_form_on_a_dense_grid(compiled):
+    _numba_or_skip(compiled)
     x = np.linspace(-20.0, 20.0, 800_001, dtype=np.float32)
-    gelu, deriv = _fast_gelu(x)
+    gelu, deriv = _fast_gelu(x, compiled)
     assert gelu.dtype == deriv.dtype == np.float32
     expected_gelu, expected_deriv = _exact_gelu(x)
     # Φ_N within ~1 ulp of 1 absolute, as with a correctly rounded float32 erf: GELU's error is
@@ -60,16 +76,20 @@ def test_float32_gelu_is_within_a_few_ulp_of_the_exact_form_on_a_dense_grid():
 
 @pytest.mark.parametrize("value", [0.0, -0.0, 1e-30, -1e-30, 7.0, -7.0, 15.0, -15.0, 1e6, -1e6,
                                    3e38, -3e38])
-def test_float32_gelu_extreme_inputs_stay_finite_and_right(value):
-    gelu, deriv = _fast_gelu(np.array([value], dtype=np.float32))
+@BOTH_PATHS
+def test_float32_gelu_extreme_inputs_stay_finite_and_right(value, compiled):
+    _numba_or_skip(compiled)
+    gelu, deriv = _fast_gelu(np.array([value], dtype=np.float32), compiled)
     expected_gelu, expected_deriv = _exact_gelu(np.array([value]))
     assert np.isfinite(gelu).all() and np.isfinite(deriv).all()
     assert abs(float(gelu[0]) - expected_gelu[0]) <= 1.5 * EPS32 * abs(value) + 1e-45
     assert abs(float(deriv[0]) - expected_deriv[0]) <= 1.5 * EPS32
 
 
-def test_float32_gelu_propagates_nan():
-    gelu, deriv = _fast_gelu(np.array([np.nan, 1.0], dtype=np.float32))
+@BOTH_PATHS
+def test_float32_gelu_propagates_nan(compiled):
+    _numba_or_skip(compiled)
+    gelu, deriv = _fast_gelu(np.array([np.nan, 1.0], dtype=np.float32), compiled)
     assert np.isnan(gelu[0]) and np.isnan(deriv[0]) and np.isfinite(gelu[1])
 
 
@@ -89,6 +109,31 @@ def test_float32_gelu_is_elementwise_across_chunks_and_layouts(dims, seed, trans
     alone = _fast_gelu(flat[picks])
     np.testing.assert_array_equal(gelu.reshape(-1)[picks], alone[0])
     np.testing.assert_array_equal(deriv.reshape(-1)[picks], alone[1])
+
+
+EPS64 = 2.0 ** -52
+
+
+@BOTH_PATHS
+def test_float64_gelu_is_within_a_few_ulp_of_the_exact_form_on_a_dense_grid(compiled):
+    """The compiled float64 GELU (Cody's erfc and an exp of its own) against the exact form,
+    with the bounds the definition (SciPy's erf) meets: Φ_N within ~2 ulp of 1 absolute."""
+    _numba_or_skip(compiled)
+    x = np.concatenate([np.linspace(-40.0, 40.0, 400_001), [-0.0, 1e-300, -1e-300, 1e150,
+                                                             -1e150]])
+    use_compiled(compiled)
+    try:
+        gelu, deriv = special.gelu_and_deriv(B.asarray(x, dtype=np.float64))
+    finally:
+        use_compiled(True)
+    expected_gelu, expected_deriv = _exact_gelu(x)
+    finite = np.abs(x) < 1e150   # x·Φ_N(x) at ±1e150: ±1e150 and 0, checked below
+    assert np.all(np.abs(gelu - expected_gelu)[finite] <= 2.0 * EPS64 * np.abs(x[finite]))
+    assert np.all(np.abs(deriv - expected_deriv)[finite] <= 2.5 * EPS64)
+    moderate = finite & (x >= -1.0) & (expected_gelu != 0.0)
+    assert np.max(np.abs(gelu - expected_gelu)[moderate]
+                  / np.spacing(np.abs(expected_gelu[moderate]))) <= 8.0
+    assert (gelu[-2], deriv[-2], gelu[-1], deriv[-1]) == (1e150, 1.0, 0.0, 0.0)
 
 
 def test_float64_and_autograd_keep_the_exact_erf_form():
@@ -164,15 +209,64 @@ def test_every_accelerated_chain_has_its_cuda_kernel_and_no_kernel_is_orphaned()
     chains = {fast.key_of(fused.plain) for fused, _ in _fused_cases(np.float64)}
     assert chains == set(fast.kernels.CUDA)
     assert set(fast.kernels.NUMPY) <= chains
+    assert set(fast.compiled.COMPILED) <= chains
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 5), min_size=1, max_size=2),
+       st.lists(st.integers(1, 40), min_size=1, max_size=2), st.booleans(),
+       st.sampled_from([np.float32, np.float64]), st.booleans(), st.integers(0, 2 ** 31 - 1))
+def test_compiled_chains_equal_their_definitions_bit_for_bit(lead, trail, scalar_affine, dtype,
+                                                             transposed, seed):
+    """Layer norm's pieces, GELU's backward and AdamW compiled (numba) do their definition's
+    operations in its order and dtype: the same numbers, for any shape, affine and layout."""
+    _numba_or_skip(True)
+    gen = B.rng(seed)
+    shape, ones = tuple(lead) + tuple(trail), (1,) * len(trail)
+
+    def arr(*dims, positive=False):
+        a = gen.standard_normal(dims).astype(dtype)
+        return np.abs(a) if positive else a
+
+    x = arr(*shape)
+    x = np.ascontiguousarray(x.T).T if transposed else x   # a non-contiguous layout
+    affine = () if scalar_affine else tuple(trail)
+    scalars = (0.99, 1e-3, 0.9, 0.999, 0.5, 1e-8)
+    cases = [
+        (L._normalise_affine, (x, arr(*lead, *ones, positive=True), arr(*affine), arr(*affine))),
+        (L._layernorm_dx, (x, arr(*shape), arr(*lead, *ones), arr(*lead, *ones),
+                           arr(*lead, *ones))),
+        (L.gelu_backward, (arr(*shape), x)),
+        (adamw_step, (x, arr(*shape), arr(*shape), arr(*shape, positive=True),
+                      *(np.dtype(dtype).type(s) for s in scalars))),
+    ]
+    for fused, args in cases:
+        got, expected = fused(*args), fused.plain(*args)
+        got = got if isinstance(got, tuple) else (got,)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        for g, e in zip(got, expected, strict=True):
+            assert g.dtype == e.dtype and g.shape == e.shape, fused.__name__
+            np.testing.assert_array_equal(g, e, err_msg=fused.__name__)
+
+
+def test_without_numba_there_is_no_compiled_chain_and_the_numpy_chains_run():
+    if fast.compiled.numba is not None:   # justified: the case of an install without [fast]
+        pytest.skip("numba is installed; this checks an install without it")
+    assert fast.compiled.COMPILED == {}
 
 
 def test_on_numpy_a_fused_chain_is_its_plain_definition():
+    """As NumPy code (the compiled variants off; their own tests are above), in float64."""
     with B.use_module(np, scipy.special.erf, "numpy"):   # whatever REFHAM_BACKEND chose
         cases = _fused_cases(np.float64)
     for fused, args in cases:
         with B.use_module(np, scipy.special.erf, "numpy"):
             expected = fused.plain(*args)
-            got = fused(*args)
+            use_compiled(False)
+            try:
+                got = fused(*args)
+            finally:
+                use_compiled(True)
         for g, e in zip(got if isinstance(got, tuple) else (got,),
                         expected if isinstance(expected, tuple) else (expected,)):
             np.testing.assert_array_equal(B.to_numpy(g), B.to_numpy(e))
@@ -223,3 +317,21 @@ def test_tf32_is_refused_off_the_gpu():
     assert not B.tf32_enabled()
     with pytest.raises(B.BackendError, match="set_backend\\('cupy'\\)"):
         B.set_tf32(True)
+
+
+def test_without_a_writable_cache_folder_the_chains_compile_in_each_process(monkeypatch):
+    """numba raises RuntimeError when it finds no folder to cache in (a read-only install,
+    no home): the chains are then compiled without the cache, and still run."""
+    numba = pytest.importorskip("numba", reason="the compiled chains need numba (refham[fast])")
+    njit = numba.njit
+
+    def njit_without_cache_folder(*args, cache=False, **kwargs):
+        if cache:
+            raise RuntimeError("cannot cache function: no locator available")
+        return njit(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", njit_without_cache_folder)
+    loop = fast.compiled._jit(fast.compiled._gelu_backward_loop)
+    out = np.zeros(3)
+    loop(np.full(3, 2.0), np.arange(3.0), out)
+    np.testing.assert_array_equal(out, [0.0, 2.0, 4.0])

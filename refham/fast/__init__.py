@@ -8,7 +8,9 @@ fused CUDA kernel per chain on CuPy (`kernels`) — and the process-wide speed s
 (`settings`). Tests hold every variant equal to its definition (tests/test_fast_paths.py).
 This subpackage imports nothing else of refham: the switch hands it the definition to run.
 """
+from refham.fast.compiled import COMPILED
 from refham.fast.kernels import CUDA, NUMPY
+from refham.fast.settings import apply_malloc_default, compiled_enabled
 from refham.fast.threads import chunked_elementwise
 
 _compiled = {}   # (key, module) -> CuPy ElementwiseKernel, compiled on first use
@@ -27,11 +29,17 @@ def numpy_variant(plain):
 
 def run(plain, backend, module, args):
     """plain(*args) on `backend` ('numpy' or 'cupy', whose array module is `module`) through
-    its fast variant: on NumPy the chain (or its NumPy variant) in cache-sized chunks on the
-    BLAS threads, with the same numbers for any thread count; on CuPy one ElementwiseKernel."""
-    if backend == "numpy":
-        return chunked_elementwise(numpy_variant(plain), args)
+    its fast variant: on NumPy its compiled variant (`compiled`, where numba is installed and
+    the arguments are its case), else the chain (or its NumPy variant) in cache-sized chunks,
+    either on the BLAS threads with the same numbers for any thread count, glibc's malloc set
+    to retain freed memory on the first call (`settings.apply_malloc_default`); on CuPy one
+    ElementwiseKernel."""
     key = key_of(plain)
+    if backend == "numpy":
+        apply_malloc_default()
+        compiled = COMPILED.get(key) if compiled_enabled() else None
+        result = compiled(args) if compiled else None
+        return result if result is not None else chunked_elementwise(numpy_variant(plain), args)
     kernel = _compiled.get((key, module))
     if kernel is None:   # compiled on first use: importing refham needs no CUDA
         if key not in CUDA:

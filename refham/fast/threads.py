@@ -94,10 +94,9 @@ def chunked_elementwise(chain, arrays):
     rows = max(1, CHUNK // max(1, int(numpy.prod(full[1:]))))
     starts = range(0, full[0], rows)
     outputs, as_tuple = [], []
-    taken, lock = itertools.count(1), threading.Lock()
 
-    def run(start):
-        part = slice(start, start + rows)
+    def run(index):
+        part = slice(starts[index], starts[index] + rows)
         result = chain(*(a[part] if cut else a for a, cut in zip(arrays, sliced)))
         results = result if isinstance(result, tuple) else (result,)
         if not outputs:  # the first chunk (run alone, below) fixes the outputs' dtypes
@@ -106,22 +105,30 @@ def chunked_elementwise(chain, arrays):
         for output, r in zip(outputs, results):
             output[part] = r
 
+    run(0)
+    run_chunks(run, len(starts), first=1)
+    outputs = tuple(output.reshape(shape) for output in outputs)
+    return outputs if as_tuple[0] else outputs[0]
+
+
+def run_chunks(task, count, first=0):
+    """task(index) for every index in first..count−1, on `blas_threads()` threads (the caller's
+    among them), each thread taking the next index left: a thread the OS leaves waiting (a busy
+    machine) holds up at most the one chunk it has started."""
+    taken, lock = itertools.count(first), threading.Lock()
+
     def work():
-        """Take the next chunk until none is left: a thread the OS leaves waiting (a busy
-        machine) holds up at most the one chunk it has started."""
         while True:
             with lock:
                 index = next(taken)
-            if index >= len(starts):
+            if index >= count:
                 return
-            run(starts[index])
+            task(index)
 
-    run(starts[0])
-    n_workers = min(blas_threads(), len(starts) - 1) - 1
-    futures = [_executor(n_workers).submit(work) for _ in range(n_workers)]
+    n_workers = min(blas_threads(), count - first) - 1
+    futures = [_executor(n_workers).submit(work) for _ in range(n_workers)] if n_workers > 0 \
+        else []
     work()
     for future in futures:
         if not future.cancel():  # cancelled: it never started, and all chunks are done
             future.result()
-    outputs = tuple(output.reshape(shape) for output in outputs)
-    return outputs if as_tuple[0] else outputs[0]
