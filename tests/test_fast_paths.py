@@ -8,6 +8,10 @@
 - the single-GEMM layouts of the linear maps and MLPs against per-vector references;
 - TF32 is a GPU-only, explicit switch.
 """
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import scipy.special
@@ -123,7 +127,8 @@ def test_float64_gelu_is_within_a_few_ulp_of_the_exact_form_on_a_dense_grid(comp
                                                              -1e150]])
     use_compiled(compiled)
     try:
-        gelu, deriv = special.gelu_and_deriv(B.asarray(x, dtype=np.float64))
+        with _on_numpy():   # the compiled chains are NumPy's, whatever REFHAM_BACKEND chose
+            gelu, deriv = special.gelu_and_deriv(np.asarray(x, dtype=np.float64))
     finally:
         use_compiled(True)
     expected_gelu, expected_deriv = _exact_gelu(x)
@@ -221,7 +226,7 @@ def test_compiled_chains_equal_their_definitions_bit_for_bit(lead, trail, scalar
     """Layer norm's pieces, GELU's backward and AdamW compiled (numba) do their definition's
     operations in its order and dtype: the same numbers, for any shape, affine and layout."""
     _numba_or_skip(True)
-    gen = B.rng(seed)
+    gen = np.random.default_rng(seed)
     shape, ones = tuple(lead) + tuple(trail), (1,) * len(trail)
 
     def arr(*dims, positive=False):
@@ -241,7 +246,8 @@ def test_compiled_chains_equal_their_definitions_bit_for_bit(lead, trail, scalar
                       *(np.dtype(dtype).type(s) for s in scalars))),
     ]
     for fused, args in cases:
-        got, expected = fused(*args), fused.plain(*args)
+        with _on_numpy():
+            got, expected = fused(*args), fused.plain(*args)
         got = got if isinstance(got, tuple) else (got,)
         expected = expected if isinstance(expected, tuple) else (expected,)
         for g, e in zip(got, expected, strict=True):
@@ -249,10 +255,26 @@ def test_compiled_chains_equal_their_definitions_bit_for_bit(lead, trail, scalar
             np.testing.assert_array_equal(g, e, err_msg=fused.__name__)
 
 
+def _on_numpy():
+    """NumPy as the array module: the compiled chains and the NumPy variants are NumPy's."""
+    return B.use_module(np, scipy.special.erf, "numpy")
+
+
 def test_without_numba_there_is_no_compiled_chain_and_the_numpy_chains_run():
-    if fast.compiled.numba is not None:   # justified: the case of an install without [fast]
-        pytest.skip("numba is installed; this checks an install without it")
-    assert fast.compiled.COMPILED == {}
+    """An install without [fast]: numba hidden in a fresh process (None in sys.modules makes
+    its import fail), refham has no compiled chain and runs the NumPy ones."""
+    code = ("import sys; sys.modules['numba'] = None\n"
+            "import numpy as np\n"
+            "from refham import fast, special\n"
+            "assert fast.compiled.numba is None and fast.compiled.COMPILED == {}\n"
+            "x = np.linspace(-3, 3, 7)\n"
+            "g, d = special.gelu_and_deriv(x)\n"
+            "assert np.array_equal(g, special.gelu(x)) and np.allclose(d, special.gelu_deriv(x))\n"
+            "print('ok')\n")
+    env = {**os.environ, "REFHAM_BACKEND": "numpy"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
 def test_on_numpy_a_fused_chain_is_its_plain_definition():

@@ -50,6 +50,7 @@ import numpy
 from refham import __version__
 from refham.backend import asarray, get_dtype, rng, set_dtype, to_numpy, xp
 from refham.checks import finite_real, integer_at_least
+from refham.fast.settings import compiled_enabled, use_compiled
 from refham.files.checkpoint import read_npz
 from refham.files.memory import mixer_bytes, require, require_three_layer_ham
 from refham.mixer import Mixer, make_config
@@ -76,13 +77,17 @@ def setting_defaults(writer):
 
 @contextlib.contextmanager
 def computing_in_float64():
-    """Golden values are always computed in float64, whatever the session's default dtype."""
-    saved = get_dtype()
+    """Golden values are always the definitions' own numbers in float64, whatever the session's
+    default dtype: the elementwise chains run as written (refham.fast.compiled's loops, where
+    numba is installed, may differ from them in the last bits)."""
+    saved = get_dtype(), compiled_enabled()
     set_dtype("float64")
+    use_compiled(False)
     try:
         yield
     finally:
-        set_dtype(saved)
+        set_dtype(saved[0])
+        use_compiled(saved[1])
 
 
 def _meta(kind, settings, **extra):

@@ -13,6 +13,7 @@ missing, extra, reshaped, NaN or out-of-tolerance tensor fails; the inputs all o
 raises AssertionError with the per-tensor report: the worst element, its index and the
 tolerance that applied there.
 """
+import contextlib
 import dataclasses
 
 import numpy
@@ -20,7 +21,7 @@ import numpy
 from refham.backend import active_backend
 from refham.oracle.check import compare_by_name
 from refham.oracle.golden import (
-    ham_outputs, mixer_outputs, read_meta)
+    computing_in_float64, ham_outputs, mixer_outputs, read_meta)
 from refham.testing.tolerances import get_profile, sensitivities
 
 INPUT_PREFIXES = ("input/", "param/")
@@ -49,11 +50,14 @@ class Reference:
 
 
 
+@contextlib.contextmanager
 def on_the_host():
-    """A reference is NumPy float64 on the host, whatever backend and dtype the caller runs:
-    its error model perturbs NumPy's own operations (refham.testing.tolerances), and a
-    candidate on a GPU is compared after its arrays are copied to the host."""
-    return active_backend("numpy", "float64")
+    """A reference is NumPy float64 on the host, the definitions' own numbers as in a golden
+    file, whatever backend and dtype the caller runs: its error model perturbs NumPy's own
+    operations (refham.testing.tolerances), and a candidate on a GPU is compared after its
+    arrays are copied to the host."""
+    with active_backend("numpy", "float64"), computing_in_float64():
+        yield
 
 def as_host_array(value):
     """A NumPy array of a candidate's tensor: NumPy, CuPy, PyTorch (any device, bfloat16
