@@ -215,9 +215,11 @@ def _pixel_stats(pixels):
 
 
 # --------------------------------------------------------------- batching and augmentation
-def batches(dataset, batch_size, gen=None, drop_last=False):
+def batches(dataset, batch_size, gen=None, drop_last=False, on_device=True):
     """Yield (images, labels) mini-batches on the active backend — images (B, C, H, W) in the
-    default dtype, labels (B,) int64 — covering the dataset once, shuffled by `gen` if given."""
+    default dtype, labels (B,) int64 — covering the dataset once, shuffled by `gen` if given.
+    With on_device=False they stay host NumPy arrays (the dataset's own dtypes): a rank of a
+    data-parallel run then uploads only its shard."""
     if not isinstance(dataset, Dataset):
         raise TypeError(f"batches needs a refham.training.data.Dataset, got {type(dataset).__name__}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -226,6 +228,9 @@ def batches(dataset, batch_size, gen=None, drop_last=False):
     stop = len(order) - len(order) % batch_size if drop_last else len(order)
     for start in range(0, stop, batch_size):
         index = order[start:start + batch_size]
+        if not on_device:
+            yield dataset.images[index], dataset.labels[index]
+            continue
         yield asarray(dataset.images[index]), asarray(dataset.labels[index], dtype=xp.int64)
 
 

@@ -38,7 +38,7 @@ import time
 
 from tqdm import tqdm
 
-from refham.backend import active_backend, asarray, rng, to_numpy
+from refham.backend import active_backend, asarray, rng, to_numpy, xp
 from refham.errors import RefhamError
 from refham.files.checkpoint import load_checkpoint
 from refham.mixer import Mixer
@@ -191,6 +191,7 @@ class _EpochLoop:
         gen, rows = rng((cfg.seed, *stream)), shard(n, comm)
         if comm.size > 1:
             gen, images, labels = ShardedGenerator(gen, n, rows), images[rows], labels[rows]
+        images, labels = asarray(images), xp.asarray(labels, dtype=xp.int64)   # the shard only
         gen = step_generator(gen, cfg.noise_rng, (cfg.seed, *noise_key), n, rows)
 
         def loss_and_grads(params):
@@ -235,7 +236,7 @@ class _EpochLoop:
         cfg, p, steps_per_epoch = self.cfg, self.state.progress, self.schedule.steps_per_epoch
         skip = self.state.step - epoch * steps_per_epoch
         order = batches(self.train_set, cfg.batch_size, rng((cfg.seed, ORDER_STREAM, epoch)),
-                        drop_last=cfg.drop_last)
+                        drop_last=cfg.drop_last, on_device=False)   # each rank uploads its shard
         with tqdm(total=steps_per_epoch, initial=skip, leave=False, dynamic_ncols=True,
                   disable=not (cfg.progress and self.folder.writer),
                   desc=f"epoch {epoch + 1}/{cfg.epochs}") as bar:
