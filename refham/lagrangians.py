@@ -100,6 +100,12 @@ class ReLU(_Elementwise):
     def curvature(self, x):
         return xp.where(x > 0, xp.ones_like(x), xp.zeros_like(x))  # ones_like: keeps x's dtype
 
+    def activation_and_neuron_energy(self, x, event_ndim=1):
+        """(g, E) with E = ⟨x, g⟩ − ½Σg² = ½Σg² (x·g = g² element by element): one pass for
+        g, one for E, and the same numbers as the Legendre form (S − S/2 = S/2 exactly)."""
+        g = self.activation(x)
+        return g, sum_over_events(0.5 * g * g, event_ndim)
+
 
 @dataclasses.dataclass(frozen=True)
 class RePU(_Elementwise):
@@ -224,13 +230,30 @@ class Softmax(Lagrangian):
         """(1/β)(m + log Σ e^{βx − m}), m = max βx: the max-shifted logsumexp."""
         check_axes_fit((self.axis,), x, event_ndim)
         shifted, y_max = self._shifted(x)
-        log_sum = xp.log(xp.sum(xp.exp(shifted), axis=self.axis, keepdims=True))
-        return sum_over_events((y_max + log_sum) / self.beta, event_ndim)
+        return self._value_from(y_max, xp.sum(xp.exp(shifted), axis=self.axis, keepdims=True),
+                                event_ndim)
+
+    def _value_from(self, y_max, exp_sum, event_ndim):
+        """L = Σ_event (1/β)(m + log Σ e^{βx − m}) from m and the sum (keepdims)."""
+        return sum_over_events((y_max + xp.log(exp_sum)) / self.beta, event_ndim)
 
     def _probabilities(self, shifted):
         """softmax from the max-shifted βx."""
+        return self._probabilities_and_sum(shifted)[0]
+
+    def _probabilities_and_sum(self, shifted):
+        """(softmax, Σ e^{βx − m} keepdims) from the max-shifted βx."""
         e = xp.exp(shifted)
-        return e / xp.sum(e, axis=self.axis, keepdims=True)
+        exp_sum = xp.sum(e, axis=self.axis, keepdims=True)
+        return e / exp_sum, exp_sum
+
+    def activation_and_neuron_energy(self, x, event_ndim=1):
+        """(g, ⟨x, g⟩ − L) with one exponential pass shared by g and L."""
+        check_axes_fit((self.axis,), x, event_ndim)
+        shifted, y_max = self._shifted(x)
+        g, exp_sum = self._probabilities_and_sum(shifted)
+        return g, sum_over_events(x * g, event_ndim) - self._value_from(y_max, exp_sum,
+                                                                         event_ndim)
 
     def activation(self, x):
         """softmax(βx) = e^{βx − m}/Σ e^{βx − m}."""

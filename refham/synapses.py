@@ -92,12 +92,19 @@ class Synapse(abc.ABC):
         p, q = self.layers
         return -batch_inner(gs[p], self._map(W, gs[q], gs[p].shape))
 
-    def synapse_energy_and_grad(self, gs, W):
-        """(E_s, {p: ∂E_s/∂g_p = −M_W(g_q),  q: ∂E_s/∂g_q = −M_Wᵀ(g_p)}) from two
-        contractions: m = M_W(g_q) gives both E_s = −⟨g_p, m⟩ and ∂E_s/∂g_p = −m."""
+    def synapse_energy_and_signals(self, gs, W):
+        """(E_s, {p: M_W(g_q), q: M_Wᵀ(g_p)}): the energy and what each layer receives, the
+        gradients' negatives, from two contractions: m = M_W(g_q) gives both E_s = −⟨g_p, m⟩
+        and the signal to p. A HAM subtracts the signals from its gradients (x − m, one pass,
+        equal bit for bit to x + (−m))."""
         p, q = self.layers
         m = self._map(W, gs[q], gs[p].shape)
-        return -batch_inner(gs[p], m), {p: -m, q: -self._adjoint(W, gs[p], gs[q].shape)}
+        return -batch_inner(gs[p], m), {p: m, q: self._adjoint(W, gs[p], gs[q].shape)}
+
+    def synapse_energy_and_grad(self, gs, W):
+        """(E_s, {p: ∂E_s/∂g_p = −M_W(g_q),  q: ∂E_s/∂g_q = −M_Wᵀ(g_p)}), the signals negated."""
+        energy, signals = self.synapse_energy_and_signals(gs, W)
+        return energy, {name: -signal for name, signal in signals.items()}
 
     def signal_to(self, name, gs, W, shape):
         """What layer `name` (state shape `shape`, batch axis included) receives, −∂E_s/∂g_name:
