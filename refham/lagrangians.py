@@ -37,7 +37,7 @@ import dataclasses
 import math
 import numbers
 
-from refham.backend import xp
+from refham.backend import accelerated, xp
 from refham.checks import finite_real
 from refham.special import gelu, gelu_deriv, normal_cdf, normal_pdf
 from refham.lagrangian_base import (  # Lagrangian, LagrangianError, event_axes: public here too
@@ -86,6 +86,13 @@ class Identity(_Elementwise):
         return xp.ones_like(x)
 
 
+@accelerated
+def relu_and_half_square(x):
+    """(g, ½g²) with g = relu(x) = max(x, 0)."""
+    g = xp.maximum(x, 0.0)
+    return g, 0.5 * g * g
+
+
 @dataclasses.dataclass(frozen=True)
 class ReLU(_Elementwise):
     """L = ½Σ relu(x)²,  g = relu(x),  Hv = 1[x>0]·v.  Implements :eq:`L-relu`."""
@@ -101,10 +108,10 @@ class ReLU(_Elementwise):
         return xp.where(x > 0, xp.ones_like(x), xp.zeros_like(x))  # ones_like: keeps x's dtype
 
     def activation_and_neuron_energy(self, x, event_ndim=1):
-        """(g, E) with E = ⟨x, g⟩ − ½Σg² = ½Σg² (x·g = g² element by element): one pass for
-        g, one for E, and the same numbers as the Legendre form (S − S/2 = S/2 exactly)."""
-        g = self.activation(x)
-        return g, sum_over_events(0.5 * g * g, event_ndim)
+        """(g, E) with E = ⟨x, g⟩ − ½Σg² = ½Σg² (x·g = g² element by element): the same
+        numbers as the Legendre form (S − S/2 = S/2 exactly), g and ½g² from one pass."""
+        g, half_square = relu_and_half_square(x)
+        return g, sum_over_events(half_square, event_ndim)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +212,19 @@ class GELU(_Elementwise):
 
 # ---------------------------------------------------------------- softmax
 
+@accelerated
+def scaled_minus(x, beta, shift):
+    """βx − m (m keepdims along the softmax axis)."""
+    return beta * x - shift
+
+
+@accelerated
+def quotient_and_product(e, total, x):
+    """(g, x⊙g) with g = e/Σe (the sum keepdims): softmax's probabilities and ⟨x, g⟩'s terms."""
+    g = e / total
+    return g, x * g
+
+
 @dataclasses.dataclass(frozen=True)
 class Softmax(Lagrangian):
     """L = (1/β) logsumexp(βx) along `axis` (summed over the other event axes),
@@ -222,9 +242,9 @@ class Softmax(Lagrangian):
     def _shifted(self, x):
         """βx − max(βx) along the axis, and that max (keepdims): e^{βx − max} never overflows."""
         check_axes_fit((self.axis,), x)
-        y = self.beta * x
-        y_max = xp.max(y, axis=self.axis, keepdims=True)
-        return y - y_max, y_max
+        # β·max x = max βx exactly: rounding is monotone and β > 0
+        y_max = self.beta * xp.max(x, axis=self.axis, keepdims=True)
+        return scaled_minus(x, self.beta, y_max), y_max
 
     def value(self, x, event_ndim=1):
         """(1/β)(m + log Σ e^{βx − m}), m = max βx: the max-shifted logsumexp."""
@@ -239,21 +259,18 @@ class Softmax(Lagrangian):
 
     def _probabilities(self, shifted):
         """softmax from the max-shifted βx."""
-        return self._probabilities_and_sum(shifted)[0]
-
-    def _probabilities_and_sum(self, shifted):
-        """(softmax, Σ e^{βx − m} keepdims) from the max-shifted βx."""
         e = xp.exp(shifted)
-        exp_sum = xp.sum(e, axis=self.axis, keepdims=True)
-        return e / exp_sum, exp_sum
+        return e / xp.sum(e, axis=self.axis, keepdims=True)
 
     def activation_and_neuron_energy(self, x, event_ndim=1):
         """(g, ⟨x, g⟩ − L) with one exponential pass shared by g and L."""
         check_axes_fit((self.axis,), x, event_ndim)
         shifted, y_max = self._shifted(x)
-        g, exp_sum = self._probabilities_and_sum(shifted)
-        return g, sum_over_events(x * g, event_ndim) - self._value_from(y_max, exp_sum,
-                                                                         event_ndim)
+        e = xp.exp(shifted)
+        exp_sum = xp.sum(e, axis=self.axis, keepdims=True)
+        g, x_g = quotient_and_product(e, exp_sum, x)
+        return g, sum_over_events(x_g, event_ndim) - self._value_from(y_max, exp_sum,
+                                                                      event_ndim)
 
     def activation(self, x):
         """softmax(βx) = e^{βx − m}/Σ e^{βx − m}."""

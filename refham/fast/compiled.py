@@ -211,6 +211,41 @@ def _layernorm_dx_loop(d_hat, x_hat, inv_sigma, mean_d, mean_dx, dx):
             dx[r, j] = s * ((d_hat[r, j] - md) - x_hat[r, j] * mdx)
 
 
+def _scaled_normalised_loop(centred, sigma, gamma, delta, g):
+    """(R, D) rows; sigma (R,); gamma, delta (D,)."""
+    for r in range(centred.shape[0]):
+        s = sigma[r]
+        for j in range(centred.shape[1]):
+            g[r, j] = gamma[j] * (centred[r, j] / s) + delta[j]
+
+
+def _scaled_minus_loop(x, shift, beta, y):
+    """(R, D) rows; shift (R,); beta (D,)."""
+    for r in range(x.shape[0]):
+        m = shift[r]
+        for j in range(x.shape[1]):
+            y[r, j] = beta[j] * x[r, j] - m
+
+
+def _quotient_and_product_loop(e, x, total, g, x_g):
+    """(R, D) rows; total (R,)."""
+    for r in range(e.shape[0]):
+        t = total[r]
+        for j in range(e.shape[1]):
+            gi = e[r, j] / t
+            g[r, j] = gi
+            x_g[r, j] = x[r, j] * gi
+
+
+def _relu_and_half_square_loop(x, zero, half, g, half_square):
+    """zero, half: 0 and ½ in x's dtype (so that nothing is computed in float64 for float32)."""
+    for i in range(x.size):
+        xi = x[i]
+        gi = zero if xi <= zero else xi   # NumPy's maximum(x, 0.0): NaN stays, −0 becomes 0
+        g[i] = gi
+        half_square[i] = half * gi * gi
+
+
 def _adamw_loop(p, g, m, v, decay, step_size, beta1, one_minus_beta1, beta2, one_minus_beta2,
                 correction2, eps, p_new, m_new, v_new):
     for i in range(p.size):
@@ -321,6 +356,55 @@ def _adamw_variant(args):
     return _elementwise(_LOOPS["adamw"], 3)(arrays + scalars, 4)
 
 
+def _in_dtype(value, like):
+    """A Python number as a 0-d array of `like`'s dtype (what NumPy's arithmetic casts it to);
+    arrays unchanged."""
+    if isinstance(value, (int, float)) and isinstance(like, numpy.ndarray):
+        return numpy.asarray(value, dtype=like.dtype)
+    return value
+
+
+def _scaled_normalised_variant(args):
+    centred, sigma, gamma, delta = args
+    views = _rows([centred], [sigma], [_in_dtype(gamma, centred), _in_dtype(delta, centred)])
+    if views is None:
+        return None
+    (c,), (s,), (w, b) = views
+    g = numpy.empty_like(c)
+    _chunked(_LOOPS["scaled_normalised"], [c, s], [g], _rows_chunk(c.shape[1]), (w, b))
+    return g.reshape(centred.shape)
+
+
+def _scaled_minus_variant(args):
+    x, beta, shift = args
+    views = _rows([x], [shift], [_in_dtype(beta, x)])
+    if views is None:
+        return None
+    (a,), (m,), (b,) = views
+    y = numpy.empty_like(a)
+    _chunked(_LOOPS["scaled_minus"], [a, m], [y], _rows_chunk(a.shape[1]), (b,))
+    return y.reshape(x.shape)
+
+
+def _quotient_and_product_variant(args):
+    e, total, x = args
+    views = _rows([e, x], [total], [])
+    if views is None:
+        return None
+    (a, b), (t,), _ = views
+    g, x_g = numpy.empty_like(a), numpy.empty_like(a)
+    _chunked(_LOOPS["quotient_and_product"], [a, b, t], [g, x_g], _rows_chunk(a.shape[1]))
+    return g.reshape(e.shape), x_g.reshape(e.shape)
+
+
+def _relu_and_half_square_variant(args):
+    dtype = getattr(args[0], "dtype", None)
+    if dtype not in _DTYPES:
+        return None
+    scalars = (dtype.type(0), dtype.type(0.5))
+    return _elementwise(_LOOPS["relu_and_half_square"], 2)(args + scalars, 1)
+
+
 def _gelu_variant(args):
     loop = _LOOPS["gelu_float32" if getattr(args[0], "dtype", None) == numpy.float32
                   else "gelu_float64"]
@@ -338,6 +422,10 @@ _LOOPS = {} if numba is None else {
     "normalise_affine": _jit(_normalise_affine_loop),
     "layernorm_dx": _jit(_layernorm_dx_loop),
     "adamw": _jit(_adamw_loop),
+    "scaled_normalised": _jit(_scaled_normalised_loop),
+    "scaled_minus": _jit(_scaled_minus_loop),
+    "quotient_and_product": _jit(_quotient_and_product_loop),
+    "relu_and_half_square": _jit(_relu_and_half_square_loop),
 }
 COMPILED = {} if numba is None else {
     "refham.special.gelu_and_deriv": _gelu_variant,
@@ -345,4 +433,8 @@ COMPILED = {} if numba is None else {
     "refham.layers._normalise_affine": _normalise_affine_variant,
     "refham.layers._layernorm_dx": _layernorm_dx_variant,
     "refham.optim.adamw_step": _adamw_variant,
+    "refham.normalisers.scaled_normalised": _scaled_normalised_variant,
+    "refham.lagrangians.relu_and_half_square": _relu_and_half_square_variant,
+    "refham.lagrangians.scaled_minus": _scaled_minus_variant,
+    "refham.lagrangians.quotient_and_product": _quotient_and_product_variant,
 }
