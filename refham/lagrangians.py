@@ -213,13 +213,7 @@ class GELU(_Elementwise):
 # ---------------------------------------------------------------- softmax
 
 @accelerated
-def scaled_minus(x, beta, shift):
-    """βx − m (m keepdims along the softmax axis)."""
-    return beta * x - shift
-
-
-@accelerated
-def quotient_and_product(e, total, x):
+def quotient_and_product(e, x, total):
     """(g, x⊙g) with g = e/Σe (the sum keepdims): softmax's probabilities and ⟨x, g⟩'s terms."""
     g = e / total
     return g, x * g
@@ -242,9 +236,9 @@ class Softmax(Lagrangian):
     def _shifted(self, x):
         """βx − max(βx) along the axis, and that max (keepdims): e^{βx − max} never overflows."""
         check_axes_fit((self.axis,), x)
-        # β·max x = max βx exactly: rounding is monotone and β > 0
-        y_max = self.beta * xp.max(x, axis=self.axis, keepdims=True)
-        return scaled_minus(x, self.beta, y_max), y_max
+        y = self.beta * x
+        y_max = xp.max(y, axis=self.axis, keepdims=True)
+        return y - y_max, y_max
 
     def value(self, x, event_ndim=1):
         """(1/β)(m + log Σ e^{βx − m}), m = max βx: the max-shifted logsumexp."""
@@ -268,7 +262,7 @@ class Softmax(Lagrangian):
         shifted, y_max = self._shifted(x)
         e = xp.exp(shifted)
         exp_sum = xp.sum(e, axis=self.axis, keepdims=True)
-        g, x_g = quotient_and_product(e, exp_sum, x)
+        g, x_g = quotient_and_product(e, x, exp_sum)
         return g, sum_over_events(x_g, event_ndim) - self._value_from(y_max, exp_sum,
                                                                       event_ndim)
 

@@ -207,9 +207,8 @@ def _fused_cases(dtype):
         (normalisers.scaled_normalised, (arr(4, 6, 5), B.asarray(1.0 + np.abs(
             gen.standard_normal((4, 1, 1))), dtype=dtype), 1.5, arr(6, 5))),
         (lagrangians.relu_and_half_square, (arr(4, 3, 33),)),
-        (lagrangians.scaled_minus, (arr(4, 33), 1.5, arr(4, 1))),
-        (lagrangians.quotient_and_product, (positive_v, B.asarray(1.0 + np.abs(
-            gen.standard_normal((5, 1))), dtype=dtype), arr(5, 3))),
+        (lagrangians.quotient_and_product, (positive_v, arr(5, 3), B.asarray(1.0 + np.abs(
+            gen.standard_normal((5, 1))), dtype=dtype))),
     ]
 
 
@@ -253,9 +252,8 @@ def test_compiled_chains_equal_their_definitions_bit_for_bit(lead, trail, scalar
                                          arr(*affine))),
         (normalisers.scaled_normalised, (x, arr(*lead, *ones, positive=True), 1.0, 0.0)),
         (lagrangians.relu_and_half_square, (x,)),
-        (lagrangians.scaled_minus, (x, 1.5, arr(*lead, *ones))),
-        (lagrangians.quotient_and_product, (arr(*shape, positive=True),
-                                            arr(*lead, *ones, positive=True), x)),
+        (lagrangians.quotient_and_product, (arr(*shape, positive=True), x,
+                                            arr(*lead, *ones, positive=True))),
     ]
     for fused, args in cases:
         got, expected = fused(*args), fused.plain(*args)

@@ -8,8 +8,9 @@ no temporaries, one pass through memory.
 
 The loops do the definition's operations in its order, in the arrays' dtype, without fastmath
 (no reassociation, no fused multiply-add), so that a value does not depend on where it falls in
-a SIMD vector, in a chunk, or on the thread count: layer norm's and AdamW's outputs equal their
-definitions bit for bit; GELU, which needs erf, has an exp of its own (libm's scalar exp and erf
+a SIMD vector, in a chunk, or on the thread count: layer norm's, AdamW's and the HAM
+Lagrangians' chains (layernorm's g, relu's g and ½g², softmax's probabilities) equal
+their definitions bit for bit; GELU, which needs erf, has an exp of its own (libm's scalar exp and erf
 do not vectorise) and in float32 the rational form of `kernels`, in float64 W. J. Cody's erfc:
 both within the bounds their definition meets against the exact form.
 Tested in tests/test_fast_paths.py. Compiled on first use and cached on disk (numba's cache:
@@ -219,14 +220,6 @@ def _scaled_normalised_loop(centred, sigma, gamma, delta, g):
             g[r, j] = gamma[j] * (centred[r, j] / s) + delta[j]
 
 
-def _scaled_minus_loop(x, shift, beta, y):
-    """(R, D) rows; shift (R,); beta (D,)."""
-    for r in range(x.shape[0]):
-        m = shift[r]
-        for j in range(x.shape[1]):
-            y[r, j] = beta[j] * x[r, j] - m
-
-
 def _quotient_and_product_loop(e, x, total, g, x_g):
     """(R, D) rows; total (R,)."""
     for r in range(e.shape[0]):
@@ -324,26 +317,31 @@ def _rows_chunk(width):
     return max(1, CHUNK // max(1, width))
 
 
-def _normalise_affine_variant(args):
-    centred, inv_sigma, weight, bias = args
-    views = _rows([centred], [inv_sigma], [weight, bias])
-    if views is None:
-        return None
-    (c,), (s,), (w, b) = views
-    x_hat, y = numpy.empty_like(c), numpy.empty_like(c)
-    _chunked(_LOOPS["normalise_affine"], [c, s], [x_hat, y], _rows_chunk(c.shape[1]), (w, b))
-    return x_hat.reshape(centred.shape), y.reshape(centred.shape)
+def _in_dtype(value, like):
+    """A Python number as a 0-d array of `like`'s dtype (what NumPy's arithmetic casts it to);
+    arrays unchanged."""
+    if isinstance(value, (int, float)) and isinstance(like, numpy.ndarray):
+        return numpy.asarray(value, dtype=like.dtype)
+    return value
 
 
-def _layernorm_dx_variant(args):
-    d_hat, x_hat, inv_sigma, mean_d, mean_dx = args
-    views = _rows([d_hat, x_hat], [inv_sigma, mean_d, mean_dx], [])
-    if views is None:
-        return None
-    (d, h), per_row, _ = views
-    dx = numpy.empty_like(d)
-    _chunked(_LOOPS["layernorm_dx"], [d, h, *per_row], [dx], _rows_chunk(d.shape[1]))
-    return dx.reshape(d_hat.shape)
+def _row_chain(loop, n_full, n_per_row, n_outputs):
+    """A variant for a chain over rows whose arguments are `n_full` arrays of the full shape,
+    `n_per_row` keepdims arrays, then per-element ones (the trailing shape, 0-d, or Python
+    numbers): its loop takes (R, D), (R,) and (D,) views in that order, then its outputs."""
+    def variant(args):
+        first = args[0]
+        per_element = [_in_dtype(a, first) for a in args[n_full + n_per_row:]]
+        views = _rows(list(args[:n_full]), list(args[n_full:n_full + n_per_row]), per_element)
+        if views is None:
+            return None
+        full, per_row, per_element = views
+        outputs = [numpy.empty_like(full[0]) for _ in range(n_outputs)]
+        _chunked(_LOOPS[loop], full + per_row, outputs, _rows_chunk(full[0].shape[1]),
+                 tuple(per_element))
+        results = tuple(o.reshape(first.shape) for o in outputs)
+        return results if n_outputs > 1 else results[0]
+    return variant
 
 
 def _adamw_variant(args):
@@ -354,47 +352,6 @@ def _adamw_variant(args):
     one = dtype.type(1)   # 1 − β in the arrays' dtype, as the definition's scalar arithmetic
     scalars = (decay, step_size, beta1, one - beta1, beta2, one - beta2, correction2, eps)
     return _elementwise(_LOOPS["adamw"], 3)(arrays + scalars, 4)
-
-
-def _in_dtype(value, like):
-    """A Python number as a 0-d array of `like`'s dtype (what NumPy's arithmetic casts it to);
-    arrays unchanged."""
-    if isinstance(value, (int, float)) and isinstance(like, numpy.ndarray):
-        return numpy.asarray(value, dtype=like.dtype)
-    return value
-
-
-def _scaled_normalised_variant(args):
-    centred, sigma, gamma, delta = args
-    views = _rows([centred], [sigma], [_in_dtype(gamma, centred), _in_dtype(delta, centred)])
-    if views is None:
-        return None
-    (c,), (s,), (w, b) = views
-    g = numpy.empty_like(c)
-    _chunked(_LOOPS["scaled_normalised"], [c, s], [g], _rows_chunk(c.shape[1]), (w, b))
-    return g.reshape(centred.shape)
-
-
-def _scaled_minus_variant(args):
-    x, beta, shift = args
-    views = _rows([x], [shift], [_in_dtype(beta, x)])
-    if views is None:
-        return None
-    (a,), (m,), (b,) = views
-    y = numpy.empty_like(a)
-    _chunked(_LOOPS["scaled_minus"], [a, m], [y], _rows_chunk(a.shape[1]), (b,))
-    return y.reshape(x.shape)
-
-
-def _quotient_and_product_variant(args):
-    e, total, x = args
-    views = _rows([e, x], [total], [])
-    if views is None:
-        return None
-    (a, b), (t,), _ = views
-    g, x_g = numpy.empty_like(a), numpy.empty_like(a)
-    _chunked(_LOOPS["quotient_and_product"], [a, b, t], [g, x_g], _rows_chunk(a.shape[1]))
-    return g.reshape(e.shape), x_g.reshape(e.shape)
 
 
 def _relu_and_half_square_variant(args):
@@ -423,18 +380,16 @@ _LOOPS = {} if numba is None else {
     "layernorm_dx": _jit(_layernorm_dx_loop),
     "adamw": _jit(_adamw_loop),
     "scaled_normalised": _jit(_scaled_normalised_loop),
-    "scaled_minus": _jit(_scaled_minus_loop),
     "quotient_and_product": _jit(_quotient_and_product_loop),
     "relu_and_half_square": _jit(_relu_and_half_square_loop),
 }
 COMPILED = {} if numba is None else {
     "refham.special.gelu_and_deriv": _gelu_variant,
     "refham.layers.gelu_backward": _gelu_backward_variant,
-    "refham.layers._normalise_affine": _normalise_affine_variant,
-    "refham.layers._layernorm_dx": _layernorm_dx_variant,
+    "refham.layers._normalise_affine": _row_chain("normalise_affine", 1, 1, 2),
+    "refham.layers._layernorm_dx": _row_chain("layernorm_dx", 2, 3, 1),
     "refham.optim.adamw_step": _adamw_variant,
-    "refham.normalisers.scaled_normalised": _scaled_normalised_variant,
+    "refham.normalisers.scaled_normalised": _row_chain("scaled_normalised", 1, 1, 1),
     "refham.lagrangians.relu_and_half_square": _relu_and_half_square_variant,
-    "refham.lagrangians.scaled_minus": _scaled_minus_variant,
-    "refham.lagrangians.quotient_and_product": _quotient_and_product_variant,
+    "refham.lagrangians.quotient_and_product": _row_chain("quotient_and_product", 2, 1, 2),
 }

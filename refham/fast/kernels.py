@@ -31,9 +31,8 @@ CUDA = {
     "refham.lagrangians.relu_and_half_square": (
         "T x", "T g, T half_square",
         "g = x <= (T)0 ? (T)0 : x; half_square = (T)0.5 * g * g;"),
-    "refham.lagrangians.scaled_minus": ("T x, T beta, T shift", "T y", "y = beta * x - shift;"),
     "refham.lagrangians.quotient_and_product": (
-        "T e, T total, T x", "T g, T x_g", "g = e / total; x_g = x * g;"),
+        "T e, T x, T total", "T g, T x_g", "g = e / total; x_g = x * g;"),
     "refham.optim.adamw_step": (
         "T p, T g, T m, T v, T decay, T step_size, T beta1, T beta2, T correction2, T eps",
         "T p_new, T m_new, T v_new", """
