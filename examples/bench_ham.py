@@ -149,6 +149,15 @@ def _subprocess(args, threads, dtype):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _ratio_spread(times):
+    """The first and third quartiles of hamux/refham over the pairs of calls made together."""
+    ratios = [h / o for h, o in zip(times["hamux"], times["refham"])]
+    if len(ratios) < 2:
+        return "–"
+    low, _, high = statistics.quantiles(ratios, n=4)
+    return f"{low:.2f}–{high:.2f}"
+
+
 def _sizes(text):
     try:
         sizes = tuple(int(n) for n in text.split(":"))
@@ -203,17 +212,20 @@ def main(argv=None):
           f"; jax {runs[0]['jax']}; batch {args.batch}; medians of {args.repeats} interleaved "
           f"calls")
     print(f"{'threads':>7} {'dtype':>7} {'v:h1:h2':>15} {'refham ms':>10} {'hamux ms':>9} "
-          f"{'speed':>6} {'best':>6} {'GEMMs ms':>9} {'÷GEMMs':>7} {'ΔE':>8} {'Δ∂E/∂g':>8}")
+          f"{'speed':>6} {'spread':>11} {'best':>6} {'GEMMs ms':>9} {'÷GEMMs':>7} {'ΔE':>8} "
+          f"{'Δ∂E/∂g':>8}")
     for run in runs:
         for r in run["results"]:
             ms, best = r["median_ms"], r["best_ms"]
             print(f"{run['threads']:>7} {run['dtype']:>7} {':'.join(map(str, r['sizes'])):>15} "
                   f"{ms['refham']:10.2f} {ms['hamux']:9.2f} {ms['hamux'] / ms['refham']:5.2f}× "
-                  f"{best['hamux'] / best['refham']:5.2f}× {ms['gemms']:9.2f} "
-                  f"{ms['refham'] / ms['gemms']:6.2f}× {r['agreement']['energy']:8.1e} {r['agreement']['dEdg']:8.1e}")
-    print("speed: hamux's median time / refham's (> 1: refham is faster); best: the same with "
-          "each side's fastest call (on a loaded machine, preemption inflates the medians); "
-          "GEMMs: the call's four matrix products alone, ÷GEMMs: refham's time over theirs")
+                  f"{_ratio_spread(r['times']):>11} {best['hamux'] / best['refham']:5.2f}× "
+                  f"{ms['gemms']:9.2f} {ms['refham'] / ms['gemms']:6.2f}× "
+                  f"{r['agreement']['energy']:8.1e} {r['agreement']['dEdg']:8.1e}")
+    print("speed: hamux's median time / refham's (> 1: refham is faster); spread: the quartiles "
+          "of that ratio over the interleaved pairs of calls; best: the same with each side's "
+          "fastest call (on a loaded machine, preemption inflates the medians); GEMMs: the "
+          "call's four matrix products alone, ÷GEMMs: refham's time over theirs")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(runs, f, indent=1)

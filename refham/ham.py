@@ -164,8 +164,8 @@ class HAM:
         gs = self._activations(xs) if gs is None else gs
         grads = dict(xs)  # the Legendre term contributes exactly x_A
         for name, s in self.synapses.items():
-            for layer_name, g in s.grad(gs, weights[name]).items():
-                grads[layer_name] = grads[layer_name] + g
+            for layer_name, signal in s.synapse_energy_and_signals(gs, weights[name])[1].items():
+                grads[layer_name] = grads[layer_name] - signal   # ∂E_s/∂g = −signal
         return grads
 
     def _total_energy_and_dEdg(self, xs, weights):
@@ -175,10 +175,10 @@ class HAM:
             energy = energy + e
         grads = dict(xs)  # the Legendre term contributes exactly x_A
         for name, s in self.synapses.items():
-            e, synapse_grads = s.synapse_energy_and_grad(gs, weights[name])
+            e, signals = s.synapse_energy_and_signals(gs, weights[name])
             energy = energy + e
-            for layer_name, g in synapse_grads.items():
-                grads[layer_name] = grads[layer_name] + g
+            for layer_name, signal in signals.items():
+                grads[layer_name] = grads[layer_name] - signal   # ∂E_s/∂g = −signal
         return energy, grads
 
     def _velocity(self, xs, weights):

@@ -37,7 +37,7 @@ import dataclasses
 import math
 import numbers
 
-from refham.backend import xp
+from refham.backend import accelerated, xp
 from refham.checks import finite_real
 from refham.special import gelu, gelu_deriv, normal_cdf, normal_pdf
 from refham.lagrangian_base import (  # Lagrangian, LagrangianError, event_axes: public here too
@@ -86,6 +86,13 @@ class Identity(_Elementwise):
         return xp.ones_like(x)
 
 
+@accelerated
+def relu_and_half_square(x):
+    """(g, ½g²) with g = relu(x) = max(x, 0)."""
+    g = xp.maximum(x, 0.0)
+    return g, 0.5 * g * g
+
+
 @dataclasses.dataclass(frozen=True)
 class ReLU(_Elementwise):
     """L = ½Σ relu(x)²,  g = relu(x),  Hv = 1[x>0]·v.  Implements :eq:`L-relu`."""
@@ -99,6 +106,12 @@ class ReLU(_Elementwise):
 
     def curvature(self, x):
         return xp.where(x > 0, xp.ones_like(x), xp.zeros_like(x))  # ones_like: keeps x's dtype
+
+    def activation_and_neuron_energy(self, x, event_ndim=1):
+        """(g, E) with E = ⟨x, g⟩ − ½Σg² = ½Σg² (x·g = g² element by element): the same
+        numbers as the Legendre form (S − S/2 = S/2 exactly), g and ½g² from one pass."""
+        g, half_square = relu_and_half_square(x)
+        return g, sum_over_events(half_square, event_ndim)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +212,13 @@ class GELU(_Elementwise):
 
 # ---------------------------------------------------------------- softmax
 
+@accelerated
+def quotient_and_product(e, x, total):
+    """(g, x⊙g) with g = e/Σe (the sum keepdims): softmax's probabilities and ⟨x, g⟩'s terms."""
+    g = e / total
+    return g, x * g
+
+
 @dataclasses.dataclass(frozen=True)
 class Softmax(Lagrangian):
     """L = (1/β) logsumexp(βx) along `axis` (summed over the other event axes),
@@ -224,13 +244,27 @@ class Softmax(Lagrangian):
         """(1/β)(m + log Σ e^{βx − m}), m = max βx: the max-shifted logsumexp."""
         check_axes_fit((self.axis,), x, event_ndim)
         shifted, y_max = self._shifted(x)
-        log_sum = xp.log(xp.sum(xp.exp(shifted), axis=self.axis, keepdims=True))
-        return sum_over_events((y_max + log_sum) / self.beta, event_ndim)
+        return self._value_from(y_max, xp.sum(xp.exp(shifted), axis=self.axis, keepdims=True),
+                                event_ndim)
+
+    def _value_from(self, y_max, exp_sum, event_ndim):
+        """L = Σ_event (1/β)(m + log Σ e^{βx − m}) from m and the sum (keepdims)."""
+        return sum_over_events((y_max + xp.log(exp_sum)) / self.beta, event_ndim)
 
     def _probabilities(self, shifted):
         """softmax from the max-shifted βx."""
         e = xp.exp(shifted)
         return e / xp.sum(e, axis=self.axis, keepdims=True)
+
+    def activation_and_neuron_energy(self, x, event_ndim=1):
+        """(g, ⟨x, g⟩ − L) with one exponential pass shared by g and L."""
+        check_axes_fit((self.axis,), x, event_ndim)
+        shifted, y_max = self._shifted(x)
+        e = xp.exp(shifted)
+        exp_sum = xp.sum(e, axis=self.axis, keepdims=True)
+        g, x_g = quotient_and_product(e, x, exp_sum)
+        return g, sum_over_events(x_g, event_ndim) - self._value_from(y_max, exp_sum,
+                                                                      event_ndim)
 
     def activation(self, x):
         """softmax(βx) = e^{βx − m}/Σ e^{βx − m}."""

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import numbers
 
-from refham.backend import xp
+from refham.backend import accelerated, xp
 from refham.checks import finite_real
 from refham.lagrangian_base import (
     Lagrangian, LagrangianError, check_axes_fit, check_same_shape, negative_axes,
@@ -29,6 +29,12 @@ def _scalar_gamma(name, gamma):
     if hasattr(gamma, "ndim"):  # a 0-d array (NumPy or CuPy)
         gamma = float(gamma)
     return finite_real(f"{name} gamma", gamma, LagrangianError)
+
+
+@accelerated
+def scaled_normalised(centred, sigma, gamma, delta):
+    """g = γ(x − x̄)/σ + δ from x − x̄ and σ (keepdims): layernorm's activation in one pass."""
+    return gamma * (centred / sigma) + delta
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: delta may be an array
@@ -107,8 +113,12 @@ class LayerNorm(_Normalizer):
         """x̂ = (x − x̄)/σ and σ (keepdims)."""
         check_axes_fit(self.axes, x)
         centred = self._centred(x)
-        sigma = xp.sqrt(xp.mean(centred * centred, axis=self.axes, keepdims=True) + self.eps)
+        sigma = self._sigma(centred)
         return centred / sigma, sigma
+
+    def _sigma(self, centred):
+        """σ = √(mean((x − x̄)²) + ε) over the axes (keepdims)."""
+        return xp.sqrt(xp.mean(centred * centred, axis=self.axes, keepdims=True) + self.eps)
 
     def radius(self, x):
         """ρ = Dσ = √(D·Σ(x − x̄)² + D²ε), offset c = D²ε."""
@@ -118,9 +128,12 @@ class LayerNorm(_Normalizer):
 
     def _activation_and_radius(self, x):
         """g = γx̂ + δ, ρ = Dσ, c = D²ε."""
-        x_hat, sigma = self._normalised(x)
+        check_axes_fit(self.axes, x)
+        centred = self._centred(x)
+        sigma = self._sigma(centred)
         size = self._size(x)
-        return self.gamma * x_hat + self._delta_for(x), size * sigma, size * size * self.eps
+        return (scaled_normalised(centred, sigma, self.gamma, self._delta_for(x)),
+                size * sigma, size * size * self.eps)
 
     def hvp(self, x, v):
         """Hv = (γ/σ)(Pv − x̂⟨x̂, Pv⟩/D)."""

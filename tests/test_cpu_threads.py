@@ -13,7 +13,9 @@ from refham.backend import backend_name, set_backend, use_module
 from refham.fast import numpy_variant
 from refham.fast.settings import use_compiled
 from refham.special import gelu_and_deriv
+from refham.lagrangians import quotient_and_product, relu_and_half_square
 from refham.layers import _layernorm_dx, _normalise_affine, gelu_backward
+from refham.normalisers import scaled_normalised
 
 
 @pytest.fixture(autouse=True)
@@ -99,7 +101,8 @@ def test_small_and_non_numpy_inputs_go_to_the_chain_directly():
 
 
 def _training_step_chains():
-    """Each fused chain of the training step with float32 arguments large enough to split."""
+    """Each fused chain of the training step and the HAM with float32 arguments large enough
+    to split."""
     gen = np.random.default_rng(11)
     batch, tokens, chans = 64, 64, 48  # (B, S, C): several chunks, NumPy's and compiled
 
@@ -111,7 +114,13 @@ def _training_step_chains():
             (_normalise_affine, (arr(batch, tokens, chans), np.abs(arr(batch, 1, 1)),
                                  arr(tokens, chans), arr(tokens, chans))),
             (_layernorm_dx, (arr(batch, tokens, chans), arr(batch, tokens, chans),
-                             arr(batch, 1, 1), arr(batch, 1, 1), arr(batch, 1, 1)))]
+                             arr(batch, 1, 1), arr(batch, 1, 1), arr(batch, 1, 1))),
+            # the HAM's Lagrangians (layernorm, relu, softmax over a (B, N) layer)
+            (scaled_normalised, (arr(batch, 4 * chans), np.abs(arr(batch, 1)), 1.5,
+                                 arr(4 * chans))),
+            (relu_and_half_square, (arr(batch * tokens, chans),)),
+            (quotient_and_product, (np.abs(arr(batch * tokens, chans)),
+                                    arr(batch * tokens, chans), np.abs(arr(batch * tokens, 1))))]
 
 
 @pytest.mark.parametrize("threads", [1, 2])

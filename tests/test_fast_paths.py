@@ -20,7 +20,9 @@ from hypothesis import given, settings, strategies as st
 from oracle import rel_err
 from refham import backend as B
 from refham import fast
+from refham import lagrangians
 from refham import layers as L
+from refham import normalisers
 from refham import special
 from refham.fast.settings import use_compiled
 from refham.fast.threads import CHUNK
@@ -207,6 +209,11 @@ def _fused_cases(dtype):
                            arr(4, 1, 1))),
         (adamw_step, (arr(5, 3), arr(5, 3), arr(5, 3), positive_v,
                       *(np.dtype(dtype).type(s) for s in (0.99, 1e-3, *scalars, 0.5, 1e-8)))),
+        (normalisers.scaled_normalised, (arr(4, 6, 5), B.asarray(1.0 + np.abs(
+            gen.standard_normal((4, 1, 1))), dtype=dtype), 1.5, arr(6, 5))),
+        (lagrangians.relu_and_half_square, (arr(4, 3, 33),)),
+        (lagrangians.quotient_and_product, (positive_v, arr(5, 3), B.asarray(1.0 + np.abs(
+            gen.standard_normal((5, 1))), dtype=dtype))),
     ]
 
 
@@ -223,8 +230,9 @@ def test_every_accelerated_chain_has_its_cuda_kernel_and_no_kernel_is_orphaned()
        st.sampled_from([np.float32, np.float64]), st.booleans(), st.integers(0, 2 ** 31 - 1))
 def test_compiled_chains_equal_their_definitions_bit_for_bit(lead, trail, scalar_affine, dtype,
                                                              transposed, seed):
-    """Layer norm's pieces, GELU's backward and AdamW compiled (numba) do their definition's
-    operations in its order and dtype: the same numbers, for any shape, affine and layout."""
+    """Layer norm's pieces, GELU's backward, AdamW and the HAM Lagrangians' chains compiled
+    (numba) do their definition's operations in its order and dtype: the same numbers (0 ulp),
+    for any shape, affine and layout."""
     _numba_or_skip(True)
     gen = np.random.default_rng(seed)
     shape, ones = tuple(lead) + tuple(trail), (1,) * len(trail)
@@ -244,6 +252,13 @@ def test_compiled_chains_equal_their_definitions_bit_for_bit(lead, trail, scalar
         (L.gelu_backward, (arr(*shape), x)),
         (adamw_step, (x, arr(*shape), arr(*shape), arr(*shape, positive=True),
                       *(np.dtype(dtype).type(s) for s in scalars))),
+        # the HAM's Lagrangians; γ and β as the Python floats their Lagrangians pass
+        (normalisers.scaled_normalised, (x, arr(*lead, *ones, positive=True), 1.5,
+                                         arr(*affine))),
+        (normalisers.scaled_normalised, (x, arr(*lead, *ones, positive=True), 1.0, 0.0)),
+        (lagrangians.relu_and_half_square, (x,)),
+        (lagrangians.quotient_and_product, (arr(*shape, positive=True), x,
+                                            arr(*lead, *ones, positive=True))),
     ]
     for fused, args in cases:
         with _on_numpy():

@@ -425,9 +425,9 @@ class MismatchedDense(Dense):
     ∂E/∂g_b is replaced by −V g_a. No energy has this pair of updates when V ≠ Wᵀ."""
     backward: np.ndarray = None
 
-    def synapse_energy_and_grad(self, gs, W):
-        energy, grads = super().synapse_energy_and_grad(gs, W)
-        return energy, {**grads, self.b: -(gs[self.a] @ self.backward.T)}
+    def synapse_energy_and_signals(self, gs, W):
+        energy, signals = super().synapse_energy_and_signals(gs, W)
+        return energy, {**signals, self.b: gs[self.a] @ self.backward.T}
 
 
 @given(st.integers(1, 5), st.floats(0.1, 0.9), st.integers(0, 1000))

@@ -8,8 +8,9 @@ no temporaries, one pass through memory.
 
 The loops do the definition's operations in its order, in the arrays' dtype, without fastmath
 (no reassociation, no fused multiply-add), so that a value does not depend on where it falls in
-a SIMD vector, in a chunk, or on the thread count: layer norm's and AdamW's outputs equal their
-definitions bit for bit; GELU, which needs erf, has an exp of its own (libm's scalar exp and erf
+a SIMD vector, in a chunk, or on the thread count: layer norm's, AdamW's and the HAM
+Lagrangians' chains (layernorm's g, relu's g and ½g², softmax's probabilities) equal
+their definitions bit for bit; GELU, which needs erf, has an exp of its own (libm's scalar exp and erf
 do not vectorise) and in float32 the rational form of `kernels`, in float64 W. J. Cody's erfc:
 both within the bounds their definition meets against the exact form.
 Tested in tests/test_fast_paths.py. Compiled on first use and cached on disk (numba's cache:
@@ -211,6 +212,33 @@ def _layernorm_dx_loop(d_hat, x_hat, inv_sigma, mean_d, mean_dx, dx):
             dx[r, j] = s * ((d_hat[r, j] - md) - x_hat[r, j] * mdx)
 
 
+def _scaled_normalised_loop(centred, sigma, gamma, delta, g):
+    """(R, D) rows; sigma (R,); gamma, delta (D,)."""
+    for r in range(centred.shape[0]):
+        s = sigma[r]
+        for j in range(centred.shape[1]):
+            g[r, j] = gamma[j] * (centred[r, j] / s) + delta[j]
+
+
+def _quotient_and_product_loop(e, x, total, g, x_g):
+    """(R, D) rows; total (R,)."""
+    for r in range(e.shape[0]):
+        t = total[r]
+        for j in range(e.shape[1]):
+            gi = e[r, j] / t
+            g[r, j] = gi
+            x_g[r, j] = x[r, j] * gi
+
+
+def _relu_and_half_square_loop(x, zero, half, g, half_square):
+    """zero, half: 0 and ½ in x's dtype (so that nothing is computed in float64 for float32)."""
+    for i in range(x.size):
+        xi = x[i]
+        gi = zero if xi <= zero else xi   # NumPy's maximum(x, 0.0): NaN stays, −0 becomes 0
+        g[i] = gi
+        half_square[i] = half * gi * gi
+
+
 def _adamw_loop(p, g, m, v, decay, step_size, beta1, one_minus_beta1, beta2, one_minus_beta2,
                 correction2, eps, p_new, m_new, v_new):
     for i in range(p.size):
@@ -289,26 +317,31 @@ def _rows_chunk(width):
     return max(1, CHUNK // max(1, width))
 
 
-def _normalise_affine_variant(args):
-    centred, inv_sigma, weight, bias = args
-    views = _rows([centred], [inv_sigma], [weight, bias])
-    if views is None:
-        return None
-    (c,), (s,), (w, b) = views
-    x_hat, y = numpy.empty_like(c), numpy.empty_like(c)
-    _chunked(_LOOPS["normalise_affine"], [c, s], [x_hat, y], _rows_chunk(c.shape[1]), (w, b))
-    return x_hat.reshape(centred.shape), y.reshape(centred.shape)
+def _in_dtype(value, like):
+    """A Python number as a 0-d array of `like`'s dtype (what NumPy's arithmetic casts it to);
+    arrays unchanged."""
+    if isinstance(value, (int, float)) and isinstance(like, numpy.ndarray):
+        return numpy.asarray(value, dtype=like.dtype)
+    return value
 
 
-def _layernorm_dx_variant(args):
-    d_hat, x_hat, inv_sigma, mean_d, mean_dx = args
-    views = _rows([d_hat, x_hat], [inv_sigma, mean_d, mean_dx], [])
-    if views is None:
-        return None
-    (d, h), per_row, _ = views
-    dx = numpy.empty_like(d)
-    _chunked(_LOOPS["layernorm_dx"], [d, h, *per_row], [dx], _rows_chunk(d.shape[1]))
-    return dx.reshape(d_hat.shape)
+def _row_chain(loop, n_full, n_per_row, n_outputs):
+    """A variant for a chain over rows whose arguments are `n_full` arrays of the full shape,
+    `n_per_row` keepdims arrays, then per-element ones (the trailing shape, 0-d, or Python
+    numbers): its loop takes (R, D), (R,) and (D,) views in that order, then its outputs."""
+    def variant(args):
+        first = args[0]
+        per_element = [_in_dtype(a, first) for a in args[n_full + n_per_row:]]
+        views = _rows(list(args[:n_full]), list(args[n_full:n_full + n_per_row]), per_element)
+        if views is None:
+            return None
+        full, per_row, per_element = views
+        outputs = [numpy.empty_like(full[0]) for _ in range(n_outputs)]
+        _chunked(_LOOPS[loop], full + per_row, outputs, _rows_chunk(full[0].shape[1]),
+                 tuple(per_element))
+        results = tuple(o.reshape(first.shape) for o in outputs)
+        return results if n_outputs > 1 else results[0]
+    return variant
 
 
 def _adamw_variant(args):
@@ -319,6 +352,14 @@ def _adamw_variant(args):
     one = dtype.type(1)   # 1 − β in the arrays' dtype, as the definition's scalar arithmetic
     scalars = (decay, step_size, beta1, one - beta1, beta2, one - beta2, correction2, eps)
     return _elementwise(_LOOPS["adamw"], 3)(arrays + scalars, 4)
+
+
+def _relu_and_half_square_variant(args):
+    dtype = getattr(args[0], "dtype", None)
+    if dtype not in _DTYPES:
+        return None
+    scalars = (dtype.type(0), dtype.type(0.5))
+    return _elementwise(_LOOPS["relu_and_half_square"], 2)(args + scalars, 1)
 
 
 def _gelu_variant(args):
@@ -338,11 +379,17 @@ _LOOPS = {} if numba is None else {
     "normalise_affine": _jit(_normalise_affine_loop),
     "layernorm_dx": _jit(_layernorm_dx_loop),
     "adamw": _jit(_adamw_loop),
+    "scaled_normalised": _jit(_scaled_normalised_loop),
+    "quotient_and_product": _jit(_quotient_and_product_loop),
+    "relu_and_half_square": _jit(_relu_and_half_square_loop),
 }
 COMPILED = {} if numba is None else {
     "refham.special.gelu_and_deriv": _gelu_variant,
     "refham.layers.gelu_backward": _gelu_backward_variant,
-    "refham.layers._normalise_affine": _normalise_affine_variant,
-    "refham.layers._layernorm_dx": _layernorm_dx_variant,
+    "refham.layers._normalise_affine": _row_chain("normalise_affine", 1, 1, 2),
+    "refham.layers._layernorm_dx": _row_chain("layernorm_dx", 2, 3, 1),
     "refham.optim.adamw_step": _adamw_variant,
+    "refham.normalisers.scaled_normalised": _row_chain("scaled_normalised", 1, 1, 1),
+    "refham.lagrangians.relu_and_half_square": _relu_and_half_square_variant,
+    "refham.lagrangians.quotient_and_product": _row_chain("quotient_and_product", 2, 1, 2),
 }

@@ -26,6 +26,13 @@ CUDA = {
     "refham.layers._layernorm_dx": (
         "T d_hat, T x_hat, T inv_sigma, T mean_d, T mean_dx", "T dx",
         "dx = inv_sigma * (d_hat - mean_d - x_hat * mean_dx);"),
+    "refham.normalisers.scaled_normalised": (
+        "T centred, T sigma, T gamma, T delta", "T g", "g = gamma * (centred / sigma) + delta;"),
+    "refham.lagrangians.relu_and_half_square": (
+        "T x", "T g, T half_square",
+        "g = x <= (T)0 ? (T)0 : x; half_square = (T)0.5 * g * g;"),
+    "refham.lagrangians.quotient_and_product": (
+        "T e, T x, T total", "T g, T x_g", "g = e / total; x_g = x * g;"),
     "refham.optim.adamw_step": (
         "T p, T g, T m, T v, T decay, T step_size, T beta1, T beta2, T correction2, T eps",
         "T p_new, T m_new, T v_new", """
