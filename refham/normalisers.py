@@ -132,7 +132,10 @@ class LayerNorm(_Normalizer):
         centred = self._centred(x)
         sigma = self._sigma(centred)
         size = self._size(x)
-        return (scaled_normalised(centred, sigma, self.gamma, self._delta_for(x)),
+        scalar = x.dtype.type   # a CUDA kernel's T binds to x's dtype, not to a Python float
+        delta = self._delta_for(x)
+        delta = scalar(delta) if isinstance(delta, numbers.Real) else delta
+        return (scaled_normalised(centred, sigma, scalar(self.gamma), delta),
                 size * sigma, size * size * self.eps)
 
     def hvp(self, x, v):
