@@ -13,6 +13,8 @@ Axis convention for a Mixer state x (B, S, C): the channel axis is −1 and the 
 `linear_forward(..., axis=−2)` maps every column x[b, :, c] (S → out) with a left matmul W @ x, so
 the token MLP needs no transposes.
 """
+import math
+
 from refham.errors import RefhamError
 from refham.backend import accelerated, xp
 from refham.special import gelu_and_deriv
@@ -126,10 +128,34 @@ def layernorm_forward(x, weight, bias, eps=1e-6, n_axes=None):
             raise InputError(f"layernorm {name} has shape {tuple(param.shape)}; expected "
                              f"{normalized_shape} (per-element) or () (scalar)")
     axes = tuple(range(x.ndim - n_axes, x.ndim))
-    centred = x - x.mean(axis=axes, keepdims=True)
-    inv_sigma = 1.0 / xp.sqrt((centred * centred).mean(axis=axes, keepdims=True) + eps)
+    centred = x - _row_means(x, n_axes)
+    rows = _as_rows(centred, n_axes)  # Σ (x − x̄)² per row as one pass, without a temporary:
+    variance = xp.einsum("nd,nd->n", rows, rows).reshape(_stat_shape(x, n_axes)) / rows.shape[1]
+    inv_sigma = 1.0 / xp.sqrt(variance + eps)
     x_hat, y = _normalise_affine(centred, inv_sigma, weight, bias)
     return y, (x_hat, inv_sigma, weight, bias.ndim, axes)
+
+
+def _as_rows(t, n_axes):
+    """t as a matrix (N, D): one row per normalised slice of its last n_axes axes (a view of a
+    contiguous t)."""
+    return t.reshape(-1, math.prod(t.shape[t.ndim - n_axes:]))
+
+
+def _stat_shape(t, n_axes):
+    """The shape of a per-slice statistic kept for broadcasting: (…, 1, …, 1)."""
+    return tuple(t.shape[:t.ndim - n_axes]) + (1,) * n_axes
+
+
+def _row_means(t, n_axes, weight=None):
+    """mean over the last n_axes axes of t, or of γ ⊙ t: a matrix-vector product with γ (or
+    with the ones), so that γ ⊙ t is never formed; keepdims shape."""
+    rows = _as_rows(t, n_axes)
+    if weight is None:
+        sums = rows.sum(axis=1)
+    else:  # γ per element or scalar: either way one value per element of a slice
+        sums = rows @ xp.broadcast_to(weight, t.shape[t.ndim - n_axes:]).reshape(-1)
+    return sums.reshape(_stat_shape(t, n_axes)) / rows.shape[1]
 
 
 @accelerated
@@ -151,10 +177,11 @@ def layernorm_backward(cache, dy):
     Returns (dx, dweight, dbias), each parameter gradient in its parameter's shape.
     """
     x_hat, inv_sigma, weight, bias_ndim, axes = cache
-    d_hat = dy * weight
-    dx = _layernorm_dx(d_hat, x_hat, inv_sigma, d_hat.mean(axis=axes, keepdims=True),
-                       (d_hat * x_hat).mean(axis=axes, keepdims=True))
-    return dx, _sum_to(dy * x_hat, weight.ndim, axes), _sum_to(dy, bias_ndim, axes)
+    n_axes = len(axes)
+    dy_x_hat = dy * x_hat  # mean(d̂ ⊙ x̂) = mean(γ ⊙ (dy ⊙ x̂)): one product serves it and dγ
+    dx = _layernorm_dx(dy * weight, x_hat, inv_sigma, _row_means(dy, n_axes, weight),
+                       _row_means(dy_x_hat, n_axes, weight))
+    return dx, _sum_to(dy_x_hat, weight.ndim, axes), _sum_to(dy, bias_ndim, axes)
 
 
 @accelerated
