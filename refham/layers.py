@@ -10,8 +10,9 @@ The forward functions are pure `xp` code without in-place updates, so the tests 
 autograd.numpy and compare the hand-written backward functions with autograd's gradients.
 
 Axis convention for a Mixer state x (B, S, C): the channel axis is −1 and the token axis is −2.
-`linear_forward(..., axis=−2)` maps every column x[b, :, c] (S → out) with a left matmul W @ x, so
-the token MLP needs no transposes.
+`linear_forward(..., axis=−2)` maps every column x[b, :, c] (S → out) with a left matmul W @ x;
+the MLPs instead gather the vectors of either axis as the rows of one matrix (`_as_matrix`), the
+layout BLAS runs fastest.
 """
 import math
 
@@ -326,20 +327,22 @@ def _check_mlp_weights(kind, weights, n_in):
 
 
 def _as_matrix(z, axis):
-    """The vectors of z along `axis` as one matrix: the rows of (N, n) for the channel axis (a
-    view), the columns of (n, N) for the token axis (moved first: one copy of z, which turns the
-    B small GEMMs NumPy would run on a stack (B, n, C) into one large GEMM, which BLAS runs faster)."""
+    """The vectors of z along `axis` as the rows of one matrix (N, n): a view for the channel
+    axis; for the token axis the last two axes swapped first (one copy of z). One matrix turns
+    the B small GEMMs NumPy would run on a stack (B, n, C) into one large GEMM, and vectors as
+    rows give it the tall-skinny layout (N ≫ n) that BLAS runs fastest (faster than the same
+    vectors as the columns of a wide (n, N) matrix)."""
     if axis == CHANNEL_AXIS:
         return z.reshape(-1, z.shape[-1])
-    return xp.moveaxis(z, TOKEN_AXIS, 0).reshape(z.shape[TOKEN_AXIS], -1)
+    return xp.swapaxes(z, CHANNEL_AXIS, TOKEN_AXIS).reshape(-1, z.shape[TOKEN_AXIS])
 
 
 def _from_matrix(matrix, shape, axis):
     """The inverse of `_as_matrix` for an array of `shape` (a view, no copy)."""
     if axis == CHANNEL_AXIS:
         return matrix.reshape(shape)
-    moved = matrix.reshape(shape[TOKEN_AXIS:TOKEN_AXIS + 1] + shape[:TOKEN_AXIS] + shape[-1:])
-    return xp.moveaxis(moved, 0, TOKEN_AXIS)
+    swapped = matrix.reshape(tuple(shape[:TOKEN_AXIS]) + (shape[-1], shape[TOKEN_AXIS]))
+    return xp.swapaxes(swapped, CHANNEL_AXIS, TOKEN_AXIS)
 
 
 def mlp_forward(kind, weights, z, axis=CHANNEL_AXIS):
@@ -366,19 +369,18 @@ def mlp_forward(kind, weights, z, axis=CHANNEL_AXIS):
     else:
         weight_in = weights["fc1.weight"]
         weight_out = weight_in.T + weights["fc2.weight"]
-    hidden, in_cache = linear_forward(_as_matrix(z, axis), weight_in, weights.get("fc1.bias"),
-                                      axis)
+    hidden, in_cache = linear_forward(_as_matrix(z, axis), weight_in, weights.get("fc1.bias"))
     activation, gelu_cache = gelu_forward(hidden)
-    out, out_cache = linear_forward(activation, weight_out, weights.get("fc2.bias"), axis)
-    return _from_matrix(out, z.shape, axis), (kind, in_cache, gelu_cache, out_cache, z.shape)
+    out, out_cache = linear_forward(activation, weight_out, weights.get("fc2.bias"))
+    return _from_matrix(out, z.shape, axis), (kind, axis, in_cache, gelu_cache, out_cache,
+                                              z.shape)
 
 
 def mlp_backward(cache, dout):
     """(dz, grads): grads keyed like the MLP's weights. The output matrix M gets dM = Σ dout aᵀ;
     tied weights add the gradients of both uses: sym dW = dW_in + dMᵀ, asym dW₁ = dW_in + dMᵀ and
     dW₂ = dM."""
-    kind, in_cache, gelu_cache, out_cache, shape = cache
-    axis = in_cache[-1]
+    kind, axis, in_cache, gelu_cache, out_cache, shape = cache
     dactivation, dweight_out, dbias_out = linear_backward(out_cache, _as_matrix(dout, axis))
     dhidden = gelu_backward(gelu_cache, dactivation)
     dz, dweight_in, dbias_in = linear_backward(in_cache, dhidden)
