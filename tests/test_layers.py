@@ -72,7 +72,10 @@ def test_gelu_backward_matches_autograd(seed, shape):
     r = rng(seed)
     x, dy = 3 * r.standard_normal(shape), r.standard_normal(shape)
     y, cache = L.gelu_forward(asarray(x))
-    assert rel_err(y, x * 0.5 * (1 + scipy.special.erf(x / np.sqrt(2)))) <= 1e-14
+    # the bound of every path that may run it (the definition, numba's float64 loop: within
+    # 2·eps·|x| of x·Φ_N(x), tests/test_fast_paths.py), absolute: GELU(x) is tiny for x ≪ 0
+    exact = x * 0.5 * (1 + scipy.special.erf(x / np.sqrt(2)))
+    assert np.all(np.abs(to_numpy(y) - exact) <= 4 * np.finfo(np.float64).eps * np.abs(x))
     assert_all_close([L.gelu_backward(cache, asarray(dy))],
                      autograd_vjp(lambda v: L.gelu_forward(v)[0], (x,), dy))
 
