@@ -146,7 +146,7 @@ class Dense(Synapse):
         return (math.prod(a_shape), math.prod(b_shape))
 
     # M_W and M_Wᵀ as plain matrix products: the general einsum route (Synapse._map) costs
-    # NumPy an extra pass over its operands here, 7% of a 256–512–512 HAM's energy and gradient
+    # NumPy an extra pass over its operands here (docs/performance.md: the HAM benchmark)
     def _map(self, W, g_q, p_shape):
         """M_W(g_q) = g_q Wᵀ on the flattened layers, shaped like g_p."""
         return xp.reshape(self._view(g_q) @ W.T, p_shape)

@@ -43,9 +43,8 @@ def retain_freed_memory():
 
     By default glibc serves every block over 32 MiB (e.g. the (B, S, 4C) hidden layer of `small`
     at batch 128) with a fresh mmap, whose pages the kernel faults in and zero-fills on first
-    touch, and trims freed heap memory; on the 2-core VM of the benchmarks that cost 10–40% of a
-    float32 CPU training step (and as much for PyTorch, which allocates through the same
-    malloc). Process-wide; the process then keeps its peak heap. Returns False (and does
+    touch, and trims freed heap memory: a training step then pays page faults for its large
+    arrays at every step (docs/performance.md measures the cost). Process-wide; the process then keeps its peak heap. Returns False (and does
     nothing) where the C library is not glibc."""
     import ctypes
     try:
