@@ -34,7 +34,7 @@ def _exception_classes():
 
 def test_the_walk_finds_the_error_classes():
     names = set(_exception_classes())
-    assert {"refham.mixer.ConfigError", "refham.files.runlock.RunLocked",
+    assert {"refham.mixer_config.ConfigError", "refham.files.runlock.RunLocked",
             "refham.training.train.TrainingDiverged", "refham.errors.RefhamError"} <= names
     assert len(names) >= 24
 

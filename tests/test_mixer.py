@@ -1,6 +1,7 @@
 """refham.mixer: whole-model gradients against autograd, an independent named-axis reference
 forward (S ≠ C ≠ N_s, so swapped token/channel axes fail), the SymMixer block as ∇F, AsymMixer
 symmetry breaking, drop path, config and input validation, and the timm state interop."""
+import dataclasses
 import inspect
 import pathlib
 import re
@@ -217,7 +218,7 @@ def update_jacobian(mixer, params, g):
 @given(seed=st.integers(0, 2**31 - 1))
 def test_asym_breaks_symmetry_and_reduces_to_sym_at_zero_w2(seed):
     asym, params, g = block_setup("asymmixer", seed)
-    sym = M.Mixer(M.dataclasses.replace(asym.config, model="symmixer"))
+    sym = M.Mixer(dataclasses.replace(asym.config, model="symmixer"))
     sym_params = {name.replace("fc1.", "fc2."): value for name, value in params.items()
                   if not name.endswith("fc2.weight")}
     jac_sym = update_jacobian(sym, sym_params, g)

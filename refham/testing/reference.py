@@ -95,7 +95,7 @@ def assert_matches(reference, candidate, profile="float32"):
 # ---------------------------------------------------------------------------------------------
 def mixer_reference(config, params, images, labels, *, lam=0.0, label_smoothing=0.0,
                     drop_seed=None, reproduce=""):
-    """The Reference of a Mixer (refham.mixer.MixerConfig `config`, {timm name: array}
+    """The Reference of a Mixer (refham.mixer_config.MixerConfig `config`, {timm name: array}
     `params`, images (B, C_in, H, W), integer labels (B,)): input/images, input/labels,
     param/<name>, output/logits, output/loss, grad/<name>, block/<i>/out and (SymMixer)
     block/<i>/energy, as in a golden file. With drop_path > 0, `drop_seed` seeds the drop-path
