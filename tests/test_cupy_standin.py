@@ -178,14 +178,18 @@ def test_missing_nccl_ends_every_rank_with_one_line(tmp_path):
 
 @needs_mpi
 def test_mpiexec_sweep_puts_each_rank_on_its_own_gpu(tmp_path):
+    # each rank writes its GPU to a file of its own: two ranks' stdout may interleave mid-line
     code = ("import os, sys; sys.path.insert(0, os.environ['PYTHONPATH']);"
             "from tests import cupy_standin as s; s.install();"
             "from refham import backend as B; B.set_backend('cupy');"
-            "print('gpu', os.environ['PMI_RANK'], s._STATE['device'])")
+            "rank = os.environ['PMI_RANK'];"
+            "open(os.path.join(sys.argv[1], 'gpu' + rank), 'w').write(str(s._STATE['device']))")
     result = subprocess.run(
-        [MPIEXEC, "-n", "2", sys.executable, "-c", code], capture_output=True, text=True,
-        timeout=TIMEOUT, env={**os.environ, "PYTHONPATH": ROOT, "REFHAM_STANDIN_GPUS": "2"})
-    assert sorted(result.stdout.split("\n")[:2]) == ["gpu 0 0", "gpu 1 1"], result.stderr
+        [MPIEXEC, "-n", "2", sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+        text=True, timeout=TIMEOUT,
+        env={**os.environ, "PYTHONPATH": ROOT, "REFHAM_STANDIN_GPUS": "2"})
+    assert result.returncode == 0, result.stderr
+    assert [(tmp_path / f"gpu{rank}").read_text() for rank in (0, 1)] == ["0", "1"]
 
 
 # ------------------------------------------------------------ noise, TF32, warm-up, memory
